@@ -1,0 +1,18 @@
+"""llmc: compress large language models so that they run on less hardware."""
+
+from llmc.api import CompressionReport, compress, evaluate, load, save
+from llmc.calibration import CalibrationConfig
+from llmc.recipe import Recipe, Step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationConfig",
+    "CompressionReport",
+    "Recipe",
+    "Step",
+    "compress",
+    "evaluate",
+    "load",
+    "save",
+]

@@ -1,0 +1,165 @@
+"""The public functions: ``compress``, ``evaluate``, ``save``, ``load``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmc.calibration import CalibrationConfig, calibration_windows
+from llmc.models import get_adapter, load_model
+from llmc.recipe import Recipe
+from llmc.walker import LayerWalker
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "llmc_report.json"
+RECIPE_FILE = "recipe.yaml"
+
+
+@dataclass
+class CompressionReport:
+    """What ``compress`` did: per-layer relative output error, time per block, totals."""
+
+    recipe: dict[str, Any]
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    capture_seconds: float = 0.0
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _windows(
+    tokenizer: Any, calibration: Tensor | CalibrationConfig | None, recipe: Recipe
+) -> tuple[Tensor, dict[str, Any]]:
+    if isinstance(calibration, Tensor):
+        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+            raise ValueError("calibration: expected integer token ids of shape [samples, seqlen]")
+        return calibration.long(), {"source": "tensor", "shape": list(calibration.shape)}
+    config = calibration if isinstance(calibration, CalibrationConfig) else recipe.calibration
+    if tokenizer is None:
+        raise ValueError(
+            "compress(): pass tokenizer=... (or calibration=<token ids tensor>) for a recipe "
+            "that needs calibration data"
+        )
+    return calibration_windows(tokenizer, config), asdict(config)
+
+
+def compress(
+    model: nn.Module,
+    recipe: Recipe | dict | str | Path,
+    *,
+    tokenizer: Any = None,
+    calibration: Tensor | CalibrationConfig | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, CompressionReport]:
+    """Compress ``model`` in place with ``recipe`` and return it with a report.
+
+    ``calibration`` is a token-id tensor [samples, seqlen], a ``CalibrationConfig``, or None
+    for the recipe's own ``calibration`` section (read with ``tokenizer``).
+    """
+    recipe = Recipe.coerce(recipe)
+    adapter = get_adapter(model.config)
+    recipe.check_model(model.config)
+    steps = [(i, s, s.compressor()) for i, s in enumerate(recipe.steps)]
+    windows, calib_info = None, {}
+    if recipe.needs_calibration:
+        windows, calib_info = _windows(tokenizer, calibration, recipe)
+    t = time.perf_counter()
+    walker = LayerWalker(model, adapter, steps, recipe.walker, progress=progress)
+    walk = walker.run(windows)
+    report = CompressionReport(
+        recipe=recipe.to_dict(),
+        layers=[asdict(r) for r in walk.layers],
+        blocks=walk.blocks,
+        seconds=time.perf_counter() - t,
+        capture_seconds=walk.capture_seconds,
+        calibration=calib_info,
+    )
+    model.llmc_recipe = recipe
+    return model, report
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    dataset: str = "wikitext2-raw",
+    split: str = "test",
+    seqlen: int = 2048,
+    windows: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Perplexity with the GPTQ protocol (see the README): non-overlapping windows of
+    ``seqlen`` over the joined split, the first ``windows`` of them when given."""
+    from llmc.eval.perplexity import evaluate_text
+
+    return evaluate_text(
+        model, tokenizer, dataset=dataset, split=split, seqlen=seqlen, windows=windows,
+        progress=progress,
+    )
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if getattr(m, "llmc_quant", None) is not None}
+
+
+def save(
+    model: nn.Module,
+    out: str | Path,
+    *,
+    tokenizer: Any = None,
+    report: CompressionReport | dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` to ``out``: the HF GPTQ layout when it holds quantized Linears, a dense
+    safetensors checkpoint otherwise; plus the tokenizer, ``recipe.yaml`` and the report.
+    Written to a temporary directory and moved into place when complete."""
+    from llmc.formats.checkpoint import write_model
+    from llmc.formats.io import atomic_output_dir, save_json
+
+    out = Path(out)
+    recipe = getattr(model, "llmc_recipe", None)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        write_model(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if recipe is not None:
+            (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+        if report is not None:
+            save_json(tmp / REPORT_FILE, report.to_dict() if hasattr(report, "to_dict") else report)
+    log.info("wrote %s", out)
+    return out
+
+
+def load(path: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from an llmc/HF GPTQ checkpoint (dequantized on CPU, each quantized
+    Linear keeping its integer form), any HF model directory or id, a GGUF file or a demo name."""
+    from llmc.formats.checkpoint import is_llmc_checkpoint, read_model
+
+    p = Path(path)
+    if p.is_dir() and is_llmc_checkpoint(p):
+        from transformers import AutoTokenizer
+
+        model = read_model(p)
+        tok = None
+        if (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file():
+            tok = AutoTokenizer.from_pretrained(str(p))
+        recipe_file = p / RECIPE_FILE
+        if recipe_file.is_file():
+            model.llmc_recipe = Recipe.from_yaml(recipe_file)
+        return model, tok
+    return load_model(str(path), trust_remote_code=trust_remote_code)
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / REPORT_FILE).read_text())

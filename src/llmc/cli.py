@@ -1,0 +1,223 @@
+"""The ``llmc`` command line: each command is a few lines over the public API."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from llmc.calibration import CalibrationConfig
+from llmc.walker import DTYPES, WalkerConfig
+
+log = logging.getLogger("llmc")
+
+_CAL = CalibrationConfig()
+
+
+def calibration_options(f):
+    """--dataset/--samples/--seqlen/--seed, shared by every compressing command."""
+    opts = [
+        click.option("--dataset", default=None,
+                     help=f"Calibration data: wikitext2, c4, a .txt/.jsonl file or an HF dataset "
+                          f"id [default: {_CAL.dataset}, or the recipe's]"),
+        click.option("--samples", type=int, default=None,
+                     help=f"Calibration windows [default: {_CAL.samples}, or the recipe's]"),
+        click.option("--seqlen", type=int, default=None,
+                     help=f"Tokens per calibration window [default: {_CAL.seqlen}, or the recipe's]"),
+        click.option("--seed", type=int, default=None,
+                     help=f"Seed of the window draw [default: {_CAL.seed}, or the recipe's]"),
+        click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
+                     help="dtype of the block forwards during calibration (weights and Hessians "
+                          "stay float32) [default: bfloat16, or the recipe's]"),
+        click.option("--batch-size", type=int, default=None,
+                     help="Calibration windows per forward chunk [default: 16, or the recipe's]"),
+        click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+                     help="Output directory (written atomically)"),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output directory"),
+        click.option("--trust-remote-code", is_flag=True,
+                     help="Allow model code from the model's repository to run"),
+        click.option("--quiet", is_flag=True, help="No progress bars or logs"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _errors(f):
+    """Bad input exits non-zero with a one-line reason, never a traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as e:
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _with_overrides(recipe, opts: dict[str, Any]):
+    from llmc.recipe import Recipe
+
+    cal = {k: opts[k] for k in ("dataset", "samples", "seqlen", "seed") if opts.get(k) is not None}
+    walk = {k: opts[k] for k in ("dtype", "batch_size") if opts.get(k) is not None}
+    data = recipe.to_dict()
+    data["calibration"].update(cal)
+    data["walker"].update(walk)
+    return Recipe.from_dict(data)
+
+
+def _run(model_name: str, recipe, opts: dict[str, Any]) -> None:
+    """Validate everything that needs no weights, then load, compress and save."""
+    from llmc import api
+    from llmc.calibration import load_rows
+    from llmc.models import load_config, load_model
+
+    out: Path = opts["output"]
+    if out.exists() and not opts["overwrite"]:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    config = load_config(model_name, opts["trust_remote_code"])
+    recipe.check_model(config)
+    if recipe.needs_calibration:
+        load_rows(recipe.calibration.dataset, recipe.calibration.split)  # fail before loading
+    model, tok = load_model(model_name, trust_remote_code=opts["trust_remote_code"])
+    model, report = api.compress(model, recipe, tokenizer=tok, progress=not opts["quiet"])
+    api.save(model, out, tokenizer=tok, report=report, overwrite=opts["overwrite"])
+    click.echo(f"compressed in {report.seconds:.1f} s; wrote {out}", err=True)
+
+
+@click.group()
+@click.version_option(package_name="llmc")
+def cli() -> None:
+    """llmc: compress large language models (GPTQ/RTN quantization, evaluation, export)."""
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+              help="Quantization method")
+@click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8)")
+@click.option("--group-size", type=int, default=128, show_default=True,
+              help="Input columns per scale; -1 for one scale per output channel")
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric")
+@click.option("--act-order", type=click.Choice(["none", "static", "dynamic"]), default="static",
+              show_default=True, help="GPTQ column order (static: desc diag(H), original groups)")
+@click.option("--damp", type=float, default=0.01, show_default=True,
+              help="GPTQ damping, a fraction of the Hessian's mean diagonal")
+@click.option("--clip/--no-clip", default=None,
+              help="Search each group's clipping range [default: on for gptq, off for rtn]")
+@click.option("--format", "fmt", type=click.Choice(["gptq"]), default="gptq", show_default=True,
+              help="Checkpoint format")
+@calibration_options
+@_errors
+def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, act_order: str,
+             damp: float, clip: bool | None, fmt: str, **opts: Any) -> None:
+    """Quantize MODEL (a demo name such as smollm2-135m, an HF id or directory, or a .gguf
+    file) and write a checkpoint to -o."""
+    from llmc.recipe import Recipe
+
+    _setup_logging(opts["quiet"])
+    args: dict[str, Any] = {"bits": bits, "group_size": group_size, "sym": sym}
+    if method == "gptq":
+        args.update(act_order=act_order, damp=damp)
+    if clip is not None:
+        args["clip"] = clip
+    recipe = _with_overrides(Recipe.from_dict({"steps": [{"method": method, "args": args}]}), opts)
+    _run(model, recipe, opts)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(path_type=Path),
+              help="Recipe YAML file")
+@calibration_options
+@_errors
+def compress(model: str, recipe_path: Path, **opts: Any) -> None:
+    """Compress MODEL with the steps of a recipe file and write the result to -o."""
+    from llmc.recipe import Recipe
+
+    _setup_logging(opts["quiet"])
+    recipe = _with_overrides(Recipe.from_yaml(recipe_path), opts)
+    _run(model, recipe, opts)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--dataset", default="wikitext2-raw", show_default=True,
+              help="Evaluation text (the GPTQ protocol uses the raw Wikitext-2 test split)")
+@click.option("--split", default="test", show_default=True, help="Split of the dataset")
+@click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per window")
+@click.option("--windows", type=int, default=None,
+              help="Evaluate only the first N windows [default: all]")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code to run")
+@_errors
+def evaluate(model: str, dataset: str, split: str, seqlen: int, windows: int | None,
+             as_json: bool, trust_remote_code: bool) -> None:
+    """Perplexity of MODEL (an llmc output, HF directory or id, .gguf file or demo name)."""
+    from llmc import api
+    from llmc.calibration import load_rows
+
+    _setup_logging(as_json)
+    if seqlen < 2:
+        raise ValueError("--seqlen must be at least 2")
+    if windows is not None and windows < 1:
+        raise ValueError("--windows must be at least 1")
+    load_rows(dataset, split)  # a missing data file fails before the model loads
+    m, tok = api.load(model, trust_remote_code=trust_remote_code)
+    if tok is None:
+        raise ValueError(f"{model} has no tokenizer files")
+    res = api.evaluate(m, tok, dataset=dataset, split=split, seqlen=seqlen, windows=windows,
+                       progress=not as_json)
+    res = {"model": model, "dataset": dataset, "split": split, **res}
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(f"perplexity {res['perplexity']:.4f} over {res['windows']} windows of "
+                   f"{seqlen} tokens ({res['seconds']:.1f} s)")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+def methods(as_json: bool) -> None:
+    """List the registered methods and their arguments."""
+    from llmc.compressors import METHODS
+
+    rows = []
+    for name in METHODS.names():
+        e = METHODS.get(name)
+        rows.append({"name": name, "doc": e.doc,
+                     "args": [{"name": a, "default": d, "type": t} for a, d, t in e.arguments()]})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['name']}: {r['doc']}")
+        for a in r["args"]:
+            click.echo(f"    {a['name']:<16} {a['type']:<6} default {a['default']!r}")
+    walker = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(WalkerConfig))
+    click.echo(f"walker settings: {walker}")
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "httpx", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

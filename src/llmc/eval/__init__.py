@@ -1,0 +1,5 @@
+"""Evaluation: perplexity by the GPTQ protocol."""
+
+from llmc.eval.perplexity import evaluate_text, perplexity
+
+__all__ = ["evaluate_text", "perplexity"]

@@ -1,0 +1,284 @@
+"""The Hugging Face GPTQ checkpoint (AutoGPTQ / GPTQModel layout), writer and reader.
+
+Per quantized Linear ``{prefix}`` with weight [N, K] (out, in), ``G`` groups:
+
+    qweight  int32   [ceil(K*bits/32), N]  codes, transposed to [K, N] and packed along K
+    qzeros   int32   [G, ceil(N*bits/32)]  zero points packed along N; minus one in "gptq" (v1)
+    scales   float16 [G, N]
+    g_idx    int32   [K]                   group of each input column (act order permutes it)
+    bias     float16 [N]                   when the Linear has one
+
+v1 (``checkpoint_format: "gptq"``) stores ``zero - 1``, so a zero point of 0 (asymmetric
+quantization) cannot be stored; ``gptq_v2`` stores zeros as they are. Packing follows
+:mod:`llmc.quant.pack` (AutoGPTQ's bit layout, 3-bit included).
+
+Engines: transformers (through gptqmodel) allocates ``ceil(K / group_size)`` groups and
+loads a narrower last group; vLLM's GPTQ loader requires ``K % group_size == 0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmc.formats.io import read_checkpoint_tensors, save_json, save_sharded_safetensors
+from llmc.quant.pack import pack_cols, pack_rows, packed_len, unpack_cols, unpack_rows
+from llmc.quant.scheme import QuantizedWeight
+
+__all__ = [
+    "choose_checkpoint_format",
+    "gptq_tensors",
+    "quantization_config",
+    "ragged_groups_warning",
+    "read_checkpoint_tensors",
+    "read_gptq_tensors",
+    "write_gptq_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("gptq", "gptq_v2")
+ENGINE_BITS = (2, 3, 4, 8)  # what transformers' GPTQConfig, GPTQModel kernels and vLLM accept
+
+
+def _check_format(checkpoint_format: str) -> None:
+    if checkpoint_format not in FORMATS:
+        raise ValueError(
+            f"checkpoint_format: {checkpoint_format!r} is not a GPTQ layout; use one of {FORMATS}"
+        )
+
+
+def _zero_offset(checkpoint_format: str) -> int:
+    return 1 if checkpoint_format == "gptq" else 0
+
+
+def gptq_tensors(
+    prefix: str, qw: QuantizedWeight, bias: Tensor | None = None, checkpoint_format: str = "gptq"
+) -> dict[str, Tensor]:
+    """Checkpoint tensors ``{prefix}.qweight/.qzeros/.scales/.g_idx[/.bias]`` of one Linear
+    (shapes in the module docstring)."""
+    _check_format(checkpoint_format)
+    N, K = qw.q.shape
+    G = qw.scales.shape[1]
+    if qw.scales.shape != (N, G) or qw.zeros.shape != (N, G) or qw.g_idx.shape != (K,):
+        raise ValueError(
+            f"{prefix}: inconsistent shapes q {tuple(qw.q.shape)}, scales "
+            f"{tuple(qw.scales.shape)}, zeros {tuple(qw.zeros.shape)}, g_idx "
+            f"{tuple(qw.g_idx.shape)}; expected [N, K], [N, G], [N, G], [K]"
+        )
+    scales = qw.scales.float()
+    if not torch.equal(scales.half().float(), scales):
+        raise ValueError(
+            f"{prefix}: scales are not exactly representable in float16, so the checkpoint "
+            "would not match the model; round scales to fp16 before computing the codes "
+            "(qparams_from_range does)"
+        )
+    zeros = qw.zeros.t().to(torch.int64) - _zero_offset(checkpoint_format)  # [G, N]
+    if checkpoint_format == "gptq" and zeros.numel() and int(zeros.min()) < 0:
+        raise ValueError(
+            f"{prefix}: a zero point of 0 cannot be stored in checkpoint_format 'gptq' (v1 "
+            "stores zero - 1); write 'gptq_v2' (see choose_checkpoint_format)"
+        )
+    out = {
+        f"{prefix}.qweight": pack_rows(qw.q.t(), qw.bits),
+        f"{prefix}.qzeros": pack_cols(zeros, qw.bits),
+        f"{prefix}.scales": scales.t().to(torch.float16).contiguous(),
+        f"{prefix}.g_idx": qw.g_idx.to(torch.int32).contiguous(),
+    }
+    if bias is not None:
+        out[f"{prefix}.bias"] = bias.detach().to(torch.float16).contiguous()
+    return out
+
+
+def read_gptq_tensors(
+    tensors: dict[str, Tensor],
+    prefix: str,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    checkpoint_format: str,
+    in_features: int,
+    out_features: int,
+) -> QuantizedWeight:
+    """Inverse of :func:`gptq_tensors` (``G`` from the shape of ``scales``). The bias, if any,
+    is ``tensors[f"{prefix}.bias"]``."""
+    _check_format(checkpoint_format)
+    K, N = in_features, out_features
+    qweight = tensors[f"{prefix}.qweight"]
+    if qweight.shape != (packed_len(K, bits), N):
+        raise ValueError(
+            f"{prefix}.qweight has shape {tuple(qweight.shape)}, expected "
+            f"{(packed_len(K, bits), N)} for a {bits}-bit [{N}, {K}] weight"
+        )
+    scales = tensors[f"{prefix}.scales"]  # [G, N]
+    zeros = unpack_cols(tensors[f"{prefix}.qzeros"], bits, N) + _zero_offset(checkpoint_format)
+    return QuantizedWeight(
+        q=unpack_rows(qweight, bits, K).t().to(torch.uint8).contiguous(),
+        scales=scales.float().t().contiguous(),
+        zeros=zeros.t().to(torch.int32).contiguous(),
+        g_idx=tensors[f"{prefix}.g_idx"].to(torch.int32).contiguous(),
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+    )
+
+
+def choose_checkpoint_format(qws: Iterable[QuantizedWeight]) -> str:
+    """``"gptq"`` (v1, the most widely loadable) when every zero point is >= 1, else
+    ``"gptq_v2"``, since v1 stores ``zero - 1``."""
+    lowest = min((int(qw.zeros.min()) for qw in qws if qw.zeros.numel()), default=1)
+    if lowest >= 1:
+        logger.info("writing checkpoint_format 'gptq' (v1): every zero point is >= 1")
+        return "gptq"
+    logger.info(
+        "writing checkpoint_format 'gptq_v2': some zero points are 0, which v1 (zero - 1) "
+        "cannot store; gptqmodel and recent vLLM read gptq_v2"
+    )
+    return "gptq_v2"
+
+
+def ragged_groups_warning(name: str, in_features: int, group_size: int) -> str | None:
+    """A warning when ``group_size`` does not divide ``in_features``, else None."""
+    if group_size == -1 or in_features % group_size == 0:
+        return None
+    return (
+        f"{name}: group_size {group_size} does not divide in_features {in_features} (last "
+        f"group {in_features % group_size} wide); transformers + gptqmodel can load this "
+        "checkpoint, vLLM cannot (its GPTQ loader requires in_features % group_size == 0)"
+    )
+
+
+def _llmc_version() -> str:
+    try:
+        return version("llmc")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def quantization_config(
+    bits: int,
+    group_size: int,
+    sym: bool,
+    desc_act: bool,
+    static_groups: bool = False,
+    checkpoint_format: str = "gptq",
+    *,
+    damp_percent: float | None = None,
+    true_sequential: bool = True,
+    lm_head: bool = False,
+    modules_in_block_to_quantize: list[list[str]] | None = None,
+) -> dict[str, Any]:
+    """The ``quantization_config`` of ``config.json``, with the fields transformers'
+    ``GPTQConfig`` reads and GPTQModel writes (tuning knobs both at top level and in ``meta``)."""
+    _check_format(checkpoint_format)
+    if bits not in ENGINE_BITS:
+        raise ValueError(
+            f"bits: {bits} cannot be written as GPTQ (transformers, gptqmodel and vLLM load "
+            f"{ENGINE_BITS}); quantize with one of those or export compressed-tensors"
+        )
+    if damp_percent is not None and not 0 < damp_percent < 1:
+        raise ValueError(f"damp_percent: {damp_percent} must lie in (0, 1), e.g. 0.01")
+    tuning: dict[str, Any] = {"static_groups": static_groups, "true_sequential": true_sequential}
+    if damp_percent is not None:
+        tuning["damp_percent"] = damp_percent
+    qconfig: dict[str, Any] = {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "sym": sym,
+        "desc_act": desc_act,
+        "lm_head": lm_head,
+        "checkpoint_format": checkpoint_format,
+        "pack_dtype": "int32",
+        **tuning,
+        "meta": {"quantizer": [f"llmc:{_llmc_version()}"], **tuning},
+    }
+    if modules_in_block_to_quantize is not None:
+        qconfig["modules_in_block_to_quantize"] = modules_in_block_to_quantize
+    return qconfig
+
+
+def _check_matches(name: str, qw: QuantizedWeight, qconfig: dict[str, Any]) -> None:
+    for key in ("bits", "group_size", "sym"):
+        if getattr(qw, key) != qconfig[key]:
+            raise ValueError(
+                f"{name}: {key}={getattr(qw, key)!r} but quantization_config says "
+                f"{qconfig[key]!r}; one GPTQ checkpoint holds one scheme, so build the config "
+                "from the scheme that quantized the model"
+            )
+
+
+def _warn_engine_limits(quantized: dict[str, tuple[QuantizedWeight, Tensor | None]]) -> None:
+    """One warning per distinct problem shape, not one per layer."""
+    seen: dict[str, list[str]] = {}
+    for name, (qw, _) in quantized.items():
+        N, K = qw.q.shape
+        msg = ragged_groups_warning(f"layers with in_features {K}", K, qw.group_size)
+        if msg is None and (K % 32 or N % 32):
+            msg = (
+                f"layers of shape [{N}, {K}]: GPTQ kernels expect in/out features that are "
+                "multiples of 32; some engines may refuse this checkpoint"
+            )
+        if msg is not None:
+            seen.setdefault(msg, []).append(name)
+    for msg, names in seen.items():
+        logger.warning("%s (e.g. %s, %d module(s))", msg, names[0], len(names))
+
+
+def _plain_tensors(state: dict[str, Tensor], config_dict: dict[str, Any]) -> dict[str, Tensor]:
+    """Drop the tied ``lm_head.weight`` and clone any other tensor that shares storage."""
+    out: dict[str, Tensor] = {}
+    tied = bool(config_dict.get("tie_word_embeddings", False))
+    seen: set[int] = set()
+    for name, t in state.items():
+        if tied and name == "lm_head.weight":
+            logger.info("tie_word_embeddings: not saving lm_head.weight (tied to the embedding)")
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.detach().clone() if ptr in seen else t.detach()
+        seen.add(ptr)
+    return out
+
+
+def write_gptq_checkpoint(
+    out_dir: str | os.PathLike[str],
+    state: dict[str, Tensor],
+    quantized: dict[str, tuple[QuantizedWeight, Tensor | None]],
+    config_dict: dict[str, Any],
+    qconfig: dict[str, Any],
+    max_shard_bytes: int = 2_000_000_000,
+) -> list[str]:
+    """Write a GPTQ checkpoint into ``out_dir``: sharded safetensors and ``config.json``
+    (``config_dict`` plus ``quantization_config = qconfig``).
+
+    ``state``: the non-quantized tensors, named as in the HF state dict; ``quantized``: module
+    name -> (codes and qparams, bias or None). Wrap in :func:`llmc.formats.io.atomic_output_dir`
+    for an all-or-nothing export. Returns the file names written.
+    """
+    fmt = qconfig.get("checkpoint_format", "gptq")
+    tensors = _plain_tensors(state, config_dict)
+    _warn_engine_limits(quantized)
+    for name, (qw, bias) in quantized.items():
+        _check_matches(name, qw, qconfig)
+        if f"{name}.weight" in tensors:
+            raise ValueError(
+                f"{name}.weight is both in state and quantized; leave quantized modules out of "
+                "state"
+            )
+        for key, t in gptq_tensors(name, qw, bias, fmt).items():
+            if key in tensors:
+                raise ValueError(f"{key} is both in state and produced by {name}")
+            tensors[key] = t
+    files = save_sharded_safetensors(out_dir, tensors, max_shard_bytes)
+    config = {**config_dict, "quantization_config": qconfig}
+    save_json(Path(out_dir) / "config.json", config)
+    logger.info("wrote %d tensors (%d quantized modules) to %s", len(tensors), len(quantized),
+                out_dir)
+    return [*files, "config.json"]

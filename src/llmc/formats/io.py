@@ -1,0 +1,158 @@
+"""Output plumbing shared by the checkpoint writers: atomic output directories, JSON, and
+sharded safetensors in the Hugging Face layout.
+
+A checkpoint is written into a temporary directory next to its destination and moved into
+place only once complete, so an interrupted export never leaves a half-written model behind
+and never destroys the previous one. Tensors are stored as safetensors only (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+def _is_nonempty(path: Path) -> bool:
+    if path.is_dir():
+        return any(path.iterdir())
+    return path.exists() or path.is_symlink()
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+@contextmanager
+def atomic_output_dir(
+    path: str | os.PathLike[str], overwrite: bool = False, expected_bytes: int | None = None
+) -> Iterator[Path]:
+    """Yield a fresh temporary directory ``{parent}/.{name}.tmp-XXXX``; on success move it to
+    ``path``.
+
+    Refuses an existing non-empty ``path`` unless ``overwrite``; when overwriting, the old
+    output is removed only after the new one has been moved into place. With
+    ``expected_bytes``, refuses to start when the file system holding ``path`` has less free
+    space. On any exception (KeyboardInterrupt included) the temporary directory is removed
+    and the exception re-raised; ``path`` is left untouched.
+    """
+    path = Path(path)
+    if _is_nonempty(path) and not overwrite:
+        raise ValueError(f"{path} exists; pass --overwrite to replace it")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file, not a directory; remove it or choose another path")
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if expected_bytes is not None:
+        free = shutil.disk_usage(parent).free
+        if free < expected_bytes:
+            raise ValueError(
+                f"not enough free disk space in {parent}: the output needs about "
+                f"{_gib(expected_bytes)} but only {_gib(free)} is free; free some space or "
+                "choose another output directory"
+            )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+        _move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``; an existing ``path`` is set aside first and deleted last."""
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        old.rmdir()
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("wrote %s", path)
+
+
+def save_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON (UTF-8, trailing newline)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def tensor_nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def save_sharded_safetensors(
+    out_dir: str | os.PathLike[str], tensors: dict[str, Tensor], max_shard_bytes: int
+) -> list[str]:
+    """Write ``tensors`` (in their given order) to ``model.safetensors``, or, past
+    ``max_shard_bytes``, to ``model-0000i-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``).
+
+    Tensors must not share storage (safetensors refuses it); a tensor larger than
+    ``max_shard_bytes`` gets a shard of its own. Returns the file names written.
+    """
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes: {max_shard_bytes} must be positive")
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = tensor_nbytes(t)
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().cpu().contiguous()
+        size += n
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / SINGLE_FILE), metadata=meta)
+        return [SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        save_file(shard, str(out_dir / fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    total = sum(tensor_nbytes(t) for t in tensors.values())
+    save_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return [*names, INDEX_FILE]
+
+
+def read_checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """All tensors of a safetensors checkpoint directory (sharded or not), on CPU."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} holds no .safetensors files; point to a checkpoint directory")
+    tensors: dict[str, Tensor] = {}
+    for fname in files:
+        tensors.update(load_file(str(path / fname)))
+    return tensors

@@ -1,0 +1,222 @@
+"""Recipes: ordered, validated compression steps plus calibration and walker settings.
+
+Every error that needs no weights (unknown keys or methods, impossible arguments) is raised
+when the recipe is built; shape errors are raised by :meth:`Recipe.check_model` from the
+model's config, before its weights load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmc.calibration import CalibrationConfig
+from llmc.compressors import METHODS
+from llmc.walker import WalkerConfig
+
+DEFAULT_TARGETS = ("re:.*",)
+DEFAULT_IGNORE = ("lm_head",)
+
+
+def matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """``re:<regex>`` searches the full module name; a plain string matches the name or its
+    last dotted components (``q_proj`` matches ``model.layers.0.self_attn.q_proj``)."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.search(p[3:], name):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Step:
+    """One compression step: a registered method, the Linears it targets and its arguments."""
+
+    method: str
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    args: dict[str, Any] = field(default_factory=dict, compare=False)
+    config: Any = None
+
+    def __post_init__(self) -> None:
+        entry = METHODS.get(self.method)
+        object.__setattr__(self, "method", entry.name)
+        for key in ("targets", "ignore"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                value = (value,)
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{key}: expected a list of names or 're:' patterns")
+            for v in value:
+                if v.startswith("re:"):
+                    try:
+                        re.compile(v[3:])
+                    except re.error as e:
+                        raise ValueError(f"{key}: bad regular expression {v!r}: {e}") from None
+            object.__setattr__(self, key, tuple(value))
+        if self.config is None:
+            object.__setattr__(self, "config", entry.make_config(dict(self.args)))
+
+    def selects(self, name: str) -> bool:
+        return matches(name, self.targets) and not matches(name, self.ignore)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "targets": list(self.targets),
+            "ignore": list(self.ignore),
+            "args": dataclasses.asdict(self.config),
+        }
+
+    def compressor(self):
+        return METHODS.get(self.method).impl(self.config)
+
+
+_STEP_KEYS = {"method", "targets", "ignore", "args"}
+_RECIPE_KEYS = {"steps", "calibration", "walker"}
+
+
+def _build(cls: type, data: Any, where: str):
+    if data is None:
+        return cls()
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: tuple[Step, ...]
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    walker: WalkerConfig = field(default_factory=WalkerConfig)
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ValueError("steps: a recipe needs at least one step")
+        object.__setattr__(self, "steps", tuple(self.steps))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        if not isinstance(data, dict):
+            raise ValueError("a recipe must be a mapping with a 'steps' list")
+        unknown = sorted(set(data) - _RECIPE_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(_RECIPE_KEYS))}"
+            )
+        raw_steps = data.get("steps")
+        if not isinstance(raw_steps, list) or not raw_steps:
+            raise ValueError("steps: expected a non-empty list of {method, targets, ignore, args}")
+        steps = []
+        for i, s in enumerate(raw_steps):
+            where = f"steps[{i}]"
+            if not isinstance(s, dict) or "method" not in s:
+                raise ValueError(f"{where}: each step needs a 'method'")
+            bad = sorted(set(s) - _STEP_KEYS)
+            if bad:
+                raise ValueError(
+                    f"{where}: unknown key(s) {', '.join(bad)}; valid: {', '.join(sorted(_STEP_KEYS))}"
+                )
+            args = s.get("args") or {}
+            if not isinstance(args, dict):
+                raise ValueError(f"{where}.args: expected a mapping")
+            try:
+                steps.append(Step(
+                    method=s["method"],
+                    targets=s.get("targets", DEFAULT_TARGETS),
+                    ignore=s.get("ignore", DEFAULT_IGNORE),
+                    args=args,
+                ))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        return cls(
+            steps=tuple(steps),
+            calibration=_build(CalibrationConfig, data.get("calibration"), "calibration"),
+            walker=_build(WalkerConfig, data.get("walker"), "walker"),
+        )
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> Recipe:
+        """From a YAML file path or a YAML string (``yaml.safe_load`` only)."""
+        text = source
+        if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
+                                        and source.endswith((".yaml", ".yml"))):
+            p = Path(source)
+            if not p.is_file():
+                raise ValueError(f"recipe file not found: {source}")
+            text = p.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe is not valid YAML: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def coerce(cls, recipe: Recipe | dict | str | Path) -> Recipe:
+        if isinstance(recipe, Recipe):
+            return recipe
+        if isinstance(recipe, dict):
+            return cls.from_dict(recipe)
+        return cls.from_yaml(recipe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": [s.to_dict() for s in self.steps],
+            "calibration": dataclasses.asdict(self.calibration),
+            "walker": dataclasses.asdict(self.walker),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(s.compressor().needs_calibration for s in self.steps)
+
+    def check_model(self, config) -> None:
+        """Shape checks from the model config alone (weights stay on disk): every step targets
+        at least one Linear of the blocks, and no group is wider than a targeted layer."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from llmc.models import get_adapter
+
+        adapter = get_adapter(config)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        linears = {}
+        for b, block in enumerate(adapter.get_blocks(skeleton)):
+            for n, m in block.named_modules():
+                if isinstance(m, torch.nn.Linear):
+                    linears[f"{adapter.blocks}.{b}.{n}"] = m.in_features
+        for i, step in enumerate(self.steps):
+            chosen = {n: k for n, k in linears.items() if step.selects(n)}
+            if not chosen:
+                raise ValueError(
+                    f"steps[{i}].targets: {list(step.targets)} (minus ignore {list(step.ignore)}) "
+                    "matches no Linear in the model's blocks"
+                )
+            g = getattr(step.config, "group_size", None)
+            if g is not None and g != -1:
+                name, k = min(chosen.items(), key=lambda kv: kv[1])
+                if g > k:
+                    raise ValueError(
+                        f"steps[{i}].args.group_size: {g} is larger than the input width {k} of "
+                        f"{name}; use a group size of at most {k}, or -1 for per-channel"
+                    )

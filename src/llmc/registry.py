@@ -1,0 +1,72 @@
+"""One small registry: name -> (config class, implementation)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+def normalize(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    config_cls: type
+    impl: T
+    doc: str
+
+    def arguments(self) -> list[tuple[str, Any, str]]:
+        """(name, default, type name) of each config field, in declaration order."""
+        out = []
+        for f in dataclasses.fields(self.config_cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            out.append((f.name, default, type_name))
+        return out
+
+    def make_config(self, args: dict[str, Any], where: str = "args") -> Any:
+        """Build the frozen config from a recipe's ``args``; unknown keys name the valid ones."""
+        valid = [f.name for f in dataclasses.fields(self.config_cls)]
+        unknown = sorted(set(args) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown argument(s) {', '.join(unknown)} for method '{self.name}'; "
+                f"valid arguments: {', '.join(valid)}"
+            )
+        try:
+            return self.config_cls(**args)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where} of method '{self.name}': {e}") from None
+
+
+class Registry(Generic[T]):
+    """Names are normalised (case, '-' vs '_'); duplicates raise; misses list valid names."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, config_cls: type, impl: T, doc: str = "") -> None:
+        key = normalize(name)
+        if key in self._entries:
+            raise ValueError(f"{self.kind} '{name}' is already registered")
+        self._entries[key] = Entry(key, config_cls, impl, doc)
+
+    def get(self, name: str) -> Entry[T]:
+        key = normalize(name)
+        if key not in self._entries:
+            raise ValueError(
+                f"unknown {self.kind} '{name}'; valid {self.kind}s: {', '.join(self.names())}"
+            )
+        return self._entries[key]
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return normalize(name) in self._entries

@@ -1,0 +1,407 @@
+"""LayerWalker: compress a model one decoder block at a time on cached calibration inputs.
+
+1. Capture: run the calibration windows through the embeddings with every block replaced by a
+   recorder, keeping block 0's input hidden states (CPU) and each block's keyword arguments.
+2. Per block: hooks on the targeted Linears feed each method's statistics (one object per
+   group of Linears that read the same input); the methods compress; the results are written
+   back; the block's outputs on the compressed weights become the next block's inputs.
+
+True-sequential methods (GPTQ by default) compress q/k/v, then o, then gate/up, then down,
+each from inputs that already went through the compressed earlier Linears. The walker gets
+that in ONE forward pass per block: each chunk of calibration windows runs in its own thread,
+one thread at a time; at the first Linear of a group, each thread adds its inputs to the
+group's statistics and yields to the next; once all chunks are in, the last one compresses
+the group and the threads go on, now through the compressed weights. The pass's outputs are
+the compressed block's outputs, so no second pass is needed. Methods that want statistics of
+the uncompressed block get a statistics pass, then an output pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmc.models import Adapter, block_linears
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class WalkerConfig:
+    """``batch_size`` calibration windows per forward chunk; ``dtype`` of the block forwards
+    (the weights being compressed and the Hessian sums stay float32)."""
+
+    batch_size: int = 16
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: {self.batch_size} must be at least 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+class _Stop(Exception):
+    """Raised by the capture recorder to end a forward early."""
+
+
+class _Aborted(Exception):
+    """Raised in a chunk thread when another chunk failed or the user interrupted."""
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    step: int
+    method: str
+    shape: tuple[int, int]
+    error: float | None
+    seconds: float
+
+
+@dataclass
+class WalkReport:
+    layers: list[LayerRecord] = field(default_factory=list)
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    capture_seconds: float = 0.0
+
+
+def _first_tensor(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _cast(obj: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """Floating tensors inside kwargs (position embeddings, float masks) to the forward dtype."""
+    if isinstance(obj, Tensor):
+        obj = obj.to(device)
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast(o, dtype, device) for o in obj)
+    if isinstance(obj, list):
+        return [_cast(o, dtype, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype, device) for k, v in obj.items()}
+    return obj
+
+
+def _slice_batch(obj: Any, n: int, full: int) -> Any:
+    """Kwargs captured for a chunk of ``full`` windows, cut to a last chunk of ``n``."""
+    if n == full:
+        return obj
+    if isinstance(obj, Tensor):
+        return obj[:n] if obj.dim() and obj.shape[0] == full and full > 1 else obj
+    if isinstance(obj, tuple):
+        return tuple(_slice_batch(o, n, full) for o in obj)
+    if isinstance(obj, list):
+        return [_slice_batch(o, n, full) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _slice_batch(v, n, full) for k, v in obj.items()}
+    return obj
+
+
+class _Recorder(nn.Module):
+    def __init__(self, index: int, sink: dict) -> None:
+        super().__init__()
+        self.index = index
+        self.sink = sink
+
+    def forward(self, hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.index == 0:
+            self.sink["hidden"].append(hidden.detach().to("cpu"))
+        if self.sink["record_kwargs"]:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+            self.sink["kwargs"][self.index] = (args, kwargs)
+        elif self.index == 0:
+            raise _Stop
+        return hidden
+
+
+class _Baton:
+    """Runs ``n`` threads one at a time in lockstep: a thread that reaches a barrier hands the
+    turn to the next; the last one runs the barrier's action and hands the turn back to 0."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.turn = 0
+        self.error: BaseException | None = None
+        self.cv = threading.Condition()
+        self.local = threading.local()
+
+    def _give(self, to: int) -> None:
+        with self.cv:
+            self.turn = to
+            self.cv.notify_all()
+
+    def _wait(self, i: int) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.turn == i or self.error is not None)
+            if self.error is not None:
+                raise _Aborted
+
+    def barrier(self, action: Callable[[], None]) -> None:
+        i = self.local.index
+        if i == self.n - 1:
+            action()
+            self._give(0)
+        else:
+            self._give(i + 1)
+        self._wait(i)
+
+    def run(self, work: Callable[[int], None]) -> None:
+        """Call ``work(i)`` for every ``i`` in its own thread, lockstep; re-raise failures."""
+
+        def target(i: int) -> None:
+            self.local.index = i
+            try:
+                self._wait(i)
+                with torch.no_grad():
+                    work(i)
+                self._give(i + 1)
+            except _Aborted:
+                pass
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                with self.cv:
+                    self.error = self.error or e
+                    self.cv.notify_all()
+
+        threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(self.n)]
+        for t in threads:
+            t.start()
+        try:
+            with self.cv:
+                while not (self.turn == self.n or self.error is not None):
+                    self.cv.wait(timeout=0.5)
+        except BaseException as e:  # KeyboardInterrupt: stop the threads before re-raising
+            with self.cv:
+                self.error = self.error or e
+                self.cv.notify_all()
+            raise
+        finally:
+            for t in threads:
+                t.join()
+        if self.error is not None:
+            raise self.error
+
+
+class LayerWalker:
+    """Walks the blocks of ``model`` (found through ``adapter``), compressing the Linears each
+    step selects. ``steps`` are ``(index, Step, compressor)`` in recipe order."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        steps: list[tuple[int, Any, Any]],
+        config: WalkerConfig,
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.steps = steps
+        self.config = config
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.report = WalkReport()
+
+    # -- capture -------------------------------------------------------------------------
+    def capture(self, windows: Tensor) -> tuple[Tensor, list[tuple[tuple, dict]]]:
+        """Block-0 inputs for all windows ([S, T, d], forward dtype, CPU) and each block's
+        positional/keyword arguments for a chunk of ``batch_size`` windows."""
+        blocks = self.adapter.get_blocks(self.model)
+        originals = list(blocks)
+        sink: dict[str, Any] = {"hidden": [], "kwargs": {}, "record_kwargs": True}
+        bs = self.config.batch_size
+        try:
+            for i, r in enumerate(_Recorder(i, sink) for i in range(len(blocks))):
+                blocks[i] = r
+            with torch.no_grad():
+                for start in range(0, windows.shape[0], bs):
+                    chunk = windows[start : start + bs].to(self.device)
+                    sink["record_kwargs"] = start == 0
+                    try:
+                        self.model(input_ids=chunk, use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            for i, b in enumerate(originals):
+                blocks[i] = b
+        hidden = torch.cat(sink["hidden"]).to(self.config.torch_dtype)
+        kwargs = [sink["kwargs"][i] for i in range(len(blocks))]
+        return hidden, kwargs
+
+    # -- per block -------------------------------------------------------------------------
+    def _groups(self, block_index: int, linears: dict[str, nn.Linear]) -> list[list[str]]:
+        """Targeted Linears (relative names) grouped by shared input, in execution order."""
+        prefix = f"{self.adapter.blocks}.{block_index}."
+        targeted = {n for n in linears if any(s.selects(prefix + n) for _, s, _ in self.steps)}
+        groups = [[n for n in g if n in targeted] for g in self.adapter.groups]
+        covered = {n for g in groups for n in g}
+        groups += [[n] for n in linears if n in targeted and n not in covered]
+        return [g for g in groups if g]
+
+    def _compress_group(
+        self, block_index: int, group: list[str], masters: dict[str, nn.Linear],
+        copies: dict[str, nn.Linear], stats: dict[tuple[int, str], Any],
+    ) -> None:
+        prefix = f"{self.adapter.blocks}.{block_index}."
+        for idx, step, comp in self.steps:
+            for n in group:
+                full = prefix + n
+                if not step.selects(full):
+                    continue
+                master = masters[n]
+                st = stats.get((id(group), comp.stats_kind)) if comp.stats_kind else None
+                res = comp.compress(full, master.weight.data, st)
+                master.weight.data.copy_(res.weight.to(master.weight.dtype))
+                if copies[n] is not master:
+                    copies[n].weight.data.copy_(res.weight.to(copies[n].weight.dtype))
+                if res.quant is not None:
+                    master.llmc_quant = res.quant  # read by the checkpoint writers
+                self.report.layers.append(LayerRecord(
+                    full, idx, step.method, tuple(master.weight.shape), res.error, res.seconds
+                ))
+        for key in [k for k in stats if k[0] == id(group)]:
+            del stats[key]
+
+    def _new_stats(self, groups: list[list[str]], linears: dict[str, nn.Linear]) -> dict:
+        stats: dict[tuple[int, str], Any] = {}
+        for g in groups:
+            for _, _, comp in self.steps:
+                if comp.needs_calibration and comp.stats_kind:
+                    key = (id(g), comp.stats_kind)
+                    if key not in stats:
+                        stats[key] = comp.new_stats(linears[g[0]].in_features)
+        return stats
+
+    def run_block(
+        self, block_index: int, block: nn.Module, hidden: Tensor, args: tuple, kwargs: dict
+    ) -> Tensor:
+        """Compress one block; returns its outputs on the compressed weights."""
+        masters = block_linears(block)
+        groups = self._groups(block_index, masters)
+        dtype = self.config.torch_dtype
+        fwd = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
+        copies = block_linears(fwd)
+        stats = self._new_stats(groups, masters)
+        group_of = {n: g for g in groups for n in g}
+        calibrating = any(c.needs_calibration for _, _, c in self.steps)
+        sequential = calibrating and all(
+            c.sequential for _, _, c in self.steps if c.needs_calibration
+        )
+        bs = self.config.batch_size
+        n_chunks = -(-hidden.shape[0] // bs)
+        args = _cast(args, dtype, self.device)
+        kwargs = _cast(kwargs, dtype, self.device)
+        outputs = torch.empty_like(hidden)
+        done: set[int] = set()
+        baton = _Baton(n_chunks)
+
+        def forward_chunk(c: int) -> None:
+            x = hidden[c * bs : (c + 1) * bs]
+            n = x.shape[0]
+            out = fwd(x.to(self.device), *_slice_batch(args, n, bs),
+                      **_slice_batch(kwargs, n, bs))
+            outputs[c * bs : c * bs + n] = _first_tensor(out).to("cpu", hidden.dtype)
+
+        def hook_for(name: str):
+            group = group_of[name]
+
+            def pre_hook(module: nn.Module, inputs: tuple) -> None:
+                if id(group) in done or name != group[0]:
+                    return
+                for (gid, _), st in stats.items():
+                    if gid == id(group):
+                        st.add_batch(inputs[0])
+                if sequential:
+                    def action() -> None:
+                        self._compress_group(block_index, group, masters, copies, stats)
+                        done.add(id(group))
+                    baton.barrier(action)
+
+            return pre_hook
+
+        handles = []
+        if calibrating:
+            # Members of a group read the same input: the first member's hook speaks for all.
+            for g in groups:
+                handles.append(copies[g[0]].register_forward_pre_hook(hook_for(g[0])))
+        try:
+            if sequential:
+                baton.run(forward_chunk)
+            else:
+                if calibrating:
+                    with torch.no_grad():
+                        for c in range(n_chunks):
+                            forward_chunk(c)
+                for h in handles:
+                    h.remove()
+                handles = []
+                for g in groups:
+                    self._compress_group(block_index, g, masters, copies, stats)
+                    done.add(id(g))
+                with torch.no_grad():
+                    for c in range(n_chunks):
+                        forward_chunk(c)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [g for g in groups if id(g) not in done]
+        if missing:
+            raise ValueError(
+                f"block {block_index}: the Linears {missing} were never called during the forward "
+                "pass; exclude them with the step's `ignore`"
+            )
+        return outputs
+
+    def compress_without_data(self) -> None:
+        """Every step needs no data (e.g. RTN): compress each targeted Linear directly."""
+        blocks = self.adapter.get_blocks(self.model)
+        for b, block in enumerate(self._bar(blocks)):
+            t = time.perf_counter()
+            masters = block_linears(block)
+            for g in self._groups(b, masters):
+                self._compress_group(b, g, masters, masters, {})
+            self.report.blocks.append({"block": b, "seconds": time.perf_counter() - t})
+
+    def _bar(self, blocks):
+        if not self.progress:
+            return blocks
+        from tqdm.auto import tqdm
+
+        return tqdm(blocks, desc="Compressing blocks", unit="block")
+
+    def run(self, windows: Tensor | None) -> WalkReport:
+        """Compress every block; ``windows`` ([S, T] token ids) may be None when no step needs
+        calibration data."""
+        if not any(c.needs_calibration for _, _, c in self.steps):
+            self.compress_without_data()
+            return self.report
+        if windows is None:
+            raise ValueError("this recipe needs calibration data")
+        t = time.perf_counter()
+        hidden, block_args = self.capture(windows)
+        self.report.capture_seconds = time.perf_counter() - t
+        blocks = self.adapter.get_blocks(self.model)
+        for b, block in enumerate(self._bar(blocks)):
+            t = time.perf_counter()
+            args, kwargs = block_args[b]
+            hidden = self.run_block(b, block, hidden, args, kwargs)
+            self.report.blocks.append({"block": b, "seconds": time.perf_counter() - t})
+            gc.collect()
+        del hidden
+        return self.report

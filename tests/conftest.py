@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny seeded models of every supported architecture, a byte-level tokenizer,
+and a model directory on disk, so the fast suite needs no network and no real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=260, max_position_embeddings=256)
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**TINY)
+    if arch == "mistral":
+        return tf.MistralConfig(**TINY, sliding_window=None)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**TINY)
+    if arch == "gemma3_text":
+        return tf.Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8,
+                                   layer_types=["sliding_attention", "full_attention"])
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                            num_attention_heads=4, vocab_size=260, max_position_embeddings=256,
+                            word_embed_proj_dim=64)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma3_text", "opt"]
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)  # test-only: transformers' init draws from the global RNG
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    return model.eval()
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with 256 byte tokens and an end-of-text token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def calib_ids(samples: int = 8, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (samples, seqlen), generator=g)
+
+
+@pytest.fixture
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A small English text file for calibration and evaluation."""
+    lines = []
+    for i in range(400):
+        lines.append(f" The {i}th line of a small corpus talks about weights and groups . \n")
+        if i % 7 == 0:
+            lines.append(" \n")
+    p = tmp_path / "corpus.txt"
+    p.write_text("".join(lines))
+    return p
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny llama with its tokenizer saved as an HF directory."""
+    d = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d

@@ -1,0 +1,131 @@
+"""GPTQ and RTN as pure functions on one Linear whose inputs have outlier channels and
+correlated columns; errors compared as tr(dW H dW^T) with a 5% margin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmc.quant.gptq import GPTQConfig, HessianStats, gptq_quantize
+from llmc.quant.rtn import rtn_quantize
+from llmc.quant.scheme import ClipSearch, QuantScheme, output_error, round_half_even
+
+
+def layer(K: int = 96, N: int = 32, n: int = 2048, seed: int = 0):
+    """W [N, K] and calibration inputs X [n, K]: low-rank correlated columns plus noise, with
+    four outlier channels 10-50x larger."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 8, generator=g) @ torch.randn(8, K, generator=g)
+    X += 0.5 * torch.randn(n, K, generator=g)
+    X[:, [3, 17, 40, K - 1]] *= torch.tensor([10.0, 20.0, 35.0, 50.0])
+    W = torch.randn(N, K, generator=g) / K**0.5
+    stats = HessianStats(K)
+    for chunk in X.split(300):
+        stats.add_batch(chunk)
+    return W, X, stats.H
+
+
+def test_hessian_is_running_mean_of_2xxT():
+    _, X, H = layer()
+    ref = 2 * X.double().T @ X.double() / X.shape[0]
+    torch.testing.assert_close(H.double(), ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("act_order", ["none", "static", "dynamic"])
+@pytest.mark.parametrize("group_size", [32, -1, 40])
+def test_gptq_beats_rtn(act_order, group_size):
+    W, _, H = layer()
+    scheme = QuantScheme(4, group_size, True)
+    e_rtn = output_error(W, rtn_quantize(W, scheme).dequantize(), H)
+    qw = gptq_quantize(W, H, scheme, act_order=act_order)
+    e_gptq = output_error(W, qw.dequantize(), H)
+    assert e_gptq < 0.95 * e_rtn
+    assert qw.q.max() <= 15 and qw.q.min() >= 0
+    assert qw.scales.shape == (32, scheme.num_groups(96))
+
+
+def test_clip_search_lowers_error():
+    W, _, H = layer(seed=1)
+    scheme = QuantScheme(3, 32, True)
+    plain = output_error(W, gptq_quantize(W, H, scheme).dequantize(), H)
+    clipped = output_error(W, gptq_quantize(W, H, scheme, clip=ClipSearch()).dequantize(), H)
+    assert clipped < 0.95 * plain
+    rtn_plain = output_error(W, rtn_quantize(W, scheme).dequantize(), H)
+    rtn_clip = output_error(W, rtn_quantize(W, scheme, ClipSearch()).dequantize(), H)
+    assert rtn_clip < rtn_plain
+
+
+def test_static_groups_keep_original_order():
+    W, _, H = layer()
+    qw = gptq_quantize(W, H, QuantScheme(4, 32, True), act_order="static")
+    assert torch.equal(qw.g_idx, torch.arange(96, dtype=torch.int32) // 32)
+
+
+def test_dynamic_groups_follow_permutation():
+    W, _, H = layer()
+    qw = gptq_quantize(W, H, QuantScheme(4, 32, True), act_order="dynamic")
+    perm = torch.argsort(torch.diag(H), descending=True)
+    expected = torch.empty(96, dtype=torch.int32)
+    expected[perm] = (torch.arange(96) // 32).int()
+    assert torch.equal(qw.g_idx, expected)
+    # the outlier channels (largest diag(H)) come first, so they share group 0
+    assert set(qw.g_idx[[3, 17, 40, 95]].tolist()) == {0}
+
+
+def test_narrow_last_group():
+    W, _, H = layer(K=72)
+    qw = gptq_quantize(W, H, QuantScheme(4, 32, False), act_order="none")
+    assert qw.scales.shape == (32, 3)
+    assert (qw.g_idx == 2).sum() == 8  # 72 = 32 + 32 + 8
+    assert output_error(W, qw.dequantize(), H) < 0.95 * output_error(
+        W, rtn_quantize(W, QuantScheme(4, 32, False)).dequantize(), H
+    )
+
+
+def test_dead_inputs_zero_their_column():
+    W, X, _ = layer()
+    X[:, 5] = 0
+    H = 2 * X.T @ X / X.shape[0]
+    qw = gptq_quantize(W, H, QuantScheme(4, 32, True))
+    assert torch.all(qw.dequantize()[:, 5] == 0)
+
+
+def test_damping_retry_then_error(caplog):
+    W, _, _ = layer(K=64)
+    # One eigenvalue at -5% of the mean: fails with damp=0.01 of the mean diagonal, passes
+    # with the 10x retry.
+    Q, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(3)))
+    lam = torch.linspace(1.0, 2.0, 64)
+    lam[0] = -0.05 * lam.mean()
+    Hbad = Q @ torch.diag(lam) @ Q.T
+    qw = gptq_quantize(W, Hbad, QuantScheme(4, 32, True), damp=0.01, name="blk.q_proj")
+    assert qw.q.shape == (32, 64)
+    assert "blk.q_proj" in caplog.text and "damp=0.1" in caplog.text
+    lam[0] = -0.5 * lam.mean()
+    with pytest.raises(ValueError, match="blk.o_proj.*damp"):
+        gptq_quantize(W, Q @ torch.diag(lam) @ Q.T, QuantScheme(4, 32, True), name="blk.o_proj")
+
+
+def test_results_are_on_the_grid():
+    W, _, H = layer()
+    qw = gptq_quantize(W, H, QuantScheme(3, 32, False), act_order="dynamic", clip=ClipSearch())
+    W_hat = qw.dequantize()
+    g = qw.g_idx.long()
+    codes = W_hat / qw.scales[:, g] + qw.zeros[:, g]
+    torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
+    assert torch.equal(qw.scales, qw.scales.half().float())
+
+
+def test_round_half_even_matches_torch():
+    x = torch.cat([torch.randn(10000) * 50, torch.arange(-20, 20) + 0.5])
+    assert torch.equal(round_half_even(x), torch.round(x))
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [({"bits": 9}, "bits"), ({"bits": 1}, "bits"), ({"group_size": 0}, "group_size"),
+     ({"act_order": "yes"}, "act_order"), ({"damp": 0}, "damp"), ({"damp": 2.0}, "damp")],
+)
+def test_config_errors_name_the_key(args, key):
+    with pytest.raises(ValueError, match=key):
+        GPTQConfig(**args)

@@ -1,0 +1,131 @@
+"""The `llmc` command line through click's CliRunner, on a tiny model directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import llmc
+from llmc.cli import cli
+
+
+def run(*args: str, ok: bool = True):
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    return res
+
+
+def calib_flags(text_file):
+    return ["--dataset", text_file, "--samples", 4, "--seqlen", 32, "--dtype", "float32",
+            "--quiet"]
+
+
+def test_quantize_evaluate_and_load(model_dir, text_file, tmp_path):
+    out = tmp_path / "w4"
+    run("quantize", model_dir, "--method", "gptq", "--bits", 4, "--group-size", 32,
+        *calib_flags(text_file), "-o", out)
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "recipe.yaml", "llmc_report.json",
+            "tokenizer.json"} <= files
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "gptq" and qcfg["bits"] == 4 and qcfg["group_size"] == 32
+    assert qcfg["desc_act"] is True and qcfg["static_groups"] is True
+    report = json.loads((out / "llmc_report.json").read_text())
+    assert len(report["layers"]) == 14 and report["calibration"]["samples"] == 4
+    assert llmc.Recipe.from_yaml(out / "recipe.yaml").steps[0].config.group_size == 32
+
+    res = run("evaluate", out, "--dataset", text_file, "--seqlen", 64, "--windows", 3, "--json")
+    obj = json.loads(res.stdout)
+    assert obj["windows"] == 3 and obj["tokens"] == 192 and obj["perplexity"] > 1
+    model, tok = llmc.load(out)
+    assert model.model.layers[1].mlp.down_proj.llmc_quant.bits == 4
+    ref = llmc.evaluate(model, tok, dataset=str(text_file), seqlen=64, windows=3)
+    assert ref["perplexity"] == pytest.approx(obj["perplexity"], rel=1e-6)
+
+
+def test_output_is_never_overwritten_without_flag(model_dir, text_file, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    res = run("quantize", model_dir, "--method", "rtn", "-o", out, "--quiet", ok=False)
+    assert res.exit_code != 0 and "--overwrite" in res.output
+    assert (out / "keep.txt").read_text() == "precious"
+    run("quantize", model_dir, "--method", "rtn", "--group-size", 32, "-o", out, "--overwrite",
+        "--quiet")
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_compress_with_recipe(model_dir, text_file, tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("steps:\n  - method: gptq\n    args: {bits: 3, group_size: 16, sym: false}\n"
+                 "calibration: {samples: 4, seqlen: 32}\n")
+    out = tmp_path / "x"
+    run("compress", model_dir, "--recipe", r, "--dataset", text_file, "--quiet", "-o", out)
+    saved = llmc.Recipe.from_yaml(out / "recipe.yaml")
+    assert saved.calibration.dataset == str(text_file) and saved.steps[0].config.bits == 3
+    model, _ = llmc.load(out)
+    qw = model.model.layers[0].self_attn.q_proj.llmc_quant
+    assert qw.bits == 3 and not qw.sym and qw.scales.shape[1] == 4
+
+
+def test_methods_lists_arguments():
+    res = run("methods")
+    assert "gptq" in res.output and "act_order" in res.output and "rtn" in res.output
+    rows = json.loads(run("methods", "--json").output)
+    assert {r["name"] for r in rows} >= {"gptq", "rtn"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["quantize", "no/such/dir/", "-o", "{tmp}/o"], "not found"),
+        (["quantize", "{model}", "--bits", "9", "-o", "{tmp}/o"], "bits"),
+        (["quantize", "{model}", "--group-size", "4096", "-o", "{tmp}/o"], "group_size"),
+        (["compress", "{model}", "--recipe", "{tmp}/missing.yaml", "-o", "{tmp}/o"],
+         "recipe file not found"),
+        (["quantize", "{model}", "--group-size", "32", "--dataset", "{tmp}/nope.txt", "-o",
+          "{tmp}/o"], "nope.txt"),
+        (["evaluate", "{model}", "--windows", "100000", "--dataset", "{text}", "--seqlen", "64"],
+         "windows"),
+    ],
+)
+def test_bad_input_is_one_line(args, message, model_dir, text_file, tmp_path):
+    args = [a.format(tmp=tmp_path, model=model_dir, text=text_file) for a in args]
+    res = run(*args, ok=False)
+    assert res.exit_code != 0
+    assert message in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_recipe_key_fails_before_loading(model_dir, tmp_path, monkeypatch):
+    r = tmp_path / "r.yaml"
+    r.write_text("steps:\n  - method: gptq\n    args: {bitz: 4}\n")
+
+    def boom(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr("llmc.models.load_model", boom)
+    res = run("compress", model_dir, "--recipe", r, "-o", tmp_path / "o", ok=False)
+    assert "bitz" in res.output
+
+
+def test_round_trip_is_bit_exact(model_dir, text_file, tmp_path):
+    out = tmp_path / "w"
+    run("quantize", model_dir, "--bits", 4, "--group-size", 48, "--asym", "--act-order",
+        "dynamic", *calib_flags(text_file), "-o", out)
+    model, _ = llmc.load(out)
+    again = tmp_path / "again"
+    llmc.save(model, again)
+    m2, _ = llmc.load(again)
+    for (n, a), b in zip(model.named_modules(), m2.modules()):
+        if hasattr(a, "llmc_quant"):
+            qa, qb = a.llmc_quant, b.llmc_quant
+            assert torch.equal(qa.q, qb.q) and torch.equal(qa.scales, qb.scales), n
+            assert torch.equal(qa.zeros, qb.zeros) and torch.equal(qa.g_idx, qb.g_idx), n
+            assert torch.equal(a.weight, b.weight), n
