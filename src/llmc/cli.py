@@ -36,7 +36,7 @@ def calibration_options(f):
                      help="dtype of the block forwards during calibration (weights and Hessians "
                           "stay float32) [default: bfloat16, or the recipe's]"),
         click.option("--batch-size", type=int, default=None,
-                     help="Calibration windows per forward chunk [default: 16, or the recipe's]"),
+                     help="Calibration windows per forward chunk [default: 8, or the recipe's]"),
         click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
                      help="Output directory (written atomically)"),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory"),

@@ -8,10 +8,10 @@
 
 True-sequential methods (GPTQ by default) compress q/k/v, then o, then gate/up, then down,
 each from inputs that already went through the compressed earlier Linears. The walker gets
-that in ONE forward pass per block: each chunk of calibration windows runs in its own thread,
-one thread at a time; at the first Linear of a group, each thread adds its inputs to the
-group's statistics and yields to the next; once all chunks are in, the last one compresses
-the group and the threads go on, now through the compressed weights. The pass's outputs are
+that in ONE forward pass per block: each chunk of calibration windows runs as a greenlet (a
+paused call stack), one at a time; at the first Linear of a group, each chunk adds its inputs
+to the group's statistics and pauses; once all chunks are in, the group is compressed and the
+chunks go on, now through the compressed weights. The pass's outputs are
 the compressed block's outputs, so no second pass is needed. Methods that want statistics of
 the uncompressed block get a statistics pass, then an output pass.
 """
@@ -21,12 +21,12 @@ from __future__ import annotations
 import copy
 import gc
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import greenlet
 import torch
 from torch import Tensor, nn
 
@@ -42,7 +42,7 @@ class WalkerConfig:
     """``batch_size`` calibration windows per forward chunk; ``dtype`` of the block forwards
     (the weights being compressed and the Hessian sums stay float32)."""
 
-    batch_size: int = 16
+    batch_size: int = 8
     dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
@@ -58,10 +58,6 @@ class WalkerConfig:
 
 class _Stop(Exception):
     """Raised by the capture recorder to end a forward early."""
-
-
-class _Aborted(Exception):
-    """Raised in a chunk thread when another chunk failed or the user interrupted."""
 
 
 @dataclass
@@ -126,76 +122,43 @@ class _Recorder(nn.Module):
         if self.sink["record_kwargs"]:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
             self.sink["kwargs"][self.index] = (args, kwargs)
-        elif self.index == 0:
-            raise _Stop
+        if self.index == self.sink["last"] or not self.sink["record_kwargs"]:
+            raise _Stop  # never run the final norm and the head
         return hidden
 
 
-class _Baton:
-    """Runs ``n`` threads one at a time in lockstep: a thread that reaches a barrier hands the
-    turn to the next; the last one runs the barrier's action and hands the turn back to 0."""
+class _Lockstep:
+    """Runs ``work(i)`` for ``n`` chunks as greenlets in this thread, in lockstep: a chunk that
+    reaches :meth:`barrier` pauses; when every chunk has paused there, the barrier's action runs
+    once and the chunks resume in order. Greenlets, not threads: every torch op stays on the
+    calling thread and its OpenMP pool (worker threads made each op about 2x slower here), and
+    an exception, KeyboardInterrupt included, surfaces in the caller."""
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.turn = 0
-        self.error: BaseException | None = None
-        self.cv = threading.Condition()
-        self.local = threading.local()
-
-    def _give(self, to: int) -> None:
-        with self.cv:
-            self.turn = to
-            self.cv.notify_all()
-
-    def _wait(self, i: int) -> None:
-        with self.cv:
-            self.cv.wait_for(lambda: self.turn == i or self.error is not None)
-            if self.error is not None:
-                raise _Aborted
+        self._action: Callable[[], None] | None = None
 
     def barrier(self, action: Callable[[], None]) -> None:
-        i = self.local.index
-        if i == self.n - 1:
-            action()
-            self._give(0)
-        else:
-            self._give(i + 1)
-        self._wait(i)
+        self._action = action
+        greenlet.getcurrent().parent.switch()
 
     def run(self, work: Callable[[int], None]) -> None:
-        """Call ``work(i)`` for every ``i`` in its own thread, lockstep; re-raise failures."""
-
-        def target(i: int) -> None:
-            self.local.index = i
-            try:
-                self._wait(i)
-                with torch.no_grad():
-                    work(i)
-                self._give(i + 1)
-            except _Aborted:
-                pass
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread
-                with self.cv:
-                    self.error = self.error or e
-                    self.cv.notify_all()
-
-        threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(self.n)]
-        for t in threads:
-            t.start()
+        chunks = [greenlet.greenlet(lambda i=i: work(i)) for i in range(self.n)]
         try:
-            with self.cv:
-                while not (self.turn == self.n or self.error is not None):
-                    self.cv.wait(timeout=0.5)
-        except BaseException as e:  # KeyboardInterrupt: stop the threads before re-raising
-            with self.cv:
-                self.error = self.error or e
-                self.cv.notify_all()
-            raise
+            while chunks:
+                self._action = None
+                for g in chunks:
+                    g.switch()
+                alive = [g for g in chunks if not g.dead]
+                if self._action is not None:
+                    if len(alive) != len(chunks):
+                        raise RuntimeError("chunks disagree on the barriers of a block forward")
+                    self._action()
+                chunks = alive
         finally:
-            for t in threads:
-                t.join()
-        if self.error is not None:
-            raise self.error
+            for g in chunks:
+                if not g.dead:
+                    g.throw(greenlet.GreenletExit)
 
 
 class LayerWalker:
@@ -224,7 +187,8 @@ class LayerWalker:
         positional/keyword arguments for a chunk of ``batch_size`` windows."""
         blocks = self.adapter.get_blocks(self.model)
         originals = list(blocks)
-        sink: dict[str, Any] = {"hidden": [], "kwargs": {}, "record_kwargs": True}
+        sink: dict[str, Any] = {"hidden": [], "kwargs": {}, "record_kwargs": True,
+                                "last": len(blocks) - 1}
         bs = self.config.batch_size
         try:
             for i, r in enumerate(_Recorder(i, sink) for i in range(len(blocks))):
@@ -309,7 +273,7 @@ class LayerWalker:
         kwargs = _cast(kwargs, dtype, self.device)
         outputs = torch.empty_like(hidden)
         done: set[int] = set()
-        baton = _Baton(n_chunks)
+        lockstep = _Lockstep(n_chunks)
 
         def forward_chunk(c: int) -> None:
             x = hidden[c * bs : (c + 1) * bs]
@@ -331,7 +295,7 @@ class LayerWalker:
                     def action() -> None:
                         self._compress_group(block_index, group, masters, copies, stats)
                         done.add(id(group))
-                    baton.barrier(action)
+                    lockstep.barrier(action)
 
             return pre_hook
 
@@ -342,7 +306,8 @@ class LayerWalker:
                 handles.append(copies[g[0]].register_forward_pre_hook(hook_for(g[0])))
         try:
             if sequential:
-                baton.run(forward_chunk)
+                with torch.no_grad():
+                    lockstep.run(forward_chunk)
             else:
                 if calibrating:
                     with torch.no_grad():

@@ -61,13 +61,17 @@ class QuantScheme:
 class ClipSearch:
     """Per-group search of the clipping range that minimises the quantization error
     ``sum_k d_k |q_k - w_k|^norm`` (the MSE option of the GPTQ reference, optionally weighted by
-    the Hessian diagonal ``d``), over ``grid`` shrink factors down to ``1 - max_shrink``."""
+    the Hessian diagonal ``d``), over ``grid`` shrink factors down to ``1 - max_shrink``: every
+    ``stride``-th factor first, then the neighbours of each group's best (``stride=1``: all)."""
 
     grid: int = 100
     max_shrink: float = 0.8
     norm: float = 2.4
+    stride: int = 4
 
     def __post_init__(self) -> None:
+        if self.stride < 1:
+            raise ValueError(f"clip stride: {self.stride} must be at least 1")
         if self.grid < 1:
             raise ValueError(f"clip grid: {self.grid} must be at least 1")
         if not 0.0 <= self.max_shrink < 1.0:
@@ -192,11 +196,16 @@ def find_qparams(
     scale, zero = qparams_from_range(xmin, xmax, scheme)
     if clip is None:
         return scale, zero
+    steps = int(clip.max_shrink * clip.grid)
     best = torch.full_like(scale, float("inf"))
-    for i in range(int(clip.max_shrink * clip.grid)):
-        p = 1 - i / clip.grid
+    best_i = torch.zeros_like(scale, dtype=torch.long)
+
+    def try_shrink(i: Tensor | int) -> None:
+        nonlocal best, scale, zero, best_i
+        p = 1 - torch.as_tensor(i, dtype=w.dtype) / clip.grid
         s, z = qparams_from_range(p * xmin, p * xmax, scheme)
-        err = (fake_quantize(w, s[..., None], z[..., None], scheme.maxq) - w).abs_().pow_(clip.norm)
+        err = (fake_quantize(w, s[..., None], z[..., None], scheme.maxq) - w).abs_()
+        err = err.square_() if clip.norm == 2 else err.pow_(clip.norm)
         if importance is not None:
             err = err * importance
         err = err.sum(dim=-1)
@@ -204,6 +213,15 @@ def find_qparams(
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)
         zero = torch.where(better, z, zero)
+        best_i = torch.where(better, torch.as_tensor(i), best_i)
+
+    # Coarse pass over every ``stride``-th shrink factor, then the neighbours of each row's best.
+    for i in range(0, steps, clip.stride):
+        try_shrink(i)
+    coarse = best_i.clone()
+    for d in range(1, clip.stride):
+        for i in (coarse - d, coarse + d):
+            try_shrink(i.clamp(0, steps - 1))
     return scale, zero
 
 
