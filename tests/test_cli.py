@@ -125,7 +125,7 @@ def test_round_trip_is_bit_exact(model_dir, text_file, tmp_path):
     m2, _ = llmc.load(again)
     for (n, a), b in zip(model.named_modules(), m2.modules()):
         if hasattr(a, "llmc_quant"):
-            qa, qb = a.llmc_quant, b.llmc_quant
+            qa, qb = a.llmc_quant.codes(a.weight), b.llmc_quant.codes(b.weight)
             assert torch.equal(qa.q, qb.q) and torch.equal(qa.scales, qb.scales), n
             assert torch.equal(qa.zeros, qb.zeros) and torch.equal(qa.g_idx, qb.g_idx), n
             assert torch.equal(a.weight, b.weight), n

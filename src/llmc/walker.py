@@ -19,7 +19,6 @@ the uncompressed block get a statistics pass, then an output pass.
 from __future__ import annotations
 
 import copy
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -235,7 +234,7 @@ class LayerWalker:
                 if copies[n] is not master:
                     copies[n].weight.data.copy_(res.weight.to(copies[n].weight.dtype))
                 if res.quant is not None:
-                    master.llmc_quant = res.quant  # read by the checkpoint writers
+                    master.llmc_quant = res.quant.state()  # qparams; writers recover the codes
                 self.report.layers.append(LayerRecord(
                     full, idx, step.method, tuple(master.weight.shape), res.error, res.seconds
                 ))
@@ -271,16 +270,17 @@ class LayerWalker:
         n_chunks = -(-hidden.shape[0] // bs)
         args = _cast(args, dtype, self.device)
         kwargs = _cast(kwargs, dtype, self.device)
-        outputs = torch.empty_like(hidden)
         done: set[int] = set()
         lockstep = _Lockstep(n_chunks)
 
-        def forward_chunk(c: int) -> None:
+        def forward_chunk(c: int, store: bool = True) -> None:
             x = hidden[c * bs : (c + 1) * bs]
             n = x.shape[0]
             out = fwd(x.to(self.device), *_slice_batch(args, n, bs),
                       **_slice_batch(kwargs, n, bs))
-            outputs[c * bs : c * bs + n] = _first_tensor(out).to("cpu", hidden.dtype)
+            if store:
+                # Chunk c's inputs are dead once its forward returned: its outputs replace them.
+                hidden[c * bs : c * bs + n] = _first_tensor(out).to("cpu", hidden.dtype)
 
         def hook_for(name: str):
             group = group_of[name]
@@ -312,7 +312,7 @@ class LayerWalker:
                 if calibrating:
                     with torch.no_grad():
                         for c in range(n_chunks):
-                            forward_chunk(c)
+                            forward_chunk(c, store=False)
                 for h in handles:
                     h.remove()
                 handles = []
@@ -331,7 +331,7 @@ class LayerWalker:
                 f"block {block_index}: the Linears {missing} were never called during the forward "
                 "pass; exclude them with the step's `ignore`"
             )
-        return outputs
+        return hidden
 
     def compress_without_data(self) -> None:
         """Every step needs no data (e.g. RTN): compress each targeted Linear directly."""
@@ -367,6 +367,5 @@ class LayerWalker:
             args, kwargs = block_args[b]
             hidden = self.run_block(b, block, hidden, args, kwargs)
             self.report.blocks.append({"block": b, "seconds": time.perf_counter() - t})
-            gc.collect()
         del hidden
         return self.report

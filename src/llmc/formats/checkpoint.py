@@ -48,7 +48,8 @@ def write_model(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2_000_00
         save_sharded_safetensors(out_dir, _plain_tensors(state, config), max_shard_bytes)
         save_json(out_dir / "config.json", config)
         return
-    qws = [m.llmc_quant for m in quant.values()]
+    quantized = {n: (m.llmc_quant.codes(m.weight), m.bias) for n, m in quant.items()}
+    qws = [qw for qw, _ in quantized.values()]
     schemes = {(q.bits, q.group_size, q.sym) for q in qws}
     if len(schemes) > 1:
         raise ValueError(
@@ -61,7 +62,6 @@ def write_model(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2_000_00
         bits, group_size, sym, desc_act=act_order != "none",
         static_groups=act_order == "static", checkpoint_format=choose_checkpoint_format(qws),
     )
-    quantized = {n: (m.llmc_quant, m.bias) for n, m in quant.items()}
     write_gptq_checkpoint(out_dir, state, quantized, config, qconfig, max_shard_bytes)
 
 
@@ -80,7 +80,7 @@ def is_llmc_checkpoint(path: Path) -> bool:
 
 def read_model(path: Path) -> nn.Module:
     """Build the model from ``config.json`` and fill it from the safetensors files; quantized
-    Linears are dequantized on CPU and keep their integer form in ``.llmc_quant``."""
+    Linears are dequantized on CPU and keep their qparams in ``.llmc_quant``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = json.loads((path / "config.json").read_text())
@@ -98,7 +98,7 @@ def read_model(path: Path) -> nn.Module:
             qconfig.get("checkpoint_format", "gptq"), module.in_features, module.out_features,
         )
         module.weight.data = qw.dequantize()
-        module.llmc_quant = qw
+        module.llmc_quant = qw.state()
         for suffix in ("qweight", "qzeros", "scales", "g_idx"):
             tensors.pop(f"{prefix}.{suffix}", None)
         bias = tensors.pop(f"{prefix}.bias", None)

@@ -134,6 +134,35 @@ class QuantizedWeight:
         zero = self.zeros.float()[:, g]
         return ((self.q.float() - zero) * scale).to(dtype)
 
+    def state(self) -> QuantState:
+        return QuantState(self.scales, self.zeros, self.g_idx, self.bits, self.group_size,
+                          self.sym)
+
+
+@dataclass
+class QuantState:
+    """What a quantized Linear keeps beside its dense (dequantized) weight: the qparams. The
+    integer codes are recovered from the weight when a writer needs them, exactly: for
+    ``W = (q - z) * s`` in float32, ``round(W / s) == q - z`` while ``|q - z| < 2^22``."""
+
+    scales: Tensor
+    zeros: Tensor
+    g_idx: Tensor
+    bits: int
+    group_size: int
+    sym: bool
+
+    def codes(self, W: Tensor) -> QuantizedWeight:
+        """The integer form of the dense weight ``W``; refuses a weight that left the grid."""
+        g = self.g_idx.long()
+        scale, zero = self.scales.float()[:, g], self.zeros.float()[:, g]
+        q = round_half_even(W.detach().float() / scale) + zero
+        qw = QuantizedWeight(q.clamp(0, 2**self.bits - 1).to(torch.uint8), self.scales,
+                             self.zeros, self.g_idx, self.bits, self.group_size, self.sym)
+        if not torch.equal(qw.dequantize(), W.detach().float()):
+            raise ValueError("the weight is no longer on its quantization grid")
+        return qw
+
 
 def qparams_from_range(
     xmin: Tensor, xmax: Tensor, scheme: QuantScheme

