@@ -13,8 +13,13 @@ import pytest
 import torch
 
 import llmc
-from llmc.calibration import CalibrationConfig, calibration_windows, joined_text, load_rows
-from llmc.calibration import tokenize_text
+from llmc.calibration import (
+    CalibrationConfig,
+    calibration_windows,
+    joined_text,
+    load_rows,
+    tokenize_text,
+)
 from llmc.eval.perplexity import perplexity
 
 pytestmark = [

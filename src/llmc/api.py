@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from llmc.calibration import CalibrationConfig, calibration_windows
+from llmc.eval.perplexity import evaluate_text
 from llmc.models import get_adapter, load_model
 from llmc.recipe import Recipe
 from llmc.walker import LayerWalker
@@ -89,28 +90,9 @@ def compress(
     return model, report
 
 
-def evaluate(
-    model: nn.Module,
-    tokenizer: Any,
-    *,
-    dataset: str = "wikitext2-raw",
-    split: str = "test",
-    seqlen: int = 2048,
-    windows: int | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Perplexity with the GPTQ protocol (see the README): non-overlapping windows of
-    ``seqlen`` over the joined split, the first ``windows`` of them when given."""
-    from llmc.eval.perplexity import evaluate_text
-
-    return evaluate_text(
-        model, tokenizer, dataset=dataset, split=split, seqlen=seqlen, windows=windows,
-        progress=progress,
-    )
-
-
-def quantized_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if getattr(m, "llmc_quant", None) is not None}
+# Perplexity with the GPTQ protocol (see the README): non-overlapping windows of ``seqlen``
+# over the joined split, the first ``windows`` of them when given.
+evaluate = evaluate_text
 
 
 def save(

@@ -29,7 +29,7 @@ def calibration_options(f):
         click.option("--samples", type=int, default=None,
                      help=f"Calibration windows [default: {_CAL.samples}, or the recipe's]"),
         click.option("--seqlen", type=int, default=None,
-                     help=f"Tokens per calibration window [default: {_CAL.seqlen}, or the recipe's]"),
+                     help=f"Tokens per window [default: {_CAL.seqlen}, or the recipe's]"),
         click.option("--seed", type=int, default=None,
                      help=f"Seed of the window draw [default: {_CAL.seed}, or the recipe's]"),
         click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
@@ -57,7 +57,9 @@ def _errors(f):
         try:
             return f(*args, **kwargs)
         except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as e:
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise click.ClickException(
+                str(e).splitlines()[0] if str(e) else type(e).__name__
+            ) from None
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was written", err=True)
             sys.exit(130)

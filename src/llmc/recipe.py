@@ -118,7 +118,8 @@ class Recipe:
         unknown = sorted(set(data) - _RECIPE_KEYS)
         if unknown:
             raise ValueError(
-                f"unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(_RECIPE_KEYS))}"
+                f"unknown recipe key(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(_RECIPE_KEYS))}"
             )
         raw_steps = data.get("steps")
         if not isinstance(raw_steps, list) or not raw_steps:
@@ -131,7 +132,8 @@ class Recipe:
             bad = sorted(set(s) - _STEP_KEYS)
             if bad:
                 raise ValueError(
-                    f"{where}: unknown key(s) {', '.join(bad)}; valid: {', '.join(sorted(_STEP_KEYS))}"
+                    f"{where}: unknown key(s) {', '.join(bad)}; "
+                    f"valid: {', '.join(sorted(_STEP_KEYS))}"
                 )
             args = s.get("args") or {}
             if not isinstance(args, dict):

@@ -80,33 +80,29 @@ def _first_tensor(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` applied to every tensor inside nested tuples, lists and dicts."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def _cast(obj: Any, dtype: torch.dtype, device: torch.device) -> Any:
     """Floating tensors inside kwargs (position embeddings, float masks) to the forward dtype."""
-    if isinstance(obj, Tensor):
-        obj = obj.to(device)
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, tuple):
-        return tuple(_cast(o, dtype, device) for o in obj)
-    if isinstance(obj, list):
-        return [_cast(o, dtype, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _cast(v, dtype, device) for k, v in obj.items()}
-    return obj
+    return _map_tensors(
+        obj, lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)
+    )
 
 
 def _slice_batch(obj: Any, n: int, full: int) -> Any:
     """Kwargs captured for a chunk of ``full`` windows, cut to a last chunk of ``n``."""
-    if n == full:
+    if n == full or full == 1:
         return obj
-    if isinstance(obj, Tensor):
-        return obj[:n] if obj.dim() and obj.shape[0] == full and full > 1 else obj
-    if isinstance(obj, tuple):
-        return tuple(_slice_batch(o, n, full) for o in obj)
-    if isinstance(obj, list):
-        return [_slice_batch(o, n, full) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _slice_batch(v, n, full) for k, v in obj.items()}
-    return obj
+    return _map_tensors(obj, lambda t: t[:n] if t.dim() and t.shape[0] == full else t)
 
 
 class _Recorder(nn.Module):

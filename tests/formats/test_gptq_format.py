@@ -51,7 +51,7 @@ def make_qw(
     g_idx = scheme.default_g_idx(K)
     if act_order:
         g_idx = g_idx[torch.randperm(K, generator=g)]
-    return QuantizedWeight(q, scales, zeros, g_idx.to(torch.int32), bits, group_size, sym)
+    return QuantizedWeight(scales, zeros, g_idx.to(torch.int32), bits, group_size, sym, q=q)
 
 
 def assert_same(a: QuantizedWeight, b: QuantizedWeight) -> None:
@@ -221,6 +221,8 @@ def test_atomic_output_dir_failure_leaves_nothing(tmp_path: Path) -> None:
         (d / "x").write_text("x")
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ValueError, match="disk space"), atomic_output_dir(out, expected_bytes=2**62):
+    with pytest.raises(ValueError, match="disk space"), atomic_output_dir(
+        out, expected_bytes=2**62
+    ):
         pass
     assert list(tmp_path.iterdir()) == []

@@ -70,7 +70,7 @@ class HessianStats:
 
 
 def _inverse_cholesky(H: Tensor, damp: float, name: str) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``; retries once with 10x damping."""
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``; one retry at 10x damp."""
     mean_diag = torch.mean(torch.diag(H)).item()
     for attempt, d in enumerate((damp, damp * 10)):
         Hd = H.clone()

@@ -109,20 +109,37 @@ class QuantArgs:
 
 
 @dataclass
-class QuantizedWeight:
-    """Integer codes and qparams of one Linear weight.
+class QuantState:
+    """The qparams of a quantized weight [N, K]: scales [N, G] float32 (fp16-representable),
+    integer zero points [N, G] (int32), and the group of each input column, g_idx [K] (int32).
 
-    q: [N, K] integer codes in [0, 2^bits - 1] (uint8); scales: [N, G] float32;
-    zeros: [N, G] integer zero points (int32); g_idx: [K] int32 group of each input column.
-    """
+    A quantized Linear keeps this beside its dense (dequantized) weight; the integer codes are
+    recovered from the weight when a writer needs them, exactly: for ``W = (q - z) * s`` in
+    float32, ``round(W / s) == q - z`` while ``|q - z| < 2^22``."""
 
-    q: Tensor
     scales: Tensor
     zeros: Tensor
     g_idx: Tensor
     bits: int
     group_size: int
     sym: bool
+
+    def codes(self, W: Tensor) -> QuantizedWeight:
+        """The integer form of the dense weight ``W``; refuses a weight that left the grid."""
+        g = self.g_idx.long()
+        scale, zero = self.scales.float()[:, g], self.zeros.float()[:, g]
+        q = (round_half_even(W.detach().float() / scale) + zero).clamp(0, 2**self.bits - 1)
+        qw = QuantizedWeight(**vars(self), q=q.to(torch.uint8))
+        if not torch.equal(qw.dequantize(), W.detach().float()):
+            raise ValueError("the weight is no longer on its quantization grid")
+        return qw
+
+
+@dataclass
+class QuantizedWeight(QuantState):
+    """Qparams plus the integer codes q: [N, K] in [0, 2^bits - 1] (uint8)."""
+
+    q: Tensor = None  # type: ignore[assignment]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -137,31 +154,6 @@ class QuantizedWeight:
     def state(self) -> QuantState:
         return QuantState(self.scales, self.zeros, self.g_idx, self.bits, self.group_size,
                           self.sym)
-
-
-@dataclass
-class QuantState:
-    """What a quantized Linear keeps beside its dense (dequantized) weight: the qparams. The
-    integer codes are recovered from the weight when a writer needs them, exactly: for
-    ``W = (q - z) * s`` in float32, ``round(W / s) == q - z`` while ``|q - z| < 2^22``."""
-
-    scales: Tensor
-    zeros: Tensor
-    g_idx: Tensor
-    bits: int
-    group_size: int
-    sym: bool
-
-    def codes(self, W: Tensor) -> QuantizedWeight:
-        """The integer form of the dense weight ``W``; refuses a weight that left the grid."""
-        g = self.g_idx.long()
-        scale, zero = self.scales.float()[:, g], self.zeros.float()[:, g]
-        q = round_half_even(W.detach().float() / scale) + zero
-        qw = QuantizedWeight(q.clamp(0, 2**self.bits - 1).to(torch.uint8), self.scales,
-                             self.zeros, self.g_idx, self.bits, self.group_size, self.sym)
-        if not torch.equal(qw.dequantize(), W.detach().float()):
-            raise ValueError("the weight is no longer on its quantization grid")
-        return qw
 
 
 def qparams_from_range(
