@@ -154,8 +154,9 @@ def compress(model: str, recipe_path: Path, **opts: Any) -> None:
 
 @cli.command()
 @click.argument("model")
-@click.option("--dataset", default="wikitext2-raw", show_default=True,
-              help="Evaluation text (the GPTQ protocol uses the raw Wikitext-2 test split)")
+@click.option("--dataset", default="wikitext2", show_default=True,
+              help="Evaluation text: wikitext2 is the raw Wikitext-2 test split of the GPTQ "
+                   "protocol (wiki.test.raw); or a .txt/.jsonl file or an HF dataset id")
 @click.option("--split", default="test", show_default=True, help="Split of the dataset")
 @click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per window")
 @click.option("--windows", type=int, default=None,
@@ -168,13 +169,15 @@ def evaluate(model: str, dataset: str, split: str, seqlen: int, windows: int | N
     """Perplexity of MODEL (an llmc output, HF directory or id, .gguf file or demo name)."""
     from llmc import api
     from llmc.calibration import load_rows
+    from llmc.eval.perplexity import EVAL_ALIASES
 
     _setup_logging(as_json)
     if seqlen < 2:
         raise ValueError("--seqlen must be at least 2")
     if windows is not None and windows < 1:
         raise ValueError("--windows must be at least 1")
-    load_rows(dataset, split)  # a missing data file fails before the model loads
+    # a missing data file fails before the model loads
+    load_rows(EVAL_ALIASES.get(dataset, dataset) if split == "test" else dataset, split)
     m, tok = api.load(model, trust_remote_code=trust_remote_code)
     if tok is None:
         raise ValueError(f"{model} has no tokenizer files")

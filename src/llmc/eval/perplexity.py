@@ -174,10 +174,16 @@ def _as_float(logits: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
+# Names that mean the protocol's evaluation text when evaluating the test split: for
+# calibration, "wikitext2" is the wikitext-2-v1 validation split; for evaluation on "test", the
+# raw test split (wiki.test.raw). Other splits keep the calibration meaning.
+EVAL_ALIASES = {"wikitext2": "wikitext2-raw"}
+
+
 def evaluate_text(
     model: nn.Module,
     tokenizer: Any,
-    dataset: str = "wikitext2-raw",
+    dataset: str = "wikitext2",
     split: str = "test",
     seqlen: int = 2048,
     windows: int | None = None,
@@ -190,8 +196,11 @@ def evaluate_text(
     """Perplexity on a dataset split: load_rows -> joined_text -> tokenize_text -> perplexity.
 
     The default is the protocol's evaluation text, the raw Wikitext-2 test split
-    (`wikitext-2-raw-v1`, wiki.test.raw). The result of `perplexity` gains "dataset" and "split".
+    (`wikitext-2-raw-v1`, wiki.test.raw); ``wikitext2`` names it here (``EVAL_ALIASES``). The
+    result of `perplexity` gains "dataset" and "split".
     """
+    if split == "test":
+        dataset = EVAL_ALIASES.get(dataset, dataset)
     rows = load_rows(dataset, split, text_column=text_column)
     ids = tokenize_text(tokenizer, joined_text(rows))
     logger.info("%s %s: %d rows, %d tokens", dataset, split, len(rows), ids.shape[1])
