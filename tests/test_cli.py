@@ -88,8 +88,8 @@ def test_methods_lists_arguments():
         (["quantize", "{model}", "--group-size", "4096", "-o", "{tmp}/o"], "group_size"),
         (["compress", "{model}", "--recipe", "{tmp}/missing.yaml", "-o", "{tmp}/o"],
          "recipe file not found"),
-        (["quantize", "{model}", "--group-size", "32", "--dataset", "{tmp}/nope.txt", "-o",
-          "{tmp}/o"], "nope.txt"),
+        (["quantize", "{model}", "--group-size", "32", "--seqlen", "32", "--dataset",
+          "{tmp}/nope.txt", "-o", "{tmp}/o"], "nope.txt"),
         (["evaluate", "{model}", "--windows", "100000", "--dataset", "{text}", "--seqlen", "64"],
          "windows"),
     ],
@@ -129,3 +129,16 @@ def test_round_trip_is_bit_exact(model_dir, text_file, tmp_path):
             assert torch.equal(qa.q, qb.q) and torch.equal(qa.scales, qb.scales), n
             assert torch.equal(qa.zeros, qb.zeros) and torch.equal(qa.g_idx, qb.g_idx), n
             assert torch.equal(a.weight, b.weight), n
+
+
+def test_calibration_longer_than_the_model_is_refused_before_loading(model_dir, tmp_path):
+    res = run("quantize", model_dir, "--group-size", 32, "--seqlen", 4096, "-o", tmp_path / "o",
+              ok=False)
+    assert "calibration.seqlen: 4096" in res.output and not (tmp_path / "o").exists()
+
+
+def test_quantized_input_is_refused(model_dir, text_file, tmp_path):
+    out = tmp_path / "q"
+    run("quantize", model_dir, "--method", "rtn", "--group-size", 32, "-o", out, "--quiet")
+    res = run("quantize", out, "--group-size", 32, "-o", tmp_path / "again", ok=False)
+    assert "already GPTQ-quantized" in res.output

@@ -72,3 +72,36 @@ def test_registry_lists_arguments():
     assert {"bits", "group_size", "sym", "act_order", "damp", "clip"} <= args
     with pytest.raises(ValueError, match="already registered"):
         METHODS.register("gptq", GPTQConfig, object)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"steps": [{"method": "gptq", "args": {"sym": "false"}}]}, "sym must be bool"),
+        ({"steps": [{"method": "gptq", "args": {"block_size": 64.0}}]}, "block_size must be int"),
+        ({"steps": [{"method": "rtn"}], "walker": {"batch_size": 2.5}}, "batch_size must be int"),
+        ({"steps": [{"method": "gptq", "args": {"bits": True}}]}, "bits must be int"),
+    ],
+)
+def test_argument_types_are_checked(data, match):
+    with pytest.raises(ValueError, match=match):
+        Recipe.from_dict(data)
+
+
+def test_gptq_writability_is_checked_before_work():
+    from llmc.formats.checkpoint import check_gptq_writable
+
+    with pytest.raises(ValueError, match="5-bit weights cannot be written"):
+        check_gptq_writable(Recipe.from_dict({"steps": [{"method": "gptq",
+                                                         "args": {"bits": 5}}]}))
+    mixed = {"steps": [{"method": "gptq", "targets": ["re:attn"]},
+                       {"method": "rtn", "targets": ["re:mlp"], "args": {"bits": 8}}]}
+    with pytest.raises(ValueError, match="several schemes"):
+        check_gptq_writable(Recipe.from_dict(mixed))
+
+
+def test_calibration_longer_than_positions():
+    r = Recipe.from_dict({"steps": [{"method": "gptq", "args": {"group_size": 32}}],
+                          "calibration": {"seqlen": 4096}})
+    with pytest.raises(ValueError, match="calibration.seqlen: 4096 is longer"):
+        r.check_seqlen(tiny_config("llama"))

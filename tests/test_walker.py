@@ -137,3 +137,35 @@ def test_interrupt_in_a_chunk_thread_propagates():
     model.model.layers[0].mlp.register_forward_pre_hook(boom)
     with pytest.raises(KeyboardInterrupt):
         llmc.compress(model, recipe(batch=2), calibration=x, progress=False)
+
+
+def test_non_float32_blocks_are_refused():
+    model = tiny_model("llama").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        llmc.compress(model, recipe(), calibration=calib_ids(4, 16), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["opt", "qwen2"])
+def test_save_load_with_biases_is_exact(arch, tmp_path):
+    """OPT and Qwen2 Linears carry biases: the checkpoint reproduces the logits exactly."""
+    x = calib_ids(4, 16)
+    model, _ = llmc.compress(tiny_model(arch), recipe(), calibration=x, progress=False)
+    llmc.save(model, tmp_path / "m")
+    back, _ = llmc.load(tmp_path / "m")
+    torch.testing.assert_close(back(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_partial_quantization_names_the_quantized_modules(tmp_path):
+    import json
+
+    r = {"steps": [{"method": "gptq", "targets": ["re:self_attn"], "args": {"group_size": 32}}],
+         "walker": {"dtype": "float32"}}
+    model, _ = llmc.compress(tiny_model("llama"), r, calibration=calib_ids(4, 16),
+                             progress=False)
+    llmc.save(model, tmp_path / "m")
+    q = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
+    assert q["modules_in_block_to_quantize"] == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]
+    back, _ = llmc.load(tmp_path / "m")
+    up, up_back = model.model.layers[0].mlp.up_proj, back.model.layers[0].mlp.up_proj
+    assert torch.equal(up_back.weight, up.weight)

@@ -71,10 +71,19 @@ def compress(
     recipe = Recipe.coerce(recipe)
     adapter = get_adapter(model.config)
     recipe.check_model(model.config)
+    dtypes = {p.dtype for b in adapter.get_blocks(model) for p in b.parameters()}
+    if dtypes != {torch.float32}:
+        raise ValueError(
+            f"compress() needs the blocks in float32 (found {sorted(map(str, dtypes))}): the "
+            "quantized weights are kept dense and exact on their grid until export; load the "
+            "model with dtype=torch.float32 (block forwards still run in the walker's dtype)"
+        )
+    model.eval()
     steps = [(i, s, s.compressor()) for i, s in enumerate(recipe.steps)]
     windows, calib_info = None, {}
     if recipe.needs_calibration:
         windows, calib_info = _windows(tokenizer, calibration, recipe)
+        recipe.check_seqlen(model.config, windows.shape[1])
     t = time.perf_counter()
     walker = LayerWalker(model, adapter, steps, recipe.walker, progress=progress)
     walk = walker.run(windows)

@@ -56,7 +56,7 @@ def _errors(f):
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return f(*args, **kwargs)
-        except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as e:
+        except (ValueError, OSError, ImportError) as e:
             raise click.ClickException(
                 str(e).splitlines()[0] if str(e) else type(e).__name__
             ) from None
@@ -82,15 +82,21 @@ def _run(model_name: str, recipe, opts: dict[str, Any]) -> None:
     """Validate everything that needs no weights, then load, compress and save."""
     from llmc import api
     from llmc.calibration import load_rows
+    from llmc.formats.checkpoint import check_gptq_writable, is_gptq_checkpoint
     from llmc.models import load_config, load_model
 
     out: Path = opts["output"]
-    if out.exists() and not opts["overwrite"]:
+    if out.exists() and not opts["overwrite"] and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    if Path(model_name).is_dir() and is_gptq_checkpoint(Path(model_name)):
+        raise ValueError(f"{model_name} is already GPTQ-quantized; compress the original model")
+    check_gptq_writable(recipe)
     config = load_config(model_name, opts["trust_remote_code"])
     recipe.check_model(config)
-    if recipe.needs_calibration:
-        load_rows(recipe.calibration.dataset, recipe.calibration.split)  # fail before loading
+    recipe.check_seqlen(config)
+    cal = recipe.calibration
+    if recipe.needs_calibration:  # a missing data file fails before the model loads
+        load_rows(cal.dataset, cal.split, text_column=cal.text_column)
     model, tok = load_model(model_name, trust_remote_code=opts["trust_remote_code"])
     model, report = api.compress(model, recipe, tokenizer=tok, progress=not opts["quiet"])
     api.save(model, out, tokenizer=tok, report=report, overwrite=opts["overwrite"])

@@ -17,6 +17,7 @@ import yaml
 
 from llmc.calibration import CalibrationConfig
 from llmc.compressors import METHODS
+from llmc.registry import check_types
 from llmc.walker import WalkerConfig
 
 DEFAULT_TARGETS = ("re:.*",)
@@ -94,6 +95,7 @@ def _build(cls: type, data: Any, where: str):
     unknown = sorted(set(data) - set(valid))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    check_types(cls, data, where)
     try:
         return cls(**data)
     except (TypeError, ValueError) as e:
@@ -190,6 +192,16 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         return any(s.compressor().needs_calibration for s in self.steps)
+
+    def check_seqlen(self, config, seqlen: int | None = None) -> None:
+        """Calibration windows must fit the model's positions (OPT's are learned)."""
+        seqlen = seqlen or self.calibration.seqlen
+        max_pos = getattr(config, "max_position_embeddings", None)
+        if self.needs_calibration and max_pos and seqlen > max_pos:
+            raise ValueError(
+                f"calibration.seqlen: {seqlen} is longer than the model's {max_pos} positions; "
+                f"use at most {max_pos}"
+            )
 
     def check_model(self, config) -> None:
         """Shape checks from the model config alone (weights stay on disk): every step targets

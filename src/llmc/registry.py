@@ -38,10 +38,30 @@ class Entry(Generic[T]):
                 f"{where}: unknown argument(s) {', '.join(unknown)} for method '{self.name}'; "
                 f"valid arguments: {', '.join(valid)}"
             )
+        check_types(self.config_cls, args, f"{where} of method '{self.name}'")
         try:
             return self.config_cls(**args)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where} of method '{self.name}': {e}") from None
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_types(cls: type, values: dict[str, Any], where: str) -> None:
+    """Refuse values whose type does not match a dataclass field annotated int, float, bool or
+    str (YAML ``sym: "false"`` is a string, not False; ``batch_size: 2.5`` is not an int)."""
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        allowed = _TYPES.get(type_name)
+        if not allowed:
+            continue
+        v = values[f.name]
+        wrong = not isinstance(v, allowed) or (bool not in allowed and isinstance(v, bool))
+        if wrong:
+            raise ValueError(f"{where}: {f.name} must be {type_name}, got {v!r}")
 
 
 class Registry(Generic[T]):

@@ -98,27 +98,31 @@ def _cast(obj: Any, dtype: torch.dtype, device: torch.device) -> Any:
     )
 
 
-def _slice_batch(obj: Any, n: int, full: int) -> Any:
-    """Kwargs captured for a chunk of ``full`` windows, cut to a last chunk of ``n``."""
-    if n == full or full == 1:
-        return obj
-    return _map_tensors(obj, lambda t: t[:n] if t.dim() and t.shape[0] == full else t)
-
-
 class _Recorder(nn.Module):
+    """Stands in for block ``index`` during capture: block 0's recorder writes the chunk's
+    hidden states into the cache; every recorder keeps its block's arguments once per chunk
+    size; the last one ends the forward before the final norm and the head."""
+
     def __init__(self, index: int, sink: dict) -> None:
         super().__init__()
         self.index = index
         self.sink = sink
 
     def forward(self, hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        sink = self.sink
+        n = hidden.shape[0]
         if self.index == 0:
-            self.sink["hidden"].append(hidden.detach().to("cpu"))
-        if self.sink["record_kwargs"]:
+            if sink["cache"] is None:
+                sink["cache"] = torch.empty(sink["samples"], *hidden.shape[1:],
+                                            dtype=sink["dtype"])
+            sink["cache"][sink["start"] : sink["start"] + n] = hidden.detach().to("cpu")
+        if n not in sink["kwargs"][self.index]:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
-            self.sink["kwargs"][self.index] = (args, kwargs)
-        if self.index == self.sink["last"] or not self.sink["record_kwargs"]:
-            raise _Stop  # never run the final norm and the head
+            sink["kwargs"][self.index][n] = (args, kwargs)
+        elif self.index == 0:
+            raise _Stop  # arguments of this chunk size are known: only block 0's input needed
+        if self.index == sink["last"]:
+            raise _Stop
         return hidden
 
 
@@ -127,7 +131,9 @@ class _Lockstep:
     reaches :meth:`barrier` pauses; when every chunk has paused there, the barrier's action runs
     once and the chunks resume in order. Greenlets, not threads: every torch op stays on the
     calling thread and its OpenMP pool (worker threads made each op about 2x slower here), and
-    an exception, KeyboardInterrupt included, surfaces in the caller."""
+    an exception, KeyboardInterrupt included, surfaces in the caller. Thread-local torch state
+    (grad mode, autocast) is shared by the chunks: a context entered inside a block's forward
+    around a barrier would leak to the other chunks; the supported blocks enter none."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -177,31 +183,31 @@ class LayerWalker:
         self.report = WalkReport()
 
     # -- capture -------------------------------------------------------------------------
-    def capture(self, windows: Tensor) -> tuple[Tensor, list[tuple[tuple, dict]]]:
-        """Block-0 inputs for all windows ([S, T, d], forward dtype, CPU) and each block's
-        positional/keyword arguments for a chunk of ``batch_size`` windows."""
+    def capture(self, windows: Tensor) -> tuple[Tensor, list[dict[int, tuple[tuple, dict]]]]:
+        """Block-0 inputs for all windows ([S, T, d] in the forward dtype, CPU) and, for each
+        block, its positional/keyword arguments per chunk size."""
         blocks = self.adapter.get_blocks(self.model)
         originals = list(blocks)
-        sink: dict[str, Any] = {"hidden": [], "kwargs": {}, "record_kwargs": True,
-                                "last": len(blocks) - 1}
+        S = windows.shape[0]
+        sink: dict[str, Any] = {"cache": None, "samples": S, "dtype": self.config.torch_dtype,
+                                "start": 0, "last": len(blocks) - 1,
+                                "kwargs": [{} for _ in blocks]}
         bs = self.config.batch_size
         try:
-            for i, r in enumerate(_Recorder(i, sink) for i in range(len(blocks))):
-                blocks[i] = r
+            for i in range(len(blocks)):
+                blocks[i] = _Recorder(i, sink)
             with torch.no_grad():
-                for start in range(0, windows.shape[0], bs):
-                    chunk = windows[start : start + bs].to(self.device)
-                    sink["record_kwargs"] = start == 0
+                for start in range(0, S, bs):
+                    sink["start"] = start
                     try:
-                        self.model(input_ids=chunk, use_cache=False)
+                        self.model(input_ids=windows[start : start + bs].to(self.device),
+                                   use_cache=False)
                     except _Stop:
                         pass
         finally:
             for i, b in enumerate(originals):
                 blocks[i] = b
-        hidden = torch.cat(sink["hidden"]).to(self.config.torch_dtype)
-        kwargs = [sink["kwargs"][i] for i in range(len(blocks))]
-        return hidden, kwargs
+        return sink["cache"], sink["kwargs"]
 
     # -- per block -------------------------------------------------------------------------
     def _groups(self, block_index: int, linears: dict[str, nn.Linear]) -> list[list[str]]:
@@ -248,7 +254,8 @@ class LayerWalker:
         return stats
 
     def run_block(
-        self, block_index: int, block: nn.Module, hidden: Tensor, args: tuple, kwargs: dict
+        self, block_index: int, block: nn.Module, hidden: Tensor,
+        block_args: dict[int, tuple[tuple, dict]],
     ) -> Tensor:
         """Compress one block; returns its outputs on the compressed weights."""
         masters = block_linears(block)
@@ -264,16 +271,15 @@ class LayerWalker:
         )
         bs = self.config.batch_size
         n_chunks = -(-hidden.shape[0] // bs)
-        args = _cast(args, dtype, self.device)
-        kwargs = _cast(kwargs, dtype, self.device)
+        block_args = _cast(block_args, dtype, self.device)  # chunk size -> (args, kwargs)
         done: set[int] = set()
         lockstep = _Lockstep(n_chunks)
 
         def forward_chunk(c: int, store: bool = True) -> None:
             x = hidden[c * bs : (c + 1) * bs]
             n = x.shape[0]
-            out = fwd(x.to(self.device), *_slice_batch(args, n, bs),
-                      **_slice_batch(kwargs, n, bs))
+            args, kwargs = block_args[n]
+            out = fwd(x.to(self.device), *args, **kwargs)
             if store:
                 # Chunk c's inputs are dead once its forward returned: its outputs replace them.
                 hidden[c * bs : c * bs + n] = _first_tensor(out).to("cpu", hidden.dtype)
@@ -360,8 +366,7 @@ class LayerWalker:
         blocks = self.adapter.get_blocks(self.model)
         for b, block in enumerate(self._bar(blocks)):
             t = time.perf_counter()
-            args, kwargs = block_args[b]
-            hidden = self.run_block(b, block, hidden, args, kwargs)
+            hidden = self.run_block(b, block, hidden, block_args[b])
             self.report.blocks.append({"block": b, "seconds": time.perf_counter() - t})
         del hidden
         return self.report

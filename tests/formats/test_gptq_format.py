@@ -84,7 +84,7 @@ def test_tensor_round_trip(N, K, bits, group_size, sym, act_order) -> None:
     assert t["m.proj.qweight"].shape == (math.ceil(K * bits / 32), N)
     assert t["m.proj.qzeros"].shape == (G, math.ceil(N * bits / 32))
     assert t["m.proj.scales"].shape == (G, N) and t["m.proj.scales"].dtype == torch.float16
-    assert t["m.proj.g_idx"].dtype == torch.int32 and t["m.proj.bias"].dtype == torch.float16
+    assert t["m.proj.g_idx"].dtype == torch.int32 and t["m.proj.bias"].dtype == bias.dtype
     assert all(v.dtype == torch.int32 for k, v in t.items() if k.endswith(("qweight", "qzeros")))
     back = read_gptq_tensors(t, "m.proj", bits, group_size, sym, fmt, K, N)
     assert_same(qw, back)
@@ -179,7 +179,7 @@ def test_checkpoint_round_trip(tmp_path: Path, max_shard_bytes: int, caplog) -> 
         back = read_gptq_tensors(tensors, name, 4, 128, True, "gptq", K, N)
         assert_same(qw, back)
         if bias is not None:
-            assert torch.equal(tensors[f"{name}.bias"], bias.half())
+            assert torch.equal(tensors[f"{name}.bias"], bias)
 
 
 def test_checkpoint_untied_shared_storage_is_cloned(tmp_path: Path) -> None:

@@ -31,6 +31,42 @@ def _act_order(model: nn.Module) -> str:
     return orders[-1] if orders else "none"
 
 
+def check_gptq_writable(recipe: Any) -> None:
+    """Refuse, before any work, a recipe whose result one GPTQ checkpoint cannot hold: widths
+    the engines do not load, or several (bits, group_size, sym) schemes."""
+    from llmc.formats.gptq import ENGINE_BITS
+
+    schemes = {}
+    for i, step in enumerate(recipe.steps):
+        c = step.config
+        if not hasattr(c, "bits"):
+            continue
+        if c.bits not in ENGINE_BITS:
+            raise ValueError(
+                f"steps[{i}].args.bits: {c.bits}-bit weights cannot be written as a GPTQ "
+                f"checkpoint (engines load {', '.join(map(str, ENGINE_BITS))} bits)"
+            )
+        schemes[(c.bits, c.group_size, c.sym)] = i
+    if len(schemes) > 1:
+        raise ValueError(
+            f"the recipe quantizes with several schemes {sorted(schemes)}; a GPTQ checkpoint "
+            "holds one (bits, group_size, sym)"
+        )
+
+
+def _modules_in_block(model: nn.Module, quant: dict[str, nn.Module]) -> list[list[str]] | None:
+    """GPTQModel's ``modules_in_block_to_quantize`` when only some block Linears are quantized
+    (engines then keep the others dense); None when all are."""
+    from llmc.models import block_linears, get_adapter
+
+    adapter = get_adapter(model.config)
+    prefix = adapter.blocks + "."
+    rel = {n[len(prefix):].split(".", 1)[1] for n in quant if n.startswith(prefix)}
+    if rel == set(block_linears(adapter.get_blocks(model)[0])):
+        return None
+    return [[n for n in g if n in rel] for g in adapter.groups if any(n in rel for n in g)]
+
+
 def _config_dict(model: nn.Module) -> dict[str, Any]:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
@@ -48,7 +84,7 @@ def write_model(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2_000_00
         save_sharded_safetensors(out_dir, _plain_tensors(state, config), max_shard_bytes)
         save_json(out_dir / "config.json", config)
         return
-    quantized = {n: (m.llmc_quant.codes(m.weight), m.bias) for n, m in quant.items()}
+    quantized = {n: (m.llmc_quant.codes(m.weight, n), m.bias) for n, m in quant.items()}
     qws = [qw for qw, _ in quantized.values()]
     schemes = {(q.bits, q.group_size, q.sym) for q in qws}
     if len(schemes) > 1:
@@ -61,6 +97,7 @@ def write_model(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2_000_00
     qconfig = quantization_config(
         bits, group_size, sym, desc_act=act_order != "none",
         static_groups=act_order == "static", checkpoint_format=choose_checkpoint_format(qws),
+        modules_in_block_to_quantize=_modules_in_block(model, quant),
     )
     write_gptq_checkpoint(out_dir, state, quantized, config, qconfig, max_shard_bytes)
 

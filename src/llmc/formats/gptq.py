@@ -6,7 +6,7 @@ Per quantized Linear ``{prefix}`` with weight [N, K] (out, in), ``G`` groups:
     qzeros   int32   [G, ceil(N*bits/32)]  zero points packed along N; minus one in "gptq" (v1)
     scales   float16 [G, N]
     g_idx    int32   [K]                   group of each input column (act order permutes it)
-    bias     float16 [N]                   when the Linear has one
+    bias     [N], the Linear's dtype      when the Linear has one
 
 v1 (``checkpoint_format: "gptq"``) stores ``zero - 1``, so a zero point of 0 (asymmetric
 quantization) cannot be stored; ``gptq_v2`` stores zeros as they are. Packing follows
@@ -93,7 +93,8 @@ def gptq_tensors(
         f"{prefix}.g_idx": qw.g_idx.to(torch.int32).contiguous(),
     }
     if bias is not None:
-        out[f"{prefix}.bias"] = bias.detach().to(torch.float16).contiguous()
+        # kept at its own dtype: the round trip stays exact; engines cast on load
+        out[f"{prefix}.bias"] = bias.detach().contiguous()
     return out
 
 

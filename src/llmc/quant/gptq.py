@@ -48,6 +48,8 @@ class HessianStats:
         n = x.shape[0]
         K = x.shape[1]
         bounds = [K * i // self._blocks for i in range(self._blocks + 1)]
+        if self._upper.device != x.device:
+            self._upper = self._upper.to(x.device)
         for r in range(0, n, self.chunk):
             xs = x[r : r + self.chunk].float()
             for a, b in zip(bounds[:-1], bounds[1:]):
@@ -71,6 +73,11 @@ class HessianStats:
 
 def _inverse_cholesky(H: Tensor, damp: float, name: str) -> tuple[Tensor, float]:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``; one retry at 10x damp."""
+    if not torch.isfinite(H).all():
+        raise ValueError(
+            f"{name}: the Hessian has inf/NaN entries (activations overflowed); calibrate with "
+            "walker dtype float32 (--dtype float32)"
+        )
     mean_diag = torch.mean(torch.diag(H)).item()
     for attempt, d in enumerate((damp, damp * 10)):
         Hd = H.clone()
@@ -114,7 +121,7 @@ def gptq_quantize(
     if act_order not in ACT_ORDERS:
         raise ValueError(f"act_order: {act_order!r} is not one of {', '.join(ACT_ORDERS)}")
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
+    H = H.detach().float().to(W.device).clone()
     N, K = W.shape
     width = scheme.group_width(K)
     per_channel = scheme.group_size == -1
@@ -138,16 +145,16 @@ def gptq_quantize(
         importance = importance[perm]
     if not per_channel and act_order != "static":
         G = scheme.num_groups(K)
-        scales = torch.zeros(N, G)
-        zeros = torch.zeros(N, G)
+        scales = torch.zeros(N, G, device=W.device)
+        zeros = torch.zeros(N, G, device=W.device)
 
     Hinv, _ = _inverse_cholesky(H, damp, name)
     del H
-    g_perm = (torch.arange(K) // width) if not per_channel else torch.zeros(K, dtype=torch.long)
+    g_perm = torch.arange(K, device=W.device) // width
     if act_order == "static" and not per_channel:
         orig_groups = perm // width  # group (original order) of each permuted column
         col_scale, col_zero = scales[:, orig_groups], zeros[:, orig_groups]
-    Q = torch.zeros(N, K)
+    Q = torch.zeros(N, K, device=W.device)
 
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
@@ -167,7 +174,7 @@ def gptq_quantize(
                 if i % width == 0:
                     # Group starting here: qparams from the updated weights of its columns;
                     # columns of later blocks have received the updates of earlier blocks only.
-                    cols = torch.cat([W1[:, j:], W[:, i2:]], dim=1)[:, : width]
+                    cols = torch.cat([W1[:, j : j + width], W[:, i2 : i + width]], dim=1)
                     imp = importance[i : i + cols.shape[1]]
                     g = i // width
                     scales[:, g], zeros[:, g] = find_qparams(cols, scheme, clip, imp)
@@ -183,7 +190,7 @@ def gptq_quantize(
     if perm is not None:
         inv = torch.argsort(perm)
         Q = Q[:, inv]
-        g_idx = g_perm[inv] if act_order == "dynamic" else scheme.default_g_idx(K)
+        g_idx = g_perm[inv].cpu() if act_order == "dynamic" else scheme.default_g_idx(K)
     else:
         g_idx = scheme.default_g_idx(K)
     if per_channel:

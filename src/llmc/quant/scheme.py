@@ -124,14 +124,17 @@ class QuantState:
     group_size: int
     sym: bool
 
-    def codes(self, W: Tensor) -> QuantizedWeight:
+    def codes(self, W: Tensor, name: str = "weight") -> QuantizedWeight:
         """The integer form of the dense weight ``W``; refuses a weight that left the grid."""
         g = self.g_idx.long()
         scale, zero = self.scales.float()[:, g], self.zeros.float()[:, g]
         q = (round_half_even(W.detach().float() / scale) + zero).clamp(0, 2**self.bits - 1)
         qw = QuantizedWeight(**vars(self), q=q.to(torch.uint8))
         if not torch.equal(qw.dequantize(), W.detach().float()):
-            raise ValueError("the weight is no longer on its quantization grid")
+            raise ValueError(
+                f"{name}: the weight is no longer on its quantization grid (was it cast to a "
+                "lower precision or modified after compression?)"
+            )
         return qw
 
 
@@ -217,7 +220,7 @@ def find_qparams(
     scale, zero = qparams_from_range(xmin, xmax, scheme)
     if clip is None:
         return scale, zero
-    steps = int(clip.max_shrink * clip.grid)
+    steps = max(int(clip.max_shrink * clip.grid), 1)
     best = torch.full_like(scale, float("inf"))
     best_i = torch.zeros_like(scale, dtype=torch.long)
 
