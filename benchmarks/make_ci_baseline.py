@@ -45,8 +45,7 @@ def main() -> None:
     ev = BASELINE["evaluation"]
     ids = tokenize_text(tok, joined_text(load_rows(ev["dataset"], ev["split"])))
     cal = BASELINE["calibration"]
-    windows = calibration_windows(tok, CalibrationConfig(
-        samples=cal["samples"], seqlen=cal["seqlen"], seed=cal["seed"]))
+    windows = calibration_windows(tok, CalibrationConfig(**cal))
     out = dict(BASELINE)
     for key in ("fp", "rtn", "gptq"):
         m = model

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from quant_table import PeakRSS
 
 import llmc
 from llmc.calibration import CalibrationConfig, TokenSource, calibration_windows, heldout_windows
+from llmc.eval.perplexity import perplexity
 from llmc.models import load_model
 
 OUT = Path(__file__).parent / "results" / "tune_gptq.json"
@@ -33,14 +33,9 @@ CANDIDATES = {
 
 
 def heldout_ppl(model, windows: torch.Tensor) -> float:
-    nll = []
-    with torch.inference_mode():
-        for w in windows.split(4):
-            logits = model(w).logits[:, :-1].float()
-            nll.append(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="none"
-            ).view(w.shape[0], -1).mean(1))
-    return math.exp(torch.cat(nll).mean().item())
+    """The held-out windows laid end to end and cut back into the same windows."""
+    ids = windows.reshape(1, -1)
+    return perplexity(model, ids, seqlen=windows.shape[1])["perplexity"]
 
 
 def main() -> None:

@@ -38,10 +38,9 @@ def smollm2():
     from llmc.models import load_model
 
     model, tok = load_model("smollm2-135m")
-    test_ids = tokenize_text(tok, joined_text(load_rows("wikitext2-raw", "test")))
-    cal = BASELINE["calibration"]
-    calib = calibration_windows(tok, CalibrationConfig(samples=cal["samples"],
-                                                       seqlen=cal["seqlen"], seed=cal["seed"]))
+    ev, cal = BASELINE["evaluation"], BASELINE["calibration"]
+    test_ids = tokenize_text(tok, joined_text(load_rows(ev["dataset"], ev["split"])))
+    calib = calibration_windows(tok, CalibrationConfig(**cal))
     return model, tok, test_ids, calib
 
 
