@@ -8,6 +8,7 @@ JSON with the same protocol are kept (FP is computed once).
 
     python benchmarks/quant_table.py                      # every row
     python benchmarks/quant_table.py --rows fp gptq-w4g64 # some rows
+    python benchmarks/quant_table.py --redo gptq-w4g64    # recompute a row
 
 Each row runs in a fresh process (so that no row inherits another's heap). Per row: perplexity,
 ``compress()`` wall time (model load and evaluation excluded) and the peak RSS growth during
@@ -154,6 +155,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--name", default="quant_table")
     ap.add_argument("--fresh", action="store_true", help="Recompute rows already in the JSON")
+    ap.add_argument("--redo", nargs="*", default=[], choices=list(ROWS),
+                    help="Recompute these rows even if they are in the JSON")
     ap.add_argument("--one", choices=list(ROWS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:  # child process: the row as JSON on the last line
@@ -174,7 +177,7 @@ def main() -> None:
                    machine=f"{platform.processor() or platform.machine()}, "
                            f"{os.cpu_count()} CPUs, torch {torch.__version__}")
     for key in args.rows:
-        if key in results["rows"]:
+        if key in results["rows"] and key not in args.redo:
             print(f"{key}: kept {results['rows'][key]['perplexity']:.3f}", flush=True)
             continue
         cmd = [sys.executable, __file__, "--one", key, "--samples", str(args.samples),
