@@ -175,7 +175,7 @@ def evaluate(model: str, dataset: str, split: str, seqlen: int, windows: int | N
     """Perplexity of MODEL (an llmc output, HF directory or id, .gguf file or demo name)."""
     from llmc import api
     from llmc.calibration import load_rows
-    from llmc.eval.perplexity import EVAL_ALIASES
+    from llmc.eval.perplexity import eval_dataset
 
     _setup_logging(as_json)
     if seqlen < 2:
@@ -183,7 +183,7 @@ def evaluate(model: str, dataset: str, split: str, seqlen: int, windows: int | N
     if windows is not None and windows < 1:
         raise ValueError("--windows must be at least 1")
     # a missing data file fails before the model loads
-    load_rows(EVAL_ALIASES.get(dataset, dataset) if split == "test" else dataset, split)
+    load_rows(eval_dataset(dataset, split), split)
     m, tok = api.load(model, trust_remote_code=trust_remote_code)
     if tok is None:
         raise ValueError(f"{model} has no tokenizer files")

@@ -17,7 +17,7 @@ import yaml
 
 from llmc.calibration import CalibrationConfig
 from llmc.compressors import METHODS
-from llmc.registry import check_types
+from llmc.registry import build_dataclass
 from llmc.walker import WalkerConfig
 
 DEFAULT_TARGETS = ("re:.*",)
@@ -91,15 +91,7 @@ def _build(cls: type, data: Any, where: str):
         return data
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    check_types(cls, data, where)
-    try:
-        return cls(**data)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from None
+    return build_dataclass(cls, data, where)
 
 
 @dataclass(frozen=True)

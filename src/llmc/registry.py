@@ -31,18 +31,7 @@ class Entry(Generic[T]):
 
     def make_config(self, args: dict[str, Any], where: str = "args") -> Any:
         """Build the frozen config from a recipe's ``args``; unknown keys name the valid ones."""
-        valid = [f.name for f in dataclasses.fields(self.config_cls)]
-        unknown = sorted(set(args) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown argument(s) {', '.join(unknown)} for method '{self.name}'; "
-                f"valid arguments: {', '.join(valid)}"
-            )
-        check_types(self.config_cls, args, f"{where} of method '{self.name}'")
-        try:
-            return self.config_cls(**args)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where} of method '{self.name}': {e}") from None
+        return build_dataclass(self.config_cls, args, f"{where} of method '{self.name}'")
 
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
@@ -62,6 +51,20 @@ def check_types(cls: type, values: dict[str, Any], where: str) -> None:
         wrong = not isinstance(v, allowed) or (bool not in allowed and isinstance(v, bool))
         if wrong:
             raise ValueError(f"{where}: {f.name} must be {type_name}, got {v!r}")
+
+
+def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
+    """``cls(**values)`` with every user error as a ValueError that starts with ``where``:
+    unknown keys (naming the valid ones), wrong types, and the class's own checks."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    check_types(cls, values, where)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 class Registry(Generic[T]):

@@ -180,6 +180,11 @@ def _as_float(logits: torch.Tensor) -> torch.Tensor:
 EVAL_ALIASES = {"wikitext2": "wikitext2-raw"}
 
 
+def eval_dataset(dataset: str, split: str) -> str:
+    """The dataset name :func:`evaluate_text` reads for ``dataset`` and ``split``."""
+    return EVAL_ALIASES.get(dataset, dataset) if split == "test" else dataset
+
+
 def evaluate_text(
     model: nn.Module,
     tokenizer: Any,
@@ -199,8 +204,7 @@ def evaluate_text(
     (`wikitext-2-raw-v1`, wiki.test.raw); ``wikitext2`` names it here (``EVAL_ALIASES``). The
     result of `perplexity` gains "dataset" and "split".
     """
-    if split == "test":
-        dataset = EVAL_ALIASES.get(dataset, dataset)
+    dataset = eval_dataset(dataset, split)
     rows = load_rows(dataset, split, text_column=text_column)
     ids = tokenize_text(tokenizer, joined_text(rows))
     logger.info("%s %s: %d rows, %d tokens", dataset, split, len(rows), ids.shape[1])

@@ -40,19 +40,20 @@ class HessianStats:
         self._H: Tensor | None = None
         self.nsamples = 0
         self.chunk = chunk
-        k = in_features
-        self._blocks = 4 if k >= 1024 else 2 if k >= 512 else 1
+        blocks = 4 if in_features >= 1024 else 2 if in_features >= 512 else 1
+        # column blocks [a, b) whose rows [a, b) x columns [a, K) make up the upper triangle
+        self._spans = [
+            (in_features * i // blocks, in_features * (i + 1) // blocks) for i in range(blocks)
+        ]
 
     def add_batch(self, inp: Tensor) -> None:
         x = inp.detach().reshape(-1, inp.shape[-1])
         n = x.shape[0]
-        K = x.shape[1]
-        bounds = [K * i // self._blocks for i in range(self._blocks + 1)]
         if self._upper.device != x.device:
             self._upper = self._upper.to(x.device)
         for r in range(0, n, self.chunk):
             xs = x[r : r + self.chunk].float()
-            for a, b in zip(bounds[:-1], bounds[1:]):
+            for a, b in self._spans:
                 self._upper[a:b, a:].addmm_(xs[:, a:b].T, xs[:, a:])
         self.nsamples += n
         self._H = None
@@ -61,10 +62,8 @@ class HessianStats:
     def H(self) -> Tensor:
         """The full symmetric [K, K] Hessian."""
         if self._H is None:
-            K = self._upper.shape[0]
-            bounds = [K * i // self._blocks for i in range(self._blocks + 1)]
             H = self._upper * (2.0 / max(self.nsamples, 1))
-            for a, b in zip(bounds[:-1], bounds[1:]):
+            for a, b in self._spans:
                 H[b:, a:b] = H[a:b, b:].T
                 H[a:b, a:b] = torch.triu(H[a:b, a:b]) + torch.triu(H[a:b, a:b], 1).T
             self._H = H
