@@ -26,11 +26,13 @@ RECIPE_FILE = "recipe.yaml"
 
 @dataclass
 class CompressionReport:
-    """What ``compress`` did: per-layer relative output error, time per block, totals."""
+    """What ``compress`` did: per-layer relative output error, time per block, what each block
+    transform chose (AWQ: per pair the exponent and the losses), totals."""
 
     recipe: dict[str, Any]
     layers: list[dict[str, Any]] = field(default_factory=list)
     blocks: list[dict[str, Any]] = field(default_factory=list)
+    transforms: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     capture_seconds: float = 0.0
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +93,7 @@ def compress(
         recipe=recipe.to_dict(),
         layers=[asdict(r) for r in walk.layers],
         blocks=walk.blocks,
+        transforms=walk.transforms,
         seconds=time.perf_counter() - t,
         capture_seconds=walk.capture_seconds,
         calibration=calib_info,

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
+from llmc.quant.awq import AWQ, AWQConfig
 from llmc.quant.gptq import GPTQConfig, HessianStats, gptq_quantize
 from llmc.quant.rtn import RTNConfig, rtn_quantize
 from llmc.quant.scheme import QuantizedWeight, output_error
@@ -44,6 +45,20 @@ class LinearCompressor(Protocol):
     def new_stats(self, in_features: int) -> Stats | None: ...
 
     def compress(self, name: str, weight: Tensor, stats: Stats | None) -> CompressResult: ...
+
+
+class BlockTransform(Protocol):
+    """A step that rewrites a whole block from its cached inputs (AWQ's scales): ``transform``
+    gets the walker's :class:`~llmc.walker.BlockContext` and the step, changes the block's
+    float32 weights (the function it computes may change only as the method intends) and
+    returns a JSON-able record for the report. ``check_model`` refuses an architecture or
+    config before anything loads."""
+
+    needs_calibration: bool
+
+    def check_model(self, config: Any, adapter: Any) -> None: ...
+
+    def transform(self, ctx: Any, step: Any) -> dict[str, Any]: ...
 
 
 class RTN:
@@ -98,3 +113,8 @@ class GPTQ:
 METHODS: Registry[type] = Registry("method")
 METHODS.register("rtn", RTNConfig, RTN, "round-to-nearest weight quantization (no data)")
 METHODS.register("gptq", GPTQConfig, GPTQ, "GPTQ weight quantization (Frantar et al. 2022)")
+METHODS.register("awq", AWQConfig, AWQ,
+                 "AWQ activation-aware scales, then clipping (Lin et al. 2024); a quantizer step "
+                 "follows (rtn when the recipe has none)")
+
+QUANTIZERS = ("rtn", "gptq")

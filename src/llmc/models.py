@@ -99,10 +99,25 @@ def load_model(
 
 
 @dataclass(frozen=True)
+class ScalePair:
+    """An AWQ scaling pair: the output channels of ``prev`` (a norm or a Linear) are divided by
+    scales that the ``linears`` it feeds multiply into their input columns. The search measures
+    the output of ``inspect`` (a module containing the linears), or ``tr(dW H dW^T)`` of the
+    linears when it is None."""
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str | None = None
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Where an architecture keeps its parts. ``groups`` lists the Linears of a block (names
     relative to the block) in execution order, those that read the same input together: the
-    true-sequential stages of GPTQ."""
+    true-sequential stages of GPTQ. ``tail`` is the last Linear of a block when its output is
+    added straight onto the residual stream and nothing follows (``h = residual + tail(x)``):
+    the walker then needs to hold only that Linear's inputs, not every chunk's call stack,
+    while it compresses it."""
 
     name: str
     blocks: str
@@ -110,6 +125,25 @@ class Adapter:
     norm: str
     head: str
     groups: tuple[tuple[str, ...], ...]
+    tail: str | None = None
+    scale_pairs: tuple[ScalePair, ...] = ()
+    norm_offset: float = 0.0  # norms computing x * (offset + w) (Gemma: 1)
+    no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+
+    def check_scaling(self, config) -> None:
+        """Refuse AWQ where this architecture's scaling map does not hold."""
+        if not self.scale_pairs:
+            raise ValueError(f"AWQ has no scaling map for architecture '{self.name}'")
+        if self.name == "opt" and not getattr(config, "do_layer_norm_before", True):
+            raise ValueError(
+                "AWQ: this OPT model normalises after each block (do_layer_norm_before=False), "
+                "so its layer norms do not feed the Linears; AWQ supports pre-norm OPT only"
+            )
+        if self.name == "opt" and getattr(config, "activation_function", "relu") != "relu":
+            raise ValueError(
+                "AWQ: the fc1 -> fc2 scales need fc1's activation to commute with positive "
+                f"scales (relu); this OPT model uses {config.activation_function}"
+            )
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -122,23 +156,49 @@ _LLAMA_GROUPS = (
     ("mlp.down_proj",),
 )
 
+
+def _llama_pairs(mlp_norm: str) -> tuple[ScalePair, ...]:
+    return (
+        ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                  "self_attn"),
+        ScalePair("self_attn.v_proj", ("self_attn.o_proj",)),
+        ScalePair(mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ScalePair("mlp.up_proj", ("mlp.down_proj",)),
+    )
+
+
+_OPT_PAIRS = (
+    ScalePair("self_attn_layer_norm",
+              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    ScalePair("self_attn.v_proj", ("self_attn.out_proj",)),
+    ScalePair("final_layer_norm", ("fc1",), "fc1"),  # no module holds fc1 -> act -> fc2
+    ScalePair("fc1", ("fc2",)),  # ReLU commutes with positive scales
+)
+
 ADAPTERS = {
     a.name: a
     for a in (
         Adapter("llama", "model.layers", ("model.embed_tokens",), "model.norm", "lm_head",
-                _LLAMA_GROUPS),
+                _LLAMA_GROUPS, tail="mlp.down_proj",
+                scale_pairs=_llama_pairs("post_attention_layernorm")),
         Adapter("mistral", "model.layers", ("model.embed_tokens",), "model.norm", "lm_head",
-                _LLAMA_GROUPS),
+                _LLAMA_GROUPS, tail="mlp.down_proj",
+                scale_pairs=_llama_pairs("post_attention_layernorm")),
         Adapter("qwen2", "model.layers", ("model.embed_tokens",), "model.norm", "lm_head",
-                _LLAMA_GROUPS),
+                _LLAMA_GROUPS, tail="mlp.down_proj",
+                scale_pairs=_llama_pairs("post_attention_layernorm")),
+        # Gemma 3 normalises the MLP output before the residual add: no tail; its MLP reads
+        # pre_feedforward_layernorm, and its norms compute x * (1 + w).
         Adapter("gemma3_text", "model.layers", ("model.embed_tokens",), "model.norm", "lm_head",
-                _LLAMA_GROUPS),
+                _LLAMA_GROUPS, scale_pairs=_llama_pairs("pre_feedforward_layernorm"),
+                norm_offset=1.0),
         Adapter(
             "opt", "model.decoder.layers",
             ("model.decoder.embed_tokens", "model.decoder.embed_positions"),
             "model.decoder.final_layer_norm", "lm_head",
             (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
              ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+            scale_pairs=_OPT_PAIRS,
         ),
     )
 }

@@ -19,6 +19,8 @@ the uncompressed block get a statistics pass, then an output pass.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import logging
 import time
 from collections.abc import Callable
@@ -55,6 +57,17 @@ class WalkerConfig:
         return DTYPES[self.dtype]
 
 
+def _release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's ``malloc_trim``): between blocks the
+    freed activations of the last one are scattered through the heap, and without this the RSS
+    keeps them."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Stop(Exception):
     """Raised by the capture recorder to end a forward early."""
 
@@ -73,7 +86,54 @@ class LayerRecord:
 class WalkReport:
     layers: list[LayerRecord] = field(default_factory=list)
     blocks: list[dict[str, Any]] = field(default_factory=list)
+    transforms: list[dict[str, Any]] = field(default_factory=list)
     capture_seconds: float = 0.0
+
+
+@dataclass
+class BlockContext:
+    """One block as a block transform (AWQ) sees it: the float32 master ``block``, its cached
+    inputs ``hidden`` [S, T, d] (forward dtype, CPU; written in place with outputs when
+    ``store``), the block's arguments per chunk size, and the forward settings."""
+
+    index: int
+    block: nn.Module
+    prefix: str
+    adapter: Adapter
+    hidden: Tensor
+    args: dict[int, tuple[tuple, dict]]
+    batch_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.hidden.shape[0] // self.batch_size)
+
+    def forward_copy(self) -> nn.Module:
+        """A copy of the block in the forward dtype, free to modify."""
+        return copy.deepcopy(self.block).to(self.dtype)
+
+    def forward_chunk(self, module: nn.Module, c: int, store: bool = False) -> None:
+        bs = self.batch_size
+        x = self.hidden[c * bs : (c + 1) * bs]
+        n = x.shape[0]
+        args, kwargs = self.args[n]
+        out = module(x.to(self.device), *args, **kwargs)
+        if store:
+            # Chunk c's inputs are dead once its forward returned: its outputs replace them.
+            self.hidden[c * bs : c * bs + n] = _first_tensor(out).to("cpu", self.hidden.dtype)
+
+    def forward(
+        self, module: nn.Module, store: bool = False,
+        before: Callable[[int], None] | None = None,
+    ) -> None:
+        """Every chunk through ``module``; ``before(c)`` runs ahead of chunk c."""
+        with torch.no_grad():
+            for c in range(self.n_chunks):
+                if before is not None:
+                    before(c)
+                self.forward_chunk(module, c, store)
 
 
 def _first_tensor(out: Any) -> Tensor:
@@ -210,10 +270,12 @@ class LayerWalker:
         return sink["cache"], sink["kwargs"]
 
     # -- per block -------------------------------------------------------------------------
-    def _groups(self, block_index: int, linears: dict[str, nn.Linear]) -> list[list[str]]:
+    def _groups(
+        self, block_index: int, linears: dict[str, nn.Linear], steps: list
+    ) -> list[list[str]]:
         """Targeted Linears (relative names) grouped by shared input, in execution order."""
         prefix = f"{self.adapter.blocks}.{block_index}."
-        targeted = {n for n in linears if any(s.selects(prefix + n) for _, s, _ in self.steps)}
+        targeted = {n for n in linears if any(s.selects(prefix + n) for _, s, _ in steps)}
         groups = [[n for n in g if n in targeted] for g in self.adapter.groups]
         covered = {n for g in groups for n in g}
         groups += [[n] for n in linears if n in targeted and n not in covered]
@@ -221,10 +283,10 @@ class LayerWalker:
 
     def _compress_group(
         self, block_index: int, group: list[str], masters: dict[str, nn.Linear],
-        copies: dict[str, nn.Linear], stats: dict[tuple[int, str], Any],
+        copies: dict[str, nn.Linear], stats: dict[tuple[int, str], Any], steps: list,
     ) -> None:
         prefix = f"{self.adapter.blocks}.{block_index}."
-        for idx, step, comp in self.steps:
+        for idx, step, comp in steps:
             for n in group:
                 full = prefix + n
                 if not step.selects(full):
@@ -243,46 +305,90 @@ class LayerWalker:
         for key in [k for k in stats if k[0] == id(group)]:
             del stats[key]
 
-    def _new_stats(self, groups: list[list[str]], linears: dict[str, nn.Linear]) -> dict:
+    def _new_stats(
+        self, groups: list[list[str]], linears: dict[str, nn.Linear], steps: list
+    ) -> dict:
         stats: dict[tuple[int, str], Any] = {}
         for g in groups:
-            for _, _, comp in self.steps:
+            for _, _, comp in steps:
                 if comp.needs_calibration and comp.stats_kind:
                     key = (id(g), comp.stats_kind)
                     if key not in stats:
                         stats[key] = comp.new_stats(linears[g[0]].in_features)
         return stats
 
+    def _phases(self) -> list[tuple[str, list]]:
+        """Consecutive recipe steps of one kind: block transforms (rewrite the whole block from
+        its cached inputs) and Linear compressors (one walk through the block)."""
+        phases: list[tuple[str, list]] = []
+        for item in self.steps:
+            kind = "transform" if hasattr(item[2], "transform") else "linear"
+            if phases and phases[-1][0] == kind and kind == "linear":
+                phases[-1][1].append(item)
+            else:
+                phases.append((kind, [item]))
+        return phases
+
     def run_block(
         self, block_index: int, block: nn.Module, hidden: Tensor,
         block_args: dict[int, tuple[tuple, dict]],
     ) -> Tensor:
         """Compress one block; returns its outputs on the compressed weights."""
-        masters = block_linears(block)
-        groups = self._groups(block_index, masters)
         dtype = self.config.torch_dtype
+        ctx = BlockContext(
+            block_index, block, f"{self.adapter.blocks}.{block_index}.", self.adapter, hidden,
+            _cast(block_args, dtype, self.device), self.config.batch_size, dtype, self.device,
+        )
+        stored = False
+        for kind, steps in self._phases():
+            if kind == "transform":
+                for idx, step, comp in steps:
+                    record = comp.transform(ctx, step)
+                    self.report.transforms.append(
+                        {"block": block_index, "step": idx, "method": step.method, **record}
+                    )
+                stored = False
+            else:
+                self._linear_phase(ctx, steps)
+                stored = True
+        if not stored:  # a transform came last: the next block needs this one's outputs
+            ctx.forward(ctx.forward_copy(), store=True)
+        return hidden
+
+    def _linear_phase(self, ctx: BlockContext, steps: list) -> None:
+        """Compress the Linears that ``steps`` target; ``ctx.hidden`` becomes the block's
+        outputs on the compressed weights."""
+        block_index, block, dtype = ctx.index, ctx.block, ctx.dtype
+        masters = block_linears(block)
+        groups = self._groups(block_index, masters, steps)
         fwd = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
         copies = block_linears(fwd)
-        stats = self._new_stats(groups, masters)
+        stats = self._new_stats(groups, masters, steps)
         group_of = {n: g for g in groups for n in g}
-        calibrating = any(c.needs_calibration for _, _, c in self.steps)
+        calibrating = any(c.needs_calibration for _, _, c in steps)
         sequential = calibrating and all(
-            c.sequential for _, _, c in self.steps if c.needs_calibration
+            c.sequential for _, _, c in steps if c.needs_calibration
         )
-        bs = self.config.batch_size
-        n_chunks = -(-hidden.shape[0] // bs)
-        block_args = _cast(block_args, dtype, self.device)  # chunk size -> (args, kwargs)
+        n_chunks = ctx.n_chunks
         done: set[int] = set()
         lockstep = _Lockstep(n_chunks)
+        # The tail (down_proj in llama-like blocks) is the last group and lands straight on the
+        # residual: during the pass it adds its inputs to the statistics, keeps them and returns
+        # zeros, so each chunk's forward finishes (freeing its call stack) with the residual as
+        # output; once compressed, the tail's outputs are added to the stored residuals.
+        tail = self.adapter.tail if sequential and groups and groups[-1] == [
+            self.adapter.tail] else None
+        tail_inputs: dict[int, Tensor] = {}
+        chunk_of: dict[Any, int] = {}
+        hidden, bs = ctx.hidden, ctx.batch_size
 
         def forward_chunk(c: int, store: bool = True) -> None:
-            x = hidden[c * bs : (c + 1) * bs]
-            n = x.shape[0]
-            args, kwargs = block_args[n]
-            out = fwd(x.to(self.device), *args, **kwargs)
-            if store:
-                # Chunk c's inputs are dead once its forward returned: its outputs replace them.
-                hidden[c * bs : c * bs + n] = _first_tensor(out).to("cpu", hidden.dtype)
+            chunk_of[greenlet.getcurrent()] = c
+            ctx.forward_chunk(fwd, c, store)
+
+        def compress(group: list[str]) -> None:
+            self._compress_group(block_index, group, masters, copies, stats, steps)
+            done.add(id(group))
 
         def hook_for(name: str):
             group = group_of[name]
@@ -294,22 +400,36 @@ class LayerWalker:
                     if gid == id(group):
                         st.add_batch(inputs[0])
                 if sequential:
-                    def action() -> None:
-                        self._compress_group(block_index, group, masters, copies, stats)
-                        done.add(id(group))
-                    lockstep.barrier(action)
+                    lockstep.barrier(lambda: compress(group))
 
             return pre_hook
+
+        def tail_forward(x: Tensor) -> Tensor:
+            for (gid, _), st in stats.items():
+                if gid == id(groups[-1]):
+                    st.add_batch(x)
+            tail_inputs[chunk_of[greenlet.getcurrent()]] = x
+            return x.new_zeros(*x.shape[:-1], copies[tail].out_features)
 
         handles = []
         if calibrating:
             # Members of a group read the same input: the first member's hook speaks for all.
             for g in groups:
-                handles.append(copies[g[0]].register_forward_pre_hook(hook_for(g[0])))
+                if g[0] != tail:
+                    handles.append(copies[g[0]].register_forward_pre_hook(hook_for(g[0])))
         try:
             if sequential:
+                if tail is not None:
+                    copies[tail].forward = tail_forward  # an instance attribute, removed below
                 with torch.no_grad():
                     lockstep.run(forward_chunk)
+                if tail is not None:
+                    del copies[tail].forward
+                    compress(groups[-1])
+                    with torch.no_grad():
+                        for c in sorted(tail_inputs):
+                            y = copies[tail](tail_inputs.pop(c))
+                            hidden[c * bs : c * bs + y.shape[0]] += y.to("cpu", hidden.dtype)
             else:
                 if calibrating:
                     with torch.no_grad():
@@ -319,21 +439,21 @@ class LayerWalker:
                     h.remove()
                 handles = []
                 for g in groups:
-                    self._compress_group(block_index, g, masters, copies, stats)
-                    done.add(id(g))
+                    compress(g)
                 with torch.no_grad():
                     for c in range(n_chunks):
                         forward_chunk(c)
         finally:
             for h in handles:
                 h.remove()
+            if tail is not None:
+                copies[tail].__dict__.pop("forward", None)
         missing = [g for g in groups if id(g) not in done]
         if missing:
             raise ValueError(
                 f"block {block_index}: the Linears {missing} were never called during the forward "
                 "pass; exclude them with the step's `ignore`"
             )
-        return hidden
 
     def compress_without_data(self) -> None:
         """Every step needs no data (e.g. RTN): compress each targeted Linear directly."""
@@ -341,8 +461,8 @@ class LayerWalker:
         for b, block in enumerate(self._bar(blocks)):
             t = time.perf_counter()
             masters = block_linears(block)
-            for g in self._groups(b, masters):
-                self._compress_group(b, g, masters, masters, {})
+            for g in self._groups(b, masters, self.steps):
+                self._compress_group(b, g, masters, masters, {}, self.steps)
             self.report.blocks.append({"block": b, "seconds": time.perf_counter() - t})
 
     def _bar(self, blocks):
@@ -367,6 +487,7 @@ class LayerWalker:
         for b, block in enumerate(self._bar(blocks)):
             t = time.perf_counter()
             hidden = self.run_block(b, block, hidden, block_args[b])
+            _release_memory()
             self.report.blocks.append({"block": b, "seconds": time.perf_counter() - t})
         del hidden
         return self.report

@@ -1,0 +1,405 @@
+"""AWQ (Lin et al., MLSys 2024, "AWQ: Activation-aware Weight Quantization for LLM
+Compression and Acceleration"): per input channel scales ``s`` moved from an operation onto
+the Linears it feeds (``prev(x) / s`` and ``W * s``), so that the weights of channels with large
+activations get finer quantization. The model computes the same function after the move; AWQ
+only rescales and clips, and quantization follows with the shared scheme (RTN or GPTQ).
+
+The pure functions come first; :class:`AWQ` is the block transform the walker runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmc.quant.gptq import HessianStats
+from llmc.quant.scheme import QuantScheme, fake_quantize, grouped_qparams, qparams_from_range
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """Arguments of the ``awq`` recipe step.
+
+    ``bits``/``group_size``/``sym``: the scheme the scales are searched for; the quantizer step
+    that follows in the recipe must use the same (without one, an ``rtn`` step with this scheme
+    is added). ``grid`` exponents ``a`` in [0, 1) for ``s = x_mean^a`` (``duo_scaling``:
+    ``x_mean^a / w_mean^(1-a)``). ``search_samples`` calibration windows (a seeded choice of
+    whole chunks) feed the module-output search and the clipping search; ``x_mean`` uses every
+    window. ``clip``: afterwards, search each group's clipping range (``clip_grid`` shrink steps
+    down to ``1 - clip_max_shrink``) on the layer-output error, skipping q and k."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    grid: int = 20
+    duo_scaling: bool = True
+    search_samples: int = 16
+    seed: int = 0
+    clip: bool = True
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5
+
+    def __post_init__(self) -> None:
+        QuantScheme(self.bits, self.group_size, self.sym)
+        if self.grid < 1:
+            raise ValueError(f"grid: {self.grid} must be at least 1")
+        if self.search_samples < 1:
+            raise ValueError(f"search_samples: {self.search_samples} must be at least 1")
+        if self.clip_grid < 1:
+            raise ValueError(f"clip_grid: {self.clip_grid} must be at least 1")
+        if not 0.0 <= self.clip_max_shrink < 1.0:
+            raise ValueError(f"clip_max_shrink: {self.clip_max_shrink} must lie in [0, 1)")
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.group_size, self.sym)
+
+
+def group_abs_mean(weights: list[Tensor], scheme: QuantScheme) -> Tensor:
+    """``w_mean`` of the duo form: |W| normalised by its group's maximum, averaged over every
+    output row of ``weights`` (Linears sharing one input), per input channel."""
+    out = []
+    for W in weights:
+        W = W.detach().float().abs()
+        N, K = W.shape
+        width = scheme.group_width(K)
+        pad = (-K) % width
+        Wp = torch.nn.functional.pad(W, (0, pad)).reshape(N, -1, width)
+        Wp = Wp / (Wp.amax(dim=-1, keepdim=True) + 1e-6)
+        out.append(Wp.reshape(N, -1)[:, :K])
+    return torch.cat(out).mean(dim=0)
+
+
+def normalize_scales(s: Tensor) -> Tensor:
+    """Guard zero/inf/NaN (they become 1) and centre: ``s / sqrt(max(s) * min(s))``."""
+    s = s.float()
+    s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s)).clamp(min=1e-4, max=1e4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def candidate_scales(
+    x_mean: Tensor, w_mean: Tensor | None, grid: int
+) -> Iterator[tuple[float, Tensor]]:
+    """``(a, s)`` for ``a = i / grid``, i in 0..grid-1 (``a = 0`` gives s = 1: plain RTN)."""
+    x_mean = x_mean.float().clamp(min=1e-8)
+    for i in range(grid):
+        a = i / grid
+        s = x_mean.pow(a)
+        if w_mean is not None:
+            s = s / (w_mean.float().pow(1 - a) + 1e-4)
+        yield a, normalize_scales(s)
+
+
+def fake_quant_scaled(W: Tensor, s: Tensor, scheme: QuantScheme) -> Tensor:
+    """``Q(W * s) / s``: the weight the scaled model effectively applies to unscaled inputs."""
+    Ws = W.float() * s
+    scales, zeros = grouped_qparams(Ws, scheme)
+    g = scheme.default_g_idx(W.shape[1]).long()
+    return fake_quantize(Ws, scales[:, g], zeros[:, g], scheme.maxq) / s
+
+
+@dataclass
+class ScaleSearch:
+    """The chosen exponent, its scales and the loss of every candidate (``losses[0]`` is RTN)."""
+
+    alpha: float
+    scales: Tensor
+    losses: list[float]
+
+
+def search_scales(
+    weights: list[Tensor],
+    x_mean: Tensor,
+    loss: Callable[[list[Tensor]], float],
+    scheme: QuantScheme,
+    grid: int = 20,
+    duo: bool = True,
+    tie: tuple[int, int] | None = None,
+) -> ScaleSearch:
+    """Grid search of ``s`` for Linears that share an input: ``loss`` gets their candidate
+    weights ``Q(W * s) / s`` (float32, in the unscaled input space) and returns the output
+    error; the smallest wins (``a = 0``, plain RTN, included).
+
+    ``tie = (g, head_dim)`` ties the scales of each ``g`` consecutive heads (grouped-query
+    attention: the query heads reading one KV head share v's output scale): ``x_mean`` and
+    ``w_mean`` are averaged over the g heads and the chosen KV-sized scale is repeated.
+    ``ScaleSearch.scales`` has the KV size then; :func:`expand_tied` gives the full one."""
+    w_mean = group_abs_mean(weights, scheme) if duo else None
+    best_alpha, best_s, best_loss = 0.0, None, float("inf")
+    losses = []
+    for a, s_small in candidate_scales(reduce_tied(x_mean, tie), reduce_tied(w_mean, tie), grid):
+        s = expand_tied(s_small, tie)
+        value = loss([fake_quant_scaled(W, s, scheme) for W in weights])
+        losses.append(value)
+        if value < best_loss:
+            best_alpha, best_s, best_loss = a, s_small, value
+    if best_s is None:  # every loss was NaN: keep the weights as they are
+        best_s = torch.ones_like(reduce_tied(x_mean, tie).float())
+    return ScaleSearch(best_alpha, best_s, losses)
+
+
+def reduce_tied(v: Tensor | None, tie: tuple[int, int] | None) -> Tensor | None:
+    """[n_heads * head_dim] -> [n_kv_heads * head_dim], averaging each KV head's g heads."""
+    if v is None or tie is None:
+        return v
+    g, hd = tie
+    return v.reshape(-1, g, hd).mean(dim=1).reshape(-1)
+
+
+def expand_tied(s: Tensor, tie: tuple[int, int] | None) -> Tensor:
+    """[n_kv_heads * head_dim] -> [n_heads * head_dim]: each KV head's scale for its g heads."""
+    if tie is None:
+        return s
+    g, hd = tie
+    return s.reshape(-1, 1, hd).expand(-1, g, hd).reshape(-1)
+
+
+def hessian_loss(H: Tensor, originals: list[Tensor]) -> Callable[[list[Tensor]], float]:
+    """``sum tr(dW H dW^T)``: the squared output error on the inputs that built ``H``."""
+    H = H.float()
+
+    def loss(candidates: list[Tensor]) -> float:
+        total = 0.0
+        for W, Wq in zip(originals, candidates):
+            dW = Wq - W.float()
+            total += float(((dW @ H) * dW).sum())
+        return total
+
+    return loss
+
+
+def clip_weight(
+    W: Tensor, H: Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """AWQ's clipping search: for each row and group, the range ``[-m, m]``, ``m`` a shrink of
+    the group's max |w| on a grid, that minimises the group's output error
+    ``dW_g H_gg dW_g^T`` (``H_gg``: the group's diagonal block of the input Hessian). Returns
+    the clamped weight and the chosen shrink factors [N, G]."""
+    W = W.detach().float()
+    N, K = W.shape
+    width = scheme.group_width(K)
+    out = W.clone()
+    factors = []
+    for a in range(0, K, width):
+        b = min(a + width, K)
+        w = W[:, a:b]
+        Hg = H[a:b, a:b].float()
+        amax = w.abs().amax(dim=1, keepdim=True)
+        best = torch.full((N,), float("inf"))
+        best_p = torch.ones(N)
+        for i in range(max(int(max_shrink * grid), 1)):
+            p = 1 - i / grid
+            m = amax * p
+            c = torch.maximum(torch.minimum(w, m), -m)
+            xmin = c.amin(dim=1).clamp(max=0)
+            xmax = c.amax(dim=1).clamp(min=0)
+            s, z = qparams_from_range(xmin, xmax, scheme)
+            dW = fake_quantize(c, s[:, None], z[:, None], scheme.maxq) - w
+            err = ((dW @ Hg) * dW).sum(dim=1)
+            better = err < best
+            best = torch.where(better, err, best)
+            best_p = torch.where(better, torch.full_like(best_p, p), best_p)
+        m = amax * best_p[:, None]
+        out[:, a:b] = torch.maximum(torch.minimum(w, m), -m)
+        factors.append(best_p)
+    return out, torch.stack(factors, dim=1)
+
+
+def search_chunks(n_chunks: int, chunk_size: int, samples: int, seed: int) -> list[int]:
+    """A seeded choice of whole chunks holding at least ``samples`` windows."""
+    want = min(n_chunks, -(-samples // chunk_size))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_chunks, generator=g)[:want].tolist())
+
+
+def scale_prev(module: nn.Module, s: Tensor, norm_offset: float = 0.0) -> None:
+    """Divide the output channels of ``module`` (a norm or a Linear) by ``s``."""
+    s = s.to(module.weight.device)
+    if isinstance(module, nn.Linear):
+        module.weight.data.div_(s[:, None])
+    elif norm_offset:
+        module.weight.data.copy_((norm_offset + module.weight.data) / s - norm_offset)
+    else:
+        module.weight.data.div_(s)
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        bias.data.div_(s)
+
+
+def head_tie(block: nn.Module, pair) -> tuple[int, int] | None:
+    """``(g, head_dim)`` when ``pair.prev`` is v and each KV head feeds g query heads' inputs of
+    o (grouped-query attention); None when channels map one to one."""
+    prev = block.get_submodule(pair.prev)
+    if not isinstance(prev, nn.Linear):
+        return None
+    width = block.get_submodule(pair.linears[0]).in_features
+    if width == prev.out_features:
+        return None
+    g = width // prev.out_features
+    attn = block.get_submodule(pair.prev.rsplit(".", 1)[0])
+    head_dim = getattr(attn, "head_dim", None)
+    if g * prev.out_features != width or head_dim is None or prev.out_features % head_dim:
+        raise ValueError(
+            f"AWQ: {pair.prev} ({prev.out_features} outputs) does not map onto the "
+            f"{width} inputs of {pair.linears[0]} head by head"
+        )
+    return g, head_dim
+
+
+def apply_scales(
+    block: nn.Module, pair, s: Tensor, norm_offset: float = 0.0,
+    tie: tuple[int, int] | None = None,
+) -> Tensor:
+    """Move scales ``s`` (one per output channel of ``pair.prev``) from ``pair.prev`` onto the
+    Linears it feeds; the block computes the same function. Returns the Linears' input scales
+    (``s`` repeated over the heads sharing a KV head when ``tie`` is set)."""
+    s_in = expand_tied(s, tie)
+    scale_prev(block.get_submodule(pair.prev), s, norm_offset)
+    for n in pair.linears:
+        m = block.get_submodule(n)
+        m.weight.data.mul_(s_in.to(m.weight.device))
+    return s_in
+
+
+class AWQ:
+    """The ``awq`` recipe step: a block transform that searches and applies AWQ scales for
+    every scaling pair of the architecture whose Linears the step targets, then clips."""
+
+    needs_calibration = True
+    sequential = False
+    stats_kind = None
+
+    def __init__(self, config: AWQConfig) -> None:
+        self.config = config
+
+    def check_model(self, config, adapter) -> None:
+        adapter.check_scaling(config)
+
+    def transform(self, ctx, step) -> dict:
+        c = self.config
+        scheme = c.scheme
+        pairs = [p for p in ctx.adapter.scale_pairs
+                 if any(step.selects(ctx.prefix + n) for n in p.linears)]
+        if not pairs:
+            return {}
+        t0 = time.perf_counter()
+        fwd = ctx.forward_copy()
+        chosen = set(search_chunks(ctx.n_chunks, ctx.batch_size, c.search_samples, c.seed))
+        current = [-1]
+        xsum = {p.prev: None for p in pairs}
+        count = dict.fromkeys(xsum, 0)
+        hess = {p.prev: HessianStats(fwd.get_submodule(p.linears[0]).in_features)
+                for p in pairs}
+        calls: dict[str, list] = {p.inspect: [] for p in pairs if p.inspect}
+
+        def input_hook(prev: str):
+            def hook(module: nn.Module, inputs: tuple) -> None:
+                x = inputs[0].detach()
+                x2 = x.reshape(-1, x.shape[-1])
+                part = x2.abs().sum(dim=0, dtype=torch.float32)
+                xsum[prev] = part if xsum[prev] is None else xsum[prev] + part
+                count[prev] += x2.shape[0]
+                if current[0] in chosen:
+                    hess[prev].add_batch(x2)
+            return hook
+
+        def call_hook(name: str):
+            def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                if current[0] in chosen:
+                    calls[name].append([args, kwargs, None])
+
+            def post(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+                if current[0] in chosen:
+                    calls[name][-1][2] = _first(out).detach()
+            return pre, post
+
+        handles = []
+        for p in pairs:
+            handles.append(
+                fwd.get_submodule(p.linears[0]).register_forward_pre_hook(input_hook(p.prev)))
+        for name in calls:
+            pre, post = call_hook(name)
+            m = fwd.get_submodule(name)
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True))
+        try:
+            ctx.forward(fwd, before=lambda i: current.__setitem__(0, i))
+        finally:
+            for h in handles:
+                h.remove()
+        t_stats = time.perf_counter() - t0
+
+        pair_records = []
+        input_h: dict[str, Tensor] = {}  # Linear -> Hessian of its (scaled) inputs
+        for p in pairs:
+            masters = [ctx.block.get_submodule(n) for n in p.linears]
+            weights = [m.weight.data.float() for m in masters]
+            x_mean = xsum[p.prev] / max(count[p.prev], 1)
+            tie = head_tie(ctx.block, p)
+            H = hess[p.prev].H
+            if p.inspect:
+                loss = self._module_loss(fwd, p, calls[p.inspect], ctx.dtype)
+            else:
+                loss = hessian_loss(H, weights)
+            with torch.no_grad():
+                res = search_scales(weights, x_mean, loss, scheme, c.grid, c.duo_scaling, tie)
+            if p.inspect:  # the copy's Linears back to their unquantized weights
+                for n, W in zip(p.linears, weights):
+                    fwd.get_submodule(n).weight.data.copy_(W)
+            s_in = apply_scales(ctx.block, p, res.scales, ctx.adapter.norm_offset, tie)
+            Hs = H / (s_in[:, None] * s_in[None, :])
+            for n in p.linears:
+                input_h[n] = Hs
+            pair_records.append({
+                "prev": p.prev, "linears": list(p.linears), "alpha": res.alpha,
+                "loss": min(res.losses), "loss_rtn": res.losses[0], "tied_heads": tie is not None,
+            })
+        clipped = {}
+        if c.clip:
+            for p in pairs:
+                for n in p.linears:
+                    if n in ctx.adapter.no_clip or not step.selects(ctx.prefix + n):
+                        continue
+                    m = ctx.block.get_submodule(n)
+                    W, factors = clip_weight(m.weight.data, input_h[n], scheme, c.clip_grid,
+                                             c.clip_max_shrink)
+                    m.weight.data.copy_(W)
+                    clipped[n] = float(factors.mean())
+        return {
+            "pairs": pair_records,
+            "clip_mean_factor": clipped,
+            "search_windows": sorted(
+                w for ch in chosen
+                for w in range(ch * ctx.batch_size,
+                               min((ch + 1) * ctx.batch_size, ctx.hidden.shape[0]))
+            ),
+            "stats_seconds": t_stats,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    @staticmethod
+    def _module_loss(fwd: nn.Module, pair, calls: list, dtype: torch.dtype):
+        """Squared error of ``pair.inspect``'s output on the search windows, its Linears set to
+        the candidate weights (in the forward dtype)."""
+        module = fwd.get_submodule(pair.inspect)
+        linears = [fwd.get_submodule(n) for n in pair.linears]
+
+        def loss(candidates: list[Tensor]) -> float:
+            for m, W in zip(linears, candidates):
+                m.weight.data.copy_(W.to(dtype))
+            total = 0.0
+            for args, kwargs, ref in calls:
+                out = _first(module(*args, **kwargs))
+                total += float((out.float() - ref.float()).pow(2).sum())
+            return total
+
+        return loss
+
+
+def _first(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
