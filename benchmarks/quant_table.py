@@ -1,4 +1,4 @@
-"""FP vs RTN vs GPTQ on SmolLM2-135M-Instruct, Wikitext-2 perplexity (GPTQ protocol).
+"""FP vs RTN vs GPTQ vs AWQ on SmolLM2-135M-Instruct, Wikitext-2 perplexity (GPTQ protocol).
 
 One run, one model load, one calibration set (128 windows of 512 tokens of the wikitext-2-v1
 validation split, seed 0), the first 40 windows of 2048 tokens of the raw test split. "FP" is
@@ -53,6 +53,15 @@ def rtn(bits: int, group: int) -> dict:
     return {"steps": [{"method": "rtn", "args": {"bits": bits, "group_size": group}}]}
 
 
+def awq(bits: int, group: int, then: str = "rtn") -> dict:
+    """AWQ scales (symmetric, as the RTN row it is compared with), then RTN or GPTQ."""
+    scheme = {"bits": bits, "group_size": group}
+    steps = [{"method": "awq", "args": scheme}]
+    if then == "gptq":
+        steps.append({"method": "gptq", "args": scheme})
+    return {"steps": steps}
+
+
 ROWS = {
     "fp": None,
     "rtn-w4g64": rtn(4, 64),
@@ -64,6 +73,10 @@ ROWS = {
     "gptq-w3g64": gptq(3, 64),
     "rtn-w3g-1": rtn(3, -1),
     "gptq-w3g-1": gptq(3, -1),
+    "awq-w4g64": awq(4, 64),
+    "awq+gptq-w4g64": awq(4, 64, then="gptq"),
+    "awq-w3g64": awq(3, 64),
+    "awq+gptq-w3g64": awq(3, 64, then="gptq"),
 }
 
 
@@ -133,10 +146,13 @@ def run_row(key: str, args: argparse.Namespace) -> dict:
             t = time.perf_counter()
             model, report = llmc.compress(model, recipe, calibration=calib, progress=True)
             secs = time.perf_counter() - t
-        step = report.recipe["steps"][0]
-        row.update(method=step["method"], bits=step["args"]["bits"],
+        steps = report.recipe["steps"]
+        step = steps[0]
+        method = step["method"] if len(steps) == 1 or steps[1]["method"] == "rtn" else "+".join(
+            s["method"] for s in steps)
+        row.update(method=method, bits=step["args"]["bits"],
                    group_size=step["args"]["group_size"],
-                   dtype=report.recipe["walker"]["dtype"] if step["method"] != "rtn" else "",
+                   dtype=report.recipe["walker"]["dtype"] if method != "rtn" else "",
                    compress_seconds=secs,
                    peak_rss_growth_mib=(mem.peak - mem.start) / 2**20,
                    recipe=report.recipe)
@@ -172,7 +188,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     if results.get("protocol") != protocol:
         results = {"rows": {}}
-    results.update(title="FP vs RTN vs GPTQ, SmolLM2-135M, Wikitext-2 perplexity",
+    results.update(title="FP vs RTN vs GPTQ vs AWQ, SmolLM2-135M, Wikitext-2 perplexity",
                    protocol=protocol,
                    machine=f"{platform.processor() or platform.machine()}, "
                            f"{os.cpu_count()} CPUs, torch {torch.__version__}")

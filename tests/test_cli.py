@@ -141,4 +141,4 @@ def test_quantized_input_is_refused(model_dir, text_file, tmp_path):
     out = tmp_path / "q"
     run("quantize", model_dir, "--method", "rtn", "--group-size", 32, "-o", out, "--quiet")
     res = run("quantize", out, "--group-size", 32, "-o", tmp_path / "again", ok=False)
-    assert "already GPTQ-quantized" in res.output
+    assert "already gptq-quantized" in res.output

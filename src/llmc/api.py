@@ -114,17 +114,20 @@ def save(
     tokenizer: Any = None,
     report: CompressionReport | dict | None = None,
     overwrite: bool = False,
+    format: str | None = None,
 ) -> Path:
-    """Write ``model`` to ``out``: the HF GPTQ layout when it holds quantized Linears, a dense
-    safetensors checkpoint otherwise; plus the tokenizer, ``recipe.yaml`` and the report.
-    Written to a temporary directory and moved into place when complete."""
-    from llmc.formats.checkpoint import write_model
+    """Write ``model`` to ``out``: the HF GPTQ or AWQ layout (``format``; default: awq after a
+    4-bit awq recipe, else gptq) when it holds quantized Linears, a dense safetensors
+    checkpoint otherwise; plus the tokenizer, ``recipe.yaml`` and the report. Written to a
+    temporary directory and moved into place when complete."""
+    from llmc.formats.checkpoint import default_format, write_model
     from llmc.formats.io import atomic_output_dir, save_json
 
     out = Path(out)
     recipe = getattr(model, "llmc_recipe", None)
+    fmt = format or default_format(recipe)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_model(model, tmp)
+        write_model(model, tmp, fmt=fmt)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if recipe is not None:
@@ -136,8 +139,9 @@ def save(
 
 
 def load(path: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from an llmc/HF GPTQ checkpoint (dequantized on CPU, each quantized
-    Linear keeping its integer form), any HF model directory or id, a GGUF file or a demo name."""
+    """(model, tokenizer) from an llmc/HF GPTQ or AWQ checkpoint (dequantized on CPU, each
+    quantized Linear keeping its integer form), any HF model directory or id, a GGUF file or a
+    demo name."""
     from llmc.formats.checkpoint import is_llmc_checkpoint, read_model
 
     p = Path(path)

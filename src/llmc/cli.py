@@ -40,6 +40,9 @@ def calibration_options(f):
         click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
                      help="Output directory (written atomically)"),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory"),
+        click.option("--format", "fmt", type=click.Choice(["gptq", "awq"]), default=None,
+                     help="Checkpoint layout of quantized models [default: awq after a 4-bit "
+                          "awq step, else gptq]"),
         click.option("--trust-remote-code", is_flag=True,
                      help="Allow model code from the model's repository to run"),
         click.option("--quiet", is_flag=True, help="No progress bars or logs"),
@@ -82,15 +85,17 @@ def _run(model_name: str, recipe, opts: dict[str, Any]) -> None:
     """Validate everything that needs no weights, then load, compress and save."""
     from llmc import api
     from llmc.calibration import load_rows
-    from llmc.formats.checkpoint import check_gptq_writable, is_gptq_checkpoint
+    from llmc.formats.checkpoint import check_writable, default_format, quant_method
     from llmc.models import load_config, load_model
 
     out: Path = opts["output"]
     if out.exists() and not opts["overwrite"] and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    if Path(model_name).is_dir() and is_gptq_checkpoint(Path(model_name)):
-        raise ValueError(f"{model_name} is already GPTQ-quantized; compress the original model")
-    check_gptq_writable(recipe)
+    if Path(model_name).is_dir() and quant_method(Path(model_name)):
+        raise ValueError(f"{model_name} is already {quant_method(Path(model_name))}-quantized; "
+                         "compress the original model")
+    fmt = opts["fmt"] or default_format(recipe)
+    check_writable(recipe, fmt)
     config = load_config(model_name, opts["trust_remote_code"])
     recipe.check_model(config)
     recipe.check_seqlen(config)
@@ -99,20 +104,22 @@ def _run(model_name: str, recipe, opts: dict[str, Any]) -> None:
         load_rows(cal.dataset, cal.split, text_column=cal.text_column)
     model, tok = load_model(model_name, trust_remote_code=opts["trust_remote_code"])
     model, report = api.compress(model, recipe, tokenizer=tok, progress=not opts["quiet"])
-    api.save(model, out, tokenizer=tok, report=report, overwrite=opts["overwrite"])
+    api.save(model, out, tokenizer=tok, report=report, overwrite=opts["overwrite"], format=fmt)
     click.echo(f"compressed in {report.seconds:.1f} s; wrote {out}", err=True)
 
 
 @click.group()
 @click.version_option(package_name="llmc")
 def cli() -> None:
-    """llmc: compress large language models (GPTQ/RTN quantization, evaluation, export)."""
+    """llmc: compress large language models (GPTQ/AWQ/RTN quantization, evaluation, export)."""
 
 
 @cli.command()
 @click.argument("model")
-@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
-              help="Quantization method")
+@click.option("--method", type=click.Choice(["gptq", "rtn", "awq", "awq+gptq"]), default="gptq",
+              show_default=True,
+              help="Quantization method (awq: AWQ scales then RTN; awq+gptq: AWQ scales then "
+                   "GPTQ, in one walk)")
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8)")
 @click.option("--group-size", type=int, default=128, show_default=True,
               help="Input columns per scale; -1 for one scale per output channel")
@@ -122,24 +129,28 @@ def cli() -> None:
 @click.option("--damp", type=float, default=0.01, show_default=True,
               help="GPTQ damping, a fraction of the Hessian's mean diagonal")
 @click.option("--clip/--no-clip", default=None,
-              help="Search each group's clipping range [default: on for gptq, off for rtn]")
-@click.option("--format", "fmt", type=click.Choice(["gptq"]), default="gptq", show_default=True,
-              help="Checkpoint format")
+              help="Search each group's clipping range [default: on for gptq and awq, off for "
+                   "rtn; with awq+gptq, GPTQ's search]")
 @calibration_options
 @_errors
 def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, act_order: str,
-             damp: float, clip: bool | None, fmt: str, **opts: Any) -> None:
+             damp: float, clip: bool | None, **opts: Any) -> None:
     """Quantize MODEL (a demo name such as smollm2-135m, an HF id or directory, or a .gguf
     file) and write a checkpoint to -o."""
     from llmc.recipe import Recipe
 
     _setup_logging(opts["quiet"])
-    args: dict[str, Any] = {"bits": bits, "group_size": group_size, "sym": sym}
-    if method == "gptq":
-        args.update(act_order=act_order, damp=damp)
-    if clip is not None:
-        args["clip"] = clip
-    recipe = _with_overrides(Recipe.from_dict({"steps": [{"method": method, "args": args}]}), opts)
+    scheme: dict[str, Any] = {"bits": bits, "group_size": group_size, "sym": sym}
+    gptq = {**scheme, "act_order": act_order, "damp": damp}
+    clipping = {} if clip is None else {"clip": clip}
+    steps = {
+        "gptq": [{"method": "gptq", "args": {**gptq, **clipping}}],
+        "rtn": [{"method": "rtn", "args": {**scheme, **clipping}}],
+        "awq": [{"method": "awq", "args": {**scheme, **clipping}}],
+        "awq+gptq": [{"method": "awq", "args": scheme},
+                     {"method": "gptq", "args": {**gptq, **clipping}}],
+    }[method]
+    recipe = _with_overrides(Recipe.from_dict({"steps": steps}), opts)
     _run(model, recipe, opts)
 
 

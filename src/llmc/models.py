@@ -108,6 +108,7 @@ class ScalePair:
     prev: str
     linears: tuple[str, ...]
     inspect: str | None = None
+    tokenwise: bool = False  # ``inspect`` treats each token on its own (an MLP)
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def _llama_pairs(mlp_norm: str) -> tuple[ScalePair, ...]:
         ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                   "self_attn"),
         ScalePair("self_attn.v_proj", ("self_attn.o_proj",)),
-        ScalePair(mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ScalePair(mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), "mlp", tokenwise=True),
         ScalePair("mlp.up_proj", ("mlp.down_proj",)),
     )
 
@@ -171,7 +172,8 @@ _OPT_PAIRS = (
     ScalePair("self_attn_layer_norm",
               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
     ScalePair("self_attn.v_proj", ("self_attn.out_proj",)),
-    ScalePair("final_layer_norm", ("fc1",), "fc1"),  # no module holds fc1 -> act -> fc2
+    # No module holds fc1 -> act -> fc2: the search measures fc1's own output, tr(dW H dW^T).
+    ScalePair("final_layer_norm", ("fc1",)),
     ScalePair("fc1", ("fc2",)),  # ReLU commutes with positive scales
 )
 

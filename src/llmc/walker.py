@@ -14,6 +14,10 @@ to the group's statistics and pauses; once all chunks are in, the group is compr
 chunks go on, now through the compressed weights. The pass's outputs are
 the compressed block's outputs, so no second pass is needed. Methods that want statistics of
 the uncompressed block get a statistics pass, then an output pass.
+
+Block transforms (AWQ) run before the Linear steps that follow them in the recipe: they get a
+:class:`BlockContext` (the block, its cached inputs and arguments), run their own passes and
+rewrite the block's float32 weights; the Linear steps then walk the rewritten block.
 """
 
 from __future__ import annotations

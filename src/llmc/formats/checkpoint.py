@@ -1,5 +1,5 @@
-"""Whole-model checkpoints: write a compressed model (the GPTQ layout when it holds quantized
-Linears, plain safetensors otherwise) and read it back."""
+"""Whole-model checkpoints: write a compressed model (the GPTQ or AWQ layout when it holds
+quantized Linears, plain safetensors otherwise) and read it back."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmc.formats.awq import read_awq_tensors
 from llmc.formats.gptq import (
     _plain_tensors,
     choose_checkpoint_format,
@@ -74,8 +75,52 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
     return config
 
 
-def write_model(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2_000_000_000) -> None:
-    """Write ``model``'s tensors and ``config.json`` into ``out_dir`` (an empty directory)."""
+FORMATS = ("gptq", "awq")
+
+
+def default_format(recipe: Any) -> str:
+    """``awq`` for a recipe whose quantization follows an ``awq`` step at 4 bits, else
+    ``gptq``."""
+    steps = list(getattr(recipe, "steps", ()))
+    if steps and steps[0].method == "awq" and steps[0].config.bits == 4:
+        return "awq"
+    return "gptq"
+
+
+def check_writable(recipe: Any, fmt: str) -> None:
+    """Refuse, before any work, a recipe whose result a ``fmt`` checkpoint cannot hold."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    check_gptq_writable(recipe)
+    if fmt == "awq":
+        from llmc.formats.awq import check_awq_scheme
+
+        for i, step in enumerate(recipe.steps):
+            c = step.config
+            if hasattr(c, "bits"):
+                check_awq_scheme(c.bits, c.group_size, f"steps[{i}].args: ")
+            if getattr(c, "act_order", None) == "dynamic":
+                raise ValueError(
+                    f"steps[{i}].args.act_order: dynamic act-order regroups columns, which the "
+                    "AWQ layout (no g_idx) cannot store; use static, or --format gptq"
+                )
+
+
+def _unquantized_block_linears(model: nn.Module, quant: dict[str, nn.Module]) -> list[str] | None:
+    from llmc.models import get_adapter
+
+    adapter = get_adapter(model.config)
+    names = [f"{adapter.blocks}.{b}.{n}" for b, block in enumerate(adapter.get_blocks(model))
+             for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    rest = [n for n in names if n not in quant]
+    return rest or None
+
+
+def write_model(
+    model: nn.Module, out_dir: Path, max_shard_bytes: int = 2_000_000_000, fmt: str = "gptq"
+) -> None:
+    """Write ``model``'s tensors and ``config.json`` into ``out_dir`` (an empty directory): the
+    ``fmt`` layout (gptq or awq) when it holds quantized Linears, dense safetensors otherwise."""
     quant = {n: m for n, m in model.named_modules() if getattr(m, "llmc_quant", None) is not None}
     config = _config_dict(model)
     state = {k: v for k, v in model.state_dict().items()
@@ -89,10 +134,19 @@ def write_model(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2_000_00
     schemes = {(q.bits, q.group_size, q.sym) for q in qws}
     if len(schemes) > 1:
         raise ValueError(
-            f"the model mixes quantization schemes {sorted(schemes)}; one GPTQ checkpoint holds "
-            "one (bits, group_size, sym)"
+            f"the model mixes quantization schemes {sorted(schemes)}; one {fmt.upper()} "
+            "checkpoint holds one (bits, group_size, sym)"
         )
     bits, group_size, sym = schemes.pop()
+    if fmt == "awq":
+        from llmc.formats.awq import awq_quantization_config, write_awq_checkpoint
+
+        qconfig = awq_quantization_config(group_size, _unquantized_block_linears(model, quant))
+        write_awq_checkpoint(out_dir, _plain_tensors(state, config), quantized, config, qconfig,
+                             max_shard_bytes)
+        return
+    if fmt != "gptq":
+        raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     act_order = _act_order(model)
     qconfig = quantization_config(
         bits, group_size, sym, desc_act=act_order != "none",
@@ -102,17 +156,26 @@ def write_model(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2_000_00
     write_gptq_checkpoint(out_dir, state, quantized, config, qconfig, max_shard_bytes)
 
 
-def is_gptq_checkpoint(path: Path) -> bool:
+def quant_method(path: Path) -> str | None:
+    """``quantization_config.quant_method`` of a model directory (None when unquantized)."""
     cfg = path / "config.json"
     if not cfg.is_file():
-        return False
+        return None
     q = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return q.get("quant_method") == "gptq"
+    return q.get("quant_method")
+
+
+def is_gptq_checkpoint(path: Path) -> bool:
+    return quant_method(path) == "gptq"
+
+
+def is_quantized_checkpoint(path: Path) -> bool:
+    return quant_method(path) is not None
 
 
 def is_llmc_checkpoint(path: Path) -> bool:
-    """A directory written by llmc (GPTQ or dense) that :func:`read_model` can load."""
-    return is_gptq_checkpoint(path) or (path / "llmc_report.json").is_file()
+    """A directory :func:`read_model` can load: a GPTQ or AWQ checkpoint, or llmc's dense one."""
+    return quant_method(path) in FORMATS or (path / "llmc_report.json").is_file()
 
 
 def read_model(path: Path) -> nn.Module:
@@ -122,18 +185,27 @@ def read_model(path: Path) -> nn.Module:
 
     config = json.loads((path / "config.json").read_text())
     qconfig = config.pop("quantization_config", None) or {}
-    if qconfig and qconfig.get("quant_method") != "gptq":
-        raise ValueError(f"{path}: quant_method {qconfig.get('quant_method')!r} is not supported")
+    method = qconfig.get("quant_method")
+    if qconfig and method not in FORMATS:
+        raise ValueError(f"{path}: quant_method {method!r} is not supported")
+    if method == "awq" and (qconfig.get("bits", qconfig.get("w_bit")) != 4
+                            or str(qconfig.get("version", "gemm")).lower() != "gemm"):
+        raise ValueError(f"{path}: only 4-bit AWQ in the GEMM layout can be read")
     model_type = config.pop("model_type")
     hf_config = AutoConfig.for_model(model_type, **config)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     tensors = read_checkpoint_tensors(path)
     for prefix in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
         module = model.get_submodule(prefix)
-        qw = read_gptq_tensors(
-            tensors, prefix, qconfig["bits"], qconfig["group_size"], qconfig["sym"],
-            qconfig.get("checkpoint_format", "gptq"), module.in_features, module.out_features,
-        )
+        if method == "awq":
+            qw = read_awq_tensors(tensors, prefix, qconfig["group_size"], module.in_features,
+                                  module.out_features)
+        else:
+            qw = read_gptq_tensors(
+                tensors, prefix, qconfig["bits"], qconfig["group_size"], qconfig["sym"],
+                qconfig.get("checkpoint_format", "gptq"), module.in_features,
+                module.out_features,
+            )
         module.weight.data = qw.dequantize()
         module.llmc_quant = qw.state()
         for suffix in ("qweight", "qzeros", "scales", "g_idx"):

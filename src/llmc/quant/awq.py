@@ -38,10 +38,10 @@ class AWQConfig:
     sym: bool = True
     grid: int = 20
     duo_scaling: bool = True
-    search_samples: int = 16
+    search_samples: int = 4
     seed: int = 0
     clip: bool = True
-    clip_grid: int = 20
+    clip_grid: int = 100
     clip_max_shrink: float = 0.5
 
     def __post_init__(self) -> None:
@@ -173,48 +173,70 @@ def hessian_loss(H: Tensor, originals: list[Tensor]) -> Callable[[list[Tensor]],
     return loss
 
 
+def _clip_error(w: Tensor, Hg: Tensor, m: Tensor, scheme: QuantScheme) -> Tensor:
+    """Per row: the output error ``dW Hg dW^T`` of ``w`` clamped to ``[-m, m]`` and quantized."""
+    m = m[:, None]
+    c = torch.maximum(torch.minimum(w, m), -m)
+    s, z = qparams_from_range(c.amin(dim=1).clamp(max=0), c.amax(dim=1).clamp(min=0), scheme)
+    dW = fake_quantize(c, s[:, None], z[:, None], scheme.maxq) - w
+    return ((dW @ Hg) * dW).sum(dim=1)
+
+
 def clip_weight(
-    W: Tensor, H: Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.5
+    W: Tensor, H: Tensor, scheme: QuantScheme, grid: int = 100, max_shrink: float = 0.5,
+    stride: int = 4,
 ) -> tuple[Tensor, Tensor]:
     """AWQ's clipping search: for each row and group, the range ``[-m, m]``, ``m`` a shrink of
-    the group's max |w| on a grid, that minimises the group's output error
-    ``dW_g H_gg dW_g^T`` (``H_gg``: the group's diagonal block of the input Hessian). Returns
-    the clamped weight and the chosen shrink factors [N, G]."""
+    the group's max |w| on a grid (``1 - i / grid`` down to ``1 - max_shrink``), that minimises
+    the group's output error ``dW_g H_gg dW_g^T`` (``H_gg``: the group's diagonal block of the
+    input Hessian). Every ``stride``-th factor first, then each row's neighbours of its best.
+    Returns the clamped weight and the chosen shrink factors [N, G]."""
     W = W.detach().float()
     N, K = W.shape
     width = scheme.group_width(K)
+    steps = max(int(max_shrink * grid), 1)
     out = W.clone()
     factors = []
     for a in range(0, K, width):
         b = min(a + width, K)
         w = W[:, a:b]
         Hg = H[a:b, a:b].float()
-        amax = w.abs().amax(dim=1, keepdim=True)
+        amax = w.abs().amax(dim=1)
         best = torch.full((N,), float("inf"))
-        best_p = torch.ones(N)
-        for i in range(max(int(max_shrink * grid), 1)):
-            p = 1 - i / grid
-            m = amax * p
-            c = torch.maximum(torch.minimum(w, m), -m)
-            xmin = c.amin(dim=1).clamp(max=0)
-            xmax = c.amax(dim=1).clamp(min=0)
-            s, z = qparams_from_range(xmin, xmax, scheme)
-            dW = fake_quantize(c, s[:, None], z[:, None], scheme.maxq) - w
-            err = ((dW @ Hg) * dW).sum(dim=1)
-            better = err < best
-            best = torch.where(better, err, best)
-            best_p = torch.where(better, torch.full_like(best_p, p), best_p)
-        m = amax * best_p[:, None]
+        best_i = torch.zeros(N, dtype=torch.long)
+
+        tries = [torch.full((N,), i, dtype=torch.long) for i in range(0, steps, stride)]
+        for fine in (False, True):
+            if fine:  # the neighbours of each row's best coarse step
+                tries = [(best_i + d).clamp(0, steps - 1) for k in range(1, stride)
+                         for d in (-k, k)]
+            for i in tries:
+                err = _clip_error(w, Hg, amax * (1 - i.float() / grid), scheme)
+                better = err < best
+                best = torch.where(better, err, best)
+                best_i = torch.where(better, i, best_i)
+        p = 1 - best_i.float() / grid
+        m = (amax * p)[:, None]
         out[:, a:b] = torch.maximum(torch.minimum(w, m), -m)
-        factors.append(best_p)
+        factors.append(p)
     return out, torch.stack(factors, dim=1)
 
 
-def search_chunks(n_chunks: int, chunk_size: int, samples: int, seed: int) -> list[int]:
-    """A seeded choice of whole chunks holding at least ``samples`` windows."""
-    want = min(n_chunks, -(-samples // chunk_size))
+def search_windows(n_windows: int, samples: int, seed: int) -> list[int]:
+    """A seeded choice of ``samples`` calibration windows (sorted)."""
     g = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(n_chunks, generator=g)[:want].tolist())
+    return sorted(torch.randperm(n_windows, generator=g)[:samples].tolist())
+
+
+def _rows(obj: Any, rows: Tensor, n: int) -> Any:
+    """The ``rows`` of every tensor in ``obj`` whose first dimension is the batch ``n``."""
+    if isinstance(obj, Tensor):
+        return obj[rows] if obj.dim() > 0 and obj.shape[0] == n else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_rows(o, rows, n) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _rows(v, rows, n) for k, v in obj.items()}
+    return obj
 
 
 def scale_prev(module: nn.Module, s: Tensor, norm_offset: float = 0.0) -> None:
@@ -289,33 +311,52 @@ class AWQ:
             return {}
         t0 = time.perf_counter()
         fwd = ctx.forward_copy()
-        chosen = set(search_chunks(ctx.n_chunks, ctx.batch_size, c.search_samples, c.seed))
+        windows = search_windows(ctx.hidden.shape[0], c.search_samples, c.seed)
+        bs = ctx.batch_size
+        rows_of = {}  # chunk -> rows of its search windows
+        for w in windows:
+            rows_of.setdefault(w // bs, []).append(w % bs)
+        rows_of = {ch: torch.tensor(r) for ch, r in rows_of.items()}
+        # Token-wise statistics (each pair's input Hessian, the MLP search) use as many tokens
+        # as the search windows hold, drawn at random from every chunk.
+        per_chunk = -(-c.search_samples * ctx.hidden.shape[1] // ctx.n_chunks)
+        gen = torch.Generator().manual_seed(c.seed)
+        sel_of = {ch: torch.randperm(min(bs, ctx.hidden.shape[0] - ch * bs) * ctx.hidden.shape[1],
+                                     generator=gen)[:per_chunk].sort().values
+                  for ch in range(ctx.n_chunks)}
         current = [-1]
         xsum = {p.prev: None for p in pairs}
         count = dict.fromkeys(xsum, 0)
         hess = {p.prev: HessianStats(fwd.get_submodule(p.linears[0]).in_features)
                 for p in pairs}
         calls: dict[str, list] = {p.inspect: [] for p in pairs if p.inspect}
+        tokenwise = {p.inspect for p in pairs if p.inspect and p.tokenwise}
 
         def input_hook(prev: str):
             def hook(module: nn.Module, inputs: tuple) -> None:
-                x = inputs[0].detach()
-                x2 = x.reshape(-1, x.shape[-1])
+                x2 = inputs[0].detach().reshape(-1, inputs[0].shape[-1])  # [n * T, d]
                 part = x2.abs().sum(dim=0, dtype=torch.float32)
                 xsum[prev] = part if xsum[prev] is None else xsum[prev] + part
                 count[prev] += x2.shape[0]
-                if current[0] in chosen:
-                    hess[prev].add_batch(x2)
+                hess[prev].add_batch(x2[sel_of[current[0]]])
             return hook
 
         def call_hook(name: str):
             def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                if current[0] in chosen:
-                    calls[name].append([args, kwargs, None])
+                if name in tokenwise:  # one input, any leading shape: a sample of its tokens
+                    x = args[0] if args else next(iter(kwargs.values()))
+                    calls[name].append([(x.reshape(-1, x.shape[-1])[sel_of[current[0]]],), {},
+                                        None])
+                    return
+                rows = rows_of.get(current[0])
+                if rows is not None:
+                    n = min(bs, ctx.hidden.shape[0] - current[0] * bs)  # the chunk's windows
+                    calls[name].append([_rows(args, rows, n), _rows(kwargs, rows, n), None])
 
             def post(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-                if current[0] in chosen:
-                    calls[name][-1][2] = _first(out).detach()
+                # (a token-wise module's reference outputs are computed at search time)
+                if name not in tokenwise and current[0] in rows_of:
+                    calls[name][-1][2] = _first(out).detach()[rows_of[current[0]]]
             return pre, post
 
         handles = []
@@ -327,11 +368,17 @@ class AWQ:
             m = fwd.get_submodule(name)
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(m.register_forward_hook(post, with_kwargs=True))
+        tail = ctx.adapter.tail
+        if tail is not None:
+            # Only the tail's inputs matter in this pass, not its outputs: skip its matmul.
+            fwd.get_submodule(tail).forward = lambda x: torch.zeros((), dtype=x.dtype)
         try:
             ctx.forward(fwd, before=lambda i: current.__setitem__(0, i))
         finally:
             for h in handles:
                 h.remove()
+            if tail is not None:
+                del fwd.get_submodule(tail).forward
         t_stats = time.perf_counter() - t0
 
         pair_records = []
@@ -359,6 +406,7 @@ class AWQ:
                 "prev": p.prev, "linears": list(p.linears), "alpha": res.alpha,
                 "loss": min(res.losses), "loss_rtn": res.losses[0], "tied_heads": tie is not None,
             })
+        t_clip = time.perf_counter()
         clipped = {}
         if c.clip:
             for p in pairs:
@@ -373,12 +421,10 @@ class AWQ:
         return {
             "pairs": pair_records,
             "clip_mean_factor": clipped,
-            "search_windows": sorted(
-                w for ch in chosen
-                for w in range(ch * ctx.batch_size,
-                               min((ch + 1) * ctx.batch_size, ctx.hidden.shape[0]))
-            ),
+            "search_windows": windows,
+            "search_tokens": sum(len(v) for v in sel_of.values()),
             "stats_seconds": t_stats,
+            "clip_seconds": time.perf_counter() - t_clip,
             "seconds": time.perf_counter() - t0,
         }
 
@@ -388,6 +434,11 @@ class AWQ:
         the candidate weights (in the forward dtype)."""
         module = fwd.get_submodule(pair.inspect)
         linears = [fwd.get_submodule(n) for n in pair.linears]
+
+        with torch.no_grad():
+            for call in calls:
+                if call[2] is None:  # reference outputs on the unquantized weights
+                    call[2] = _first(module(*call[0], **call[1])).detach()
 
         def loss(candidates: list[Tensor]) -> float:
             for m, W in zip(linears, candidates):

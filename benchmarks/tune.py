@@ -1,0 +1,99 @@
+"""Choose a method's settings on held-out calibration text, never on the test split.
+
+Each candidate compresses SmolLM2-135M with the benchmark's calibration set (128 windows of 512
+tokens of the wikitext-2-v1 validation split, seed 0) and is scored by perplexity on held-out
+windows of the same split that overlap no calibration window
+(``llmc.calibration.heldout_windows``). Results go to ``benchmarks/results/tune_<set>.json``.
+
+    python benchmarks/tune.py gptq    # GPTQ's clipping (4-bit, group 64)
+    python benchmarks/tune.py awq     # AWQ's search sample and scale form (4-bit, group 64)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from quant_table import PeakRSS
+
+import llmc
+from llmc.calibration import CalibrationConfig, TokenSource, calibration_windows, heldout_windows
+from llmc.eval.perplexity import perplexity
+from llmc.models import load_model
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def gptq(**args) -> list[dict]:
+    return [{"method": "gptq", "args": {"bits": 4, "group_size": 64, **args}}]
+
+
+def awq(**args) -> list[dict]:
+    return [{"method": "awq", "args": {"bits": 4, "group_size": 64, **args}}]
+
+
+SETS = {
+    "gptq": ("GPTQ 4-bit group 64 sym static act-order", {
+        "no-clip": gptq(clip=False),
+        "clip-norm2-hdiag (default)": gptq(clip=True, clip_norm=2.0),
+        "clip-norm2.4-hdiag": gptq(clip=True, clip_norm=2.4),
+    }),
+    "awq": ("AWQ 4-bit group 64 sym, then RTN", {
+        "duo, 16 search windows (default)": awq(),
+        "duo, 4 search windows": awq(search_samples=4),
+        "x_mean only, 16 search windows": awq(duo_scaling=False),
+        "duo, 16 search windows, no clip": awq(clip=False),
+    }),
+}
+
+
+def heldout_ppl(model, windows: torch.Tensor) -> float:
+    """The held-out windows laid end to end and cut back into the same windows."""
+    ids = windows.reshape(1, -1)
+    return perplexity(model, ids, seqlen=windows.shape[1])["perplexity"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("set", choices=list(SETS))
+    ap.add_argument("--only", nargs="*", help="Run these candidates only (kept: the others)")
+    args = ap.parse_args()
+    what, candidates = SETS[args.set]
+    out = RESULTS / f"tune_{args.set}.json"
+    model, tok = load_model("smollm2-135m")
+    src = TokenSource(tok)
+    cfg = CalibrationConfig(samples=128, seqlen=512, seed=0)
+    calib = calibration_windows(src, cfg)
+    held = heldout_windows(src, cfg, 16)
+    protocol = (f"{what}, 128x512 calibration; score: perplexity on 16 held-out windows of 512 "
+                "tokens of the wikitext-2-v1 validation split, disjoint from the calibration "
+                "windows")
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if results.get("protocol") != protocol:
+        results = {"protocol": protocol, "candidates": {}}
+    results["fp"] = heldout_ppl(model, held)
+    print("fp", results["fp"], flush=True)
+    for name, steps in candidates.items():
+        if args.only and name not in args.only:
+            continue
+        m = copy.deepcopy(model)
+        with PeakRSS() as mem:
+            t = time.perf_counter()
+            m, _ = llmc.compress(m, {"steps": steps}, calibration=calib, progress=False)
+            secs = time.perf_counter() - t
+        results["candidates"][name] = {
+            "steps": steps, "heldout_ppl": heldout_ppl(m, held), "compress_seconds": secs,
+            "peak_rss_growth_mib": (mem.peak - mem.start) / 2**20,
+        }
+        print(name, results["candidates"][name], flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        del m
+
+
+if __name__ == "__main__":
+    main()
