@@ -1,5 +1,5 @@
 """Measure and write ``benchmarks/baselines/smollm2_ci.json``, the baseline of the CI
-perplexity regression (``tests/test_smollm2.py``): FP, RTN and GPTQ (4-bit, group 64) on
+perplexity regression (``tests/test_smollm2.py``): FP, RTN, GPTQ and AWQ (4-bit, group 64) on
 SmolLM2-135M, 16 calibration windows of 512 tokens, the first 4 windows of 2048 tokens of the
 raw Wikitext-2 test split. Rerun it only when a change is meant to move the numbers.
 
@@ -33,10 +33,11 @@ BASELINE = {
     "recipes": {
         "rtn": {"steps": [{"method": "rtn", "args": {"bits": 4, "group_size": 64}}]},
         "gptq": {"steps": [{"method": "gptq", "args": {"bits": 4, "group_size": 64}}]},
+        "awq": {"steps": [{"method": "awq", "args": {"bits": 4, "group_size": 64}}]},
     },
     "tolerance": 0.02,
-    "tolerance_note": "GPTQ may be at most 2% above its baseline perplexity (bf16 forwards and "
-                      "BLAS threading move it by well under 1%).",
+    "tolerance_note": "GPTQ and AWQ may be at most 2% above their baseline perplexity (bf16 "
+                      "forwards and BLAS threading move them by well under 1%).",
 }
 
 
@@ -47,7 +48,7 @@ def main() -> None:
     cal = BASELINE["calibration"]
     windows = calibration_windows(tok, CalibrationConfig(**cal))
     out = dict(BASELINE)
-    for key in ("fp", "rtn", "gptq"):
+    for key in ("fp", "rtn", "gptq", "awq"):
         m = model
         if key != "fp":
             t = time.perf_counter()

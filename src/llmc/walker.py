@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -61,15 +62,21 @@ class WalkerConfig:
         return DTYPES[self.dtype]
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
 def _release_memory() -> None:
     """Hand freed heap pages back to the OS (glibc's ``malloc_trim``): between blocks the
     freed activations of the last one are scattered through the heap, and without this the RSS
     keeps them."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class _Stop(Exception):
