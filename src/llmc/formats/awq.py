@@ -18,18 +18,14 @@ groups). Symmetric schemes are written with their zero point ``2^(bits-1)`` expl
 
 from __future__ import annotations
 
-import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from llmc.formats.io import save_json, save_sharded_safetensors
+from llmc.formats.io import write_quantized_checkpoint
 from llmc.quant.scheme import QuantizedWeight
-
-log = logging.getLogger(__name__)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 BITS = 4
@@ -146,18 +142,11 @@ def write_awq_checkpoint(
     qconfig: dict[str, Any],
     max_shard_bytes: int = 2_000_000_000,
 ) -> list[str]:
-    """Write an AWQ checkpoint into ``out_dir`` (``state``: the non-quantized tensors, already
-    free of tied duplicates; ``quantized``: module name -> (codes, bias))."""
-    tensors = dict(state)
-    for name, (qw, bias) in quantized.items():
+    """Write an AWQ checkpoint into ``out_dir`` (``state``: the non-quantized tensors;
+    ``quantized``: module name -> (codes, bias))."""
+    for name, (qw, _) in quantized.items():
         if qw.group_size != qconfig["group_size"]:
             raise ValueError(f"{name}: group_size {qw.group_size} but the checkpoint's is "
                              f"{qconfig['group_size']}")
-        for key, t in awq_tensors(name, qw, bias).items():
-            if key in tensors:
-                raise ValueError(f"{key} is both in state and produced by {name}")
-            tensors[key] = t
-    files = save_sharded_safetensors(out_dir, tensors, max_shard_bytes)
-    save_json(Path(out_dir) / "config.json", {**config_dict, "quantization_config": qconfig})
-    log.info("wrote %d tensors (%d AWQ modules) to %s", len(tensors), len(quantized), out_dir)
-    return [*files, "config.json"]
+    return write_quantized_checkpoint(out_dir, state, quantized, awq_tensors, config_dict, qconfig,
+                                      max_shard_bytes)

@@ -13,13 +13,17 @@ from torch import nn
 
 from llmc.formats.awq import read_awq_tensors
 from llmc.formats.gptq import (
-    _plain_tensors,
     choose_checkpoint_format,
     quantization_config,
     read_gptq_tensors,
     write_gptq_checkpoint,
 )
-from llmc.formats.io import read_checkpoint_tensors, save_json, save_sharded_safetensors
+from llmc.formats.io import (
+    plain_tensors,
+    read_checkpoint_tensors,
+    save_json,
+    save_sharded_safetensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +130,7 @@ def write_model(
     state = {k: v for k, v in model.state_dict().items()
              if k.rsplit(".", 1)[0] not in quant}
     if not quant:
-        save_sharded_safetensors(out_dir, _plain_tensors(state, config), max_shard_bytes)
+        save_sharded_safetensors(out_dir, plain_tensors(state, config), max_shard_bytes)
         save_json(out_dir / "config.json", config)
         return
     quantized = {n: (m.llmc_quant.codes(m.weight, n), m.bias) for n, m in quant.items()}
@@ -142,8 +146,7 @@ def write_model(
         from llmc.formats.awq import awq_quantization_config, write_awq_checkpoint
 
         qconfig = awq_quantization_config(group_size, _unquantized_block_linears(model, quant))
-        write_awq_checkpoint(out_dir, _plain_tensors(state, config), quantized, config, qconfig,
-                             max_shard_bytes)
+        write_awq_checkpoint(out_dir, state, quantized, config, qconfig, max_shard_bytes)
         return
     if fmt != "gptq":
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")

@@ -22,13 +22,12 @@ import logging
 import os
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from llmc.formats.io import read_checkpoint_tensors, save_json, save_sharded_safetensors
+from llmc.formats.io import read_checkpoint_tensors, write_quantized_checkpoint
 from llmc.quant.pack import pack_cols, pack_rows, packed_len, unpack_cols, unpack_rows
 from llmc.quant.scheme import QuantizedWeight
 
@@ -233,21 +232,6 @@ def _warn_engine_limits(quantized: dict[str, tuple[QuantizedWeight, Tensor | Non
         logger.warning("%s (e.g. %s, %d module(s))", msg, names[0], len(names))
 
 
-def _plain_tensors(state: dict[str, Tensor], config_dict: dict[str, Any]) -> dict[str, Tensor]:
-    """Drop the tied ``lm_head.weight`` and clone any other tensor that shares storage."""
-    out: dict[str, Tensor] = {}
-    tied = bool(config_dict.get("tie_word_embeddings", False))
-    seen: set[int] = set()
-    for name, t in state.items():
-        if tied and name == "lm_head.weight":
-            logger.info("tie_word_embeddings: not saving lm_head.weight (tied to the embedding)")
-            continue
-        ptr = t.untyped_storage().data_ptr()
-        out[name] = t.detach().clone() if ptr in seen else t.detach()
-        seen.add(ptr)
-    return out
-
-
 def write_gptq_checkpoint(
     out_dir: str | os.PathLike[str],
     state: dict[str, Tensor],
@@ -264,22 +248,10 @@ def write_gptq_checkpoint(
     for an all-or-nothing export. Returns the file names written.
     """
     fmt = qconfig.get("checkpoint_format", "gptq")
-    tensors = _plain_tensors(state, config_dict)
     _warn_engine_limits(quantized)
-    for name, (qw, bias) in quantized.items():
+    for name, (qw, _) in quantized.items():
         _check_matches(name, qw, qconfig)
-        if f"{name}.weight" in tensors:
-            raise ValueError(
-                f"{name}.weight is both in state and quantized; leave quantized modules out of "
-                "state"
-            )
-        for key, t in gptq_tensors(name, qw, bias, fmt).items():
-            if key in tensors:
-                raise ValueError(f"{key} is both in state and produced by {name}")
-            tensors[key] = t
-    files = save_sharded_safetensors(out_dir, tensors, max_shard_bytes)
-    config = {**config_dict, "quantization_config": qconfig}
-    save_json(Path(out_dir) / "config.json", config)
-    logger.info("wrote %d tensors (%d quantized modules) to %s", len(tensors), len(quantized),
-                out_dir)
-    return [*files, "config.json"]
+    return write_quantized_checkpoint(
+        out_dir, state, quantized, lambda name, qw, bias: gptq_tensors(name, qw, bias, fmt),
+        config_dict, qconfig, max_shard_bytes,
+    )

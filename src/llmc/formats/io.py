@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -156,3 +156,49 @@ def read_checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     for fname in files:
         tensors.update(load_file(str(path / fname)))
     return tensors
+
+
+def plain_tensors(state: dict[str, Tensor], config_dict: dict[str, Any]) -> dict[str, Tensor]:
+    """Drop the tied ``lm_head.weight`` and clone any other tensor that shares storage."""
+    out: dict[str, Tensor] = {}
+    tied = bool(config_dict.get("tie_word_embeddings", False))
+    seen: set[int] = set()
+    for name, t in state.items():
+        if tied and name == "lm_head.weight":
+            logger.info("tie_word_embeddings: not saving lm_head.weight (tied to the embedding)")
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.detach().clone() if ptr in seen else t.detach()
+        seen.add(ptr)
+    return out
+
+
+def write_quantized_checkpoint(
+    out_dir: str | os.PathLike[str],
+    state: dict[str, Tensor],
+    quantized: dict[str, tuple[Any, Tensor | None]],
+    pack: Callable[[str, Any, Tensor | None], dict[str, Tensor]],
+    config_dict: dict[str, Any],
+    qconfig: dict[str, Any],
+    max_shard_bytes: int = 2_000_000_000,
+) -> list[str]:
+    """Write a quantized checkpoint into ``out_dir``: the non-quantized tensors of ``state``
+    (see :func:`plain_tensors`), each quantized module's tensors from ``pack(name, codes,
+    bias)``, sharded safetensors, and ``config.json`` (``config_dict`` plus
+    ``quantization_config = qconfig``). Returns the file names written."""
+    tensors = plain_tensors(state, config_dict)
+    for name, (qw, bias) in quantized.items():
+        if f"{name}.weight" in tensors:
+            raise ValueError(
+                f"{name}.weight is both in state and quantized; leave quantized modules out of "
+                "state"
+            )
+        for key, t in pack(name, qw, bias).items():
+            if key in tensors:
+                raise ValueError(f"{key} is both in state and produced by {name}")
+            tensors[key] = t
+    files = save_sharded_safetensors(out_dir, tensors, max_shard_bytes)
+    save_json(Path(out_dir) / "config.json", {**config_dict, "quantization_config": qconfig})
+    logger.info("wrote %d tensors (%d %s modules) to %s", len(tensors), len(quantized),
+                qconfig.get("quant_method"), out_dir)
+    return [*files, "config.json"]
