@@ -22,13 +22,14 @@ rewrite the block's float32 weights; the Linear steps then walk the rewritten bl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import ctypes.util
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,20 @@ def _release_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@contextlib.contextmanager
+def replaced_forward(module: nn.Module | None, forward: Callable[..., Any]) -> Iterator[None]:
+    """``module`` computes ``forward`` instead of its own inside the block (hooks still run);
+    nothing happens for ``module=None``."""
+    if module is None:
+        yield
+        return
+    module.forward = forward  # an instance attribute shadows the class's method
+    try:
+        yield
+    finally:
+        del module.forward
 
 
 class _Stop(Exception):
@@ -133,7 +148,7 @@ class BlockContext:
         out = module(x.to(self.device), *args, **kwargs)
         if store:
             # Chunk c's inputs are dead once its forward returned: its outputs replace them.
-            self.hidden[c * bs : c * bs + n] = _first_tensor(out).to("cpu", self.hidden.dtype)
+            self.hidden[c * bs : c * bs + n] = first_tensor(out).to("cpu", self.hidden.dtype)
 
     def forward(
         self, module: nn.Module, store: bool = False,
@@ -147,24 +162,24 @@ class BlockContext:
                 self.forward_chunk(module, c, store)
 
 
-def _first_tensor(out: Any) -> Tensor:
+def first_tensor(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     """``fn`` applied to every tensor inside nested tuples, lists and dicts."""
     if isinstance(obj, Tensor):
         return fn(obj)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_map_tensors(o, fn) for o in obj)
+        return type(obj)(map_tensors(o, fn) for o in obj)
     if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     return obj
 
 
 def _cast(obj: Any, dtype: torch.dtype, device: torch.device) -> Any:
     """Floating tensors inside kwargs (position embeddings, float masks) to the forward dtype."""
-    return _map_tensors(
+    return map_tensors(
         obj, lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)
     )
 
@@ -401,24 +416,25 @@ class LayerWalker:
             self._compress_group(block_index, group, masters, copies, stats, steps)
             done.add(id(group))
 
+        def feed(group: list[str], x: Tensor) -> None:
+            for (gid, _), st in stats.items():
+                if gid == id(group):
+                    st.add_batch(x)
+
         def hook_for(name: str):
             group = group_of[name]
 
             def pre_hook(module: nn.Module, inputs: tuple) -> None:
                 if id(group) in done or name != group[0]:
                     return
-                for (gid, _), st in stats.items():
-                    if gid == id(group):
-                        st.add_batch(inputs[0])
+                feed(group, inputs[0])
                 if sequential:
                     lockstep.barrier(lambda: compress(group))
 
             return pre_hook
 
         def tail_forward(x: Tensor) -> Tensor:
-            for (gid, _), st in stats.items():
-                if gid == id(groups[-1]):
-                    st.add_batch(x)
+            feed(groups[-1], x)
             tail_inputs[chunk_of[greenlet.getcurrent()]] = x
             return x.new_zeros(*x.shape[:-1], copies[tail].out_features)
 
@@ -430,12 +446,9 @@ class LayerWalker:
                     handles.append(copies[g[0]].register_forward_pre_hook(hook_for(g[0])))
         try:
             if sequential:
-                if tail is not None:
-                    copies[tail].forward = tail_forward  # an instance attribute, removed below
-                with torch.no_grad():
+                with replaced_forward(copies.get(tail), tail_forward), torch.no_grad():
                     lockstep.run(forward_chunk)
                 if tail is not None:
-                    del copies[tail].forward
                     compress(groups[-1])
                     with torch.no_grad():
                         for c in sorted(tail_inputs):
@@ -457,8 +470,6 @@ class LayerWalker:
         finally:
             for h in handles:
                 h.remove()
-            if tail is not None:
-                copies[tail].__dict__.pop("forward", None)
         missing = [g for g in groups if id(g) not in done]
         if missing:
             raise ValueError(

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from llmc.quant.gptq import HessianStats
 from llmc.quant.scheme import QuantScheme, fake_quantize, grouped_qparams, qparams_from_range
+from llmc.walker import first_tensor, map_tensors, replaced_forward
 
 
 @dataclass(frozen=True)
@@ -230,13 +231,7 @@ def search_windows(n_windows: int, samples: int, seed: int) -> list[int]:
 
 def _rows(obj: Any, rows: Tensor, n: int) -> Any:
     """The ``rows`` of every tensor in ``obj`` whose first dimension is the batch ``n``."""
-    if isinstance(obj, Tensor):
-        return obj[rows] if obj.dim() > 0 and obj.shape[0] == n else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_rows(o, rows, n) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _rows(v, rows, n) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t[rows] if t.dim() > 0 and t.shape[0] == n else t)
 
 
 def scale_prev(module: nn.Module, s: Tensor, norm_offset: float = 0.0) -> None:
@@ -356,7 +351,7 @@ class AWQ:
             def post(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
                 # (a token-wise module's reference outputs are computed at search time)
                 if name not in tokenwise and current[0] in rows_of:
-                    calls[name][-1][2] = _first(out).detach()[rows_of[current[0]]]
+                    calls[name][-1][2] = first_tensor(out).detach()[rows_of[current[0]]]
             return pre, post
 
         handles = []
@@ -368,17 +363,14 @@ class AWQ:
             m = fwd.get_submodule(name)
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(m.register_forward_hook(post, with_kwargs=True))
-        tail = ctx.adapter.tail
-        if tail is not None:
-            # Only the tail's inputs matter in this pass, not its outputs: skip its matmul.
-            fwd.get_submodule(tail).forward = lambda x: torch.zeros((), dtype=x.dtype)
+        tail = fwd.get_submodule(ctx.adapter.tail) if ctx.adapter.tail else None
+        # Only the tail's inputs matter in this pass, not its outputs: skip its matmul.
         try:
-            ctx.forward(fwd, before=lambda i: current.__setitem__(0, i))
+            with replaced_forward(tail, lambda x: torch.zeros((), dtype=x.dtype)):
+                ctx.forward(fwd, before=lambda i: current.__setitem__(0, i))
         finally:
             for h in handles:
                 h.remove()
-            if tail is not None:
-                del fwd.get_submodule(tail).forward
         t_stats = time.perf_counter() - t0
 
         pair_records = []
@@ -438,19 +430,16 @@ class AWQ:
         with torch.no_grad():
             for call in calls:
                 if call[2] is None:  # reference outputs on the unquantized weights
-                    call[2] = _first(module(*call[0], **call[1])).detach()
+                    call[2] = first_tensor(module(*call[0], **call[1])).detach()
 
         def loss(candidates: list[Tensor]) -> float:
             for m, W in zip(linears, candidates):
                 m.weight.data.copy_(W.to(dtype))
             total = 0.0
             for args, kwargs, ref in calls:
-                out = _first(module(*args, **kwargs))
+                out = first_tensor(module(*args, **kwargs))
                 total += float((out.float() - ref.float()).pow(2).sum())
             return total
 
         return loss
 
-
-def _first(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
