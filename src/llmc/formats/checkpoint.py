@@ -168,14 +168,6 @@ def quant_method(path: Path) -> str | None:
     return q.get("quant_method")
 
 
-def is_gptq_checkpoint(path: Path) -> bool:
-    return quant_method(path) == "gptq"
-
-
-def is_quantized_checkpoint(path: Path) -> bool:
-    return quant_method(path) is not None
-
-
 def is_llmc_checkpoint(path: Path) -> bool:
     """A directory :func:`read_model` can load: a GPTQ or AWQ checkpoint, or llmc's dense one."""
     return quant_method(path) in FORMATS or (path / "llmc_report.json").is_file()

@@ -288,8 +288,6 @@ class AWQ:
     every scaling pair of the architecture whose Linears the step targets, then clips."""
 
     needs_calibration = True
-    sequential = False
-    stats_kind = None
 
     def __init__(self, config: AWQConfig) -> None:
         self.config = config
