@@ -47,6 +47,7 @@ SETS = {
         "duo, 4 search windows, clip grid 100 (default)": awq(),
         "x_mean only": awq(duo_scaling=False),
         "clip grid 20 (AutoAWQ's)": awq(clip_grid=20),
+        "8 search windows": awq(search_samples=8),
     }),
 }
 

@@ -35,7 +35,7 @@ def test_yaml_round_trip(tmp_path):
     "data, match",
     [
         ({"steps": [{"method": "gptq"}], "calibraton": {}}, "unknown recipe key.*calibraton"),
-        ({"steps": [{"method": "gptx"}]}, "unknown method 'gptx'.*gptq, rtn"),
+        ({"steps": [{"method": "gptx"}]}, "unknown method 'gptx'.*gptq, magnitude, rtn"),
         ({"steps": [{"method": "gptq", "args": {"bitz": 4}}]}, "steps\\[0\\].*bitz.*valid"),
         ({"steps": [{"method": "gptq", "args": {"bits": 9}}]}, "steps\\[0\\].*bits"),
         ({"steps": [{"method": "gptq", "target": ["x"]}]}, "steps\\[0\\].*target"),

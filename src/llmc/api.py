@@ -26,13 +26,15 @@ RECIPE_FILE = "recipe.yaml"
 
 @dataclass
 class CompressionReport:
-    """What ``compress`` did: per-layer relative output error, time per block, what each block
-    transform chose (AWQ: per pair the exponent and the losses), totals."""
+    """What ``compress`` did: per-layer relative output error (and sparsity, when pruned), time
+    per block, what each block transform chose (AWQ: per pair the exponent and the losses),
+    what a planning pass chose (OWL: per block the outlier ratio and sparsity), totals."""
 
     recipe: dict[str, Any]
     layers: list[dict[str, Any]] = field(default_factory=list)
     blocks: list[dict[str, Any]] = field(default_factory=list)
     transforms: list[dict[str, Any]] = field(default_factory=list)
+    plans: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     capture_seconds: float = 0.0
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +96,7 @@ def compress(
         layers=[asdict(r) for r in walk.layers],
         blocks=walk.blocks,
         transforms=walk.transforms,
+        plans=walk.plans,
         seconds=time.perf_counter() - t,
         capture_seconds=walk.capture_seconds,
         calibration=calib_info,

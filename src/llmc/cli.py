@@ -111,7 +111,8 @@ def _run(model_name: str, recipe, opts: dict[str, Any]) -> None:
 @click.group()
 @click.version_option(package_name="llmc")
 def cli() -> None:
-    """llmc: compress large language models (GPTQ/AWQ/RTN quantization, evaluation, export)."""
+    """llmc: compress large language models (GPTQ/AWQ/RTN quantization, SparseGPT/Wanda/
+    magnitude pruning, evaluation)."""
 
 
 @cli.command()
@@ -150,6 +151,50 @@ def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, act
         "awq+gptq": [{"method": "awq", "args": scheme},
                      {"method": "gptq", "args": {**gptq, **clipping}}],
     }[method]
+    recipe = _with_overrides(Recipe.from_dict({"steps": steps}), opts)
+    _run(model, recipe, opts)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice(["sparsegpt", "wanda", "magnitude"]),
+              default="sparsegpt", show_default=True, help="Pruning method")
+@click.option("--sparsity", type=float, default=0.5, show_default=True,
+              help="Fraction of each targeted Linear's weights set to zero (unstructured)")
+@click.option("--pattern", default=None,
+              help="N:M semi-structured sparsity instead, e.g. 2:4 (N kept of every M inputs)")
+@click.option("--scope", type=click.Choice(["row", "layer"]), default=None,
+              help="Rank unstructured weights per output row or over the layer [default: row "
+                   "for wanda, layer for sparsegpt and magnitude]")
+@click.option("--owl", is_flag=True,
+              help="Outlier-weighted layerwise sparsity: per-block ratios around --sparsity")
+@click.option("--bits", type=int, default=None,
+              help="Also quantize: sparsegpt quantizes in the same pass, wanda and magnitude "
+                   "are followed by GPTQ [default: no quantization]")
+@click.option("--group-size", type=int, default=128, show_default=True,
+              help="With --bits: input columns per scale; -1 for one per output channel")
+@click.option("--sym/--asym", default=True, show_default=True,
+              help="With --bits: symmetric or asymmetric")
+@calibration_options
+@_errors
+def prune(model: str, method: str, sparsity: float, pattern: str | None, scope: str | None,
+          owl: bool, bits: int | None, group_size: int, sym: bool, **opts: Any) -> None:
+    """Prune MODEL (a demo name, an HF id or directory, or a .gguf file) and write a checkpoint
+    to -o: dense safetensors with its zeros, or a quantized layout with --bits."""
+    from llmc.recipe import Recipe
+
+    _setup_logging(opts["quiet"])
+    args: dict[str, Any] = {"sparsity": sparsity, "owl": owl}
+    if pattern:
+        args["pattern"] = pattern
+    if scope:
+        args["scope"] = scope
+    scheme = {"bits": bits, "group_size": group_size, "sym": sym}
+    steps = [{"method": method, "args": args}]
+    if bits is not None and method == "sparsegpt":
+        args.update(scheme)
+    elif bits is not None:
+        steps.append({"method": "gptq", "args": scheme})
     recipe = _with_overrides(Recipe.from_dict({"steps": steps}), opts)
     _run(model, recipe, opts)
 

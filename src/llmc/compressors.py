@@ -3,7 +3,8 @@
 A method is a frozen config dataclass plus a thin class that creates statistics objects
 (``new_stats``) and compresses one weight (``compress``). Linears that read the same input
 (q/k/v; gate/up) share one statistics object; methods whose ``stats_kind`` is equal share it
-across recipe steps too.
+across recipe steps too. A pruner returns its keep ``mask``; the steps after it in the same
+walk get that mask and keep its zeros exactly zero.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
+from llmc.prune.masks import PruneArgs
+from llmc.prune.owl import owl_plan
+from llmc.prune.sparsegpt import SparseGPTConfig
+from llmc.prune.wanda import ColumnNormStats, MagnitudeConfig, WandaConfig, wanda_scores
 from llmc.quant.awq import AWQ, AWQConfig
-from llmc.quant.gptq import GPTQConfig, HessianStats, gptq_quantize
+from llmc.quant.gptq import GPTQConfig, HessianStats, PruneRule, gptq_quantize, obs_compress
 from llmc.quant.rtn import RTNConfig, rtn_quantize
 from llmc.quant.scheme import QuantizedWeight, output_error
 from llmc.registry import Registry
@@ -23,14 +28,16 @@ from llmc.registry import Registry
 
 @dataclass
 class CompressResult:
-    """The new dense weight [N, K] (fp32), its integer form when quantized, and the relative
-    layer-output error ``tr(dW H dW^T) / tr(W H W^T)`` when a Hessian is known."""
+    """The new dense weight [N, K] (fp32), its integer form when quantized, its keep mask when
+    pruned, and the relative layer-output error ``tr(dW H dW^T) / tr(W H W^T)`` when a Hessian
+    is known."""
 
     weight: Tensor
     quant: QuantizedWeight | None = None
     error: float | None = None
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    mask: Tensor | None = None
 
 
 class Stats(Protocol):
@@ -44,7 +51,10 @@ class LinearCompressor(Protocol):
 
     def new_stats(self, in_features: int) -> Stats | None: ...
 
-    def compress(self, name: str, weight: Tensor, stats: Stats | None) -> CompressResult: ...
+    def compress(self, name: str, weight: Tensor, stats: Stats | None,
+                 mask: Tensor | None = None) -> CompressResult:
+        """``mask``: the keep mask of an earlier pruning step (its zeros must stay zero)."""
+        ...
 
 
 class BlockTransform(Protocol):
@@ -74,12 +84,20 @@ class RTN:
     def new_stats(self, in_features: int) -> None:
         return None
 
-    def compress(self, name: str, weight: Tensor, stats: Stats | None) -> CompressResult:
+    def compress(self, name: str, weight: Tensor, stats: Stats | None,
+                 mask: Tensor | None = None) -> CompressResult:
+        # Pruned zeros stay zero: every group's range contains 0 and its zero point is an
+        # integer, so 0 rounds to the zero point's code.
         t = time.perf_counter()
         qw = rtn_quantize(weight, self.config.scheme, self.config.clip_search)
         W = qw.dequantize()
         err = output_error(weight, W, stats.H) if isinstance(stats, HessianStats) else None
         return CompressResult(W, qw, err, time.perf_counter() - t)
+
+
+def _check_fed(name: str, stats: Stats | None) -> None:
+    if stats is None or getattr(stats, "nsamples", 0) == 0:
+        raise ValueError(f"{name}: no calibration inputs reached this layer")
 
 
 class GPTQ:
@@ -95,19 +113,123 @@ class GPTQ:
     def new_stats(self, in_features: int) -> HessianStats:
         return HessianStats(in_features)
 
-    def compress(self, name: str, weight: Tensor, stats: Stats | None) -> CompressResult:
-        assert isinstance(stats, HessianStats)
-        if stats.nsamples == 0:
-            raise ValueError(f"{name}: no calibration inputs reached this layer")
+    def compress(self, name: str, weight: Tensor, stats: Stats | None,
+                 mask: Tensor | None = None) -> CompressResult:
+        _check_fed(name, stats)
         c = self.config
         t = time.perf_counter()
         qw = gptq_quantize(
             weight, stats.H, c.scheme, act_order=c.act_order, damp=c.damp,
-            block_size=c.block_size, clip=c.clip_search, name=name,
+            block_size=c.block_size, clip=c.clip_search, keep=mask, name=name,
         )
         W = qw.dequantize()
         err = output_error(weight, W, stats.H)
         return CompressResult(W, qw, err, time.perf_counter() - t)
+
+
+class _Pruner:
+    """What the pruners share: the config's mask rule, OWL's per-block ratios (planned from a
+    pass through the uncompressed model before the walk), and the union with an earlier
+    step's zeros."""
+
+    def __init__(self, config: PruneArgs) -> None:
+        self.config = config
+        self.block_sparsity: dict[str, float] = {}
+
+    def plan(self, walker: Any, hidden: Tensor, block_args: list, step: Any) -> dict[str, Any]:
+        if not self.config.owl:
+            return {}
+        self.block_sparsity, record = owl_plan(walker, hidden, block_args, step, self.config)
+        return record
+
+    def sparsity_of_block(self, name: str) -> float | None:
+        for prefix, ratio in self.block_sparsity.items():
+            if name.startswith(prefix):
+                return ratio
+        return None
+
+    def keep(self, name: str, scores: Tensor, mask: Tensor | None) -> Tensor:
+        keep = self.config.keep_mask(scores, name, self.sparsity_of_block(name))
+        return keep if mask is None else keep & mask.to(keep.device)
+
+    def result(self, weight: Tensor, keep: Tensor, stats: Stats | None, t: float,
+               W: Tensor | None = None, quant: QuantizedWeight | None = None) -> CompressResult:
+        W = weight.detach().float() * keep if W is None else W
+        err = output_error(weight, W, stats.H) if isinstance(stats, HessianStats) else None
+        return CompressResult(W, quant, err, time.perf_counter() - t, mask=keep)
+
+
+class Magnitude(_Pruner):
+    """Prune the smallest |W|; needs no calibration data (unless OWL plans the ratios)."""
+
+    sequential = False
+    stats_kind = None
+
+    def __init__(self, config: MagnitudeConfig) -> None:
+        super().__init__(config)
+        self.needs_calibration = config.owl
+
+    def new_stats(self, in_features: int) -> None:
+        return None
+
+    def compress(self, name: str, weight: Tensor, stats: Stats | None,
+                 mask: Tensor | None = None) -> CompressResult:
+        t = time.perf_counter()
+        return self.result(weight, self.keep(name, weight.detach().float().abs(), mask),
+                           stats, t)
+
+
+class Wanda(_Pruner):
+    """Prune the smallest ``|W_ij| * ||X_j||`` from the calibration inputs."""
+
+    needs_calibration = True
+    stats_kind = "sqnorm"
+
+    def __init__(self, config: WandaConfig) -> None:
+        super().__init__(config)
+        self.sequential = config.true_sequential
+
+    def new_stats(self, in_features: int) -> ColumnNormStats:
+        return ColumnNormStats(in_features)
+
+    def compress(self, name: str, weight: Tensor, stats: Stats | None,
+                 mask: Tensor | None = None) -> CompressResult:
+        _check_fed(name, stats)
+        t = time.perf_counter()
+        return self.result(weight, self.keep(name, wanda_scores(weight, stats.norms), mask),
+                           stats, t)
+
+
+class SparseGPT(_Pruner):
+    """SparseGPT's OBS pruning on the Hessian of each Linear's inputs; with ``bits`` it
+    quantizes in the same pass."""
+
+    needs_calibration = True
+    stats_kind = "hessian"
+
+    def __init__(self, config: SparseGPTConfig) -> None:
+        super().__init__(config)
+        self.sequential = config.true_sequential
+
+    def new_stats(self, in_features: int) -> HessianStats:
+        return HessianStats(in_features)
+
+    def compress(self, name: str, weight: Tensor, stats: Stats | None,
+                 mask: Tensor | None = None) -> CompressResult:
+        _check_fed(name, stats)
+        c = self.config
+        t = time.perf_counter()
+        nm = c.nm
+        rule = PruneRule(
+            sparsity=0.0 if nm else c.sparsity_for(name, self.sparsity_of_block(name)),
+            n=nm[0] if nm else 0, m=nm[1] if nm else 0, scope=c.scope,
+        )
+        W, qw, pruned = obs_compress(
+            weight, stats.H, c.scheme, prune=rule, keep=mask, act_order="none", damp=c.damp,
+            block_size=c.block_size, name=name,
+        )
+        keep = ~pruned if mask is None else ~pruned & mask.to(pruned.device)
+        return self.result(weight, keep, stats, t, W=W, quant=qw)
 
 
 METHODS: Registry[type] = Registry("method")
@@ -116,5 +238,13 @@ METHODS.register("gptq", GPTQConfig, GPTQ, "GPTQ weight quantization (Frantar et
 METHODS.register("awq", AWQConfig, AWQ,
                  "AWQ activation-aware scales, then clipping (Lin et al. 2024); a quantizer step "
                  "follows (rtn when the recipe has none)")
+METHODS.register("magnitude", MagnitudeConfig, Magnitude,
+                 "magnitude pruning, unstructured or N:M (no data)")
+METHODS.register("wanda", WandaConfig, Wanda,
+                 "Wanda pruning by |W| x input norm (Sun et al. 2023), unstructured or N:M")
+METHODS.register("sparsegpt", SparseGPTConfig, SparseGPT,
+                 "SparseGPT OBS pruning (Frantar & Alistarh 2023), unstructured or N:M, "
+                 "optionally quantizing in the same pass (bits)")
 
 QUANTIZERS = ("rtn", "gptq")
+PRUNERS = ("magnitude", "wanda", "sparsegpt")

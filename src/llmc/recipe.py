@@ -17,23 +17,11 @@ import yaml
 
 from llmc.calibration import CalibrationConfig
 from llmc.compressors import METHODS, QUANTIZERS
-from llmc.registry import build_dataclass
+from llmc.registry import build_dataclass, matches
 from llmc.walker import WalkerConfig
 
 DEFAULT_TARGETS = ("re:.*",)
 DEFAULT_IGNORE = ("lm_head",)
-
-
-def matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
-    """``re:<regex>`` searches the full module name; a plain string matches the name or its
-    last dotted components (``q_proj`` matches ``model.layers.0.self_attn.q_proj``)."""
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.search(p[3:], name):
-                return True
-        elif name == p or name.endswith("." + p):
-            return True
-    return False
 
 
 @dataclass(frozen=True)
@@ -260,7 +248,17 @@ class Recipe:
                     f"steps[{i}].targets: {list(step.targets)} (minus ignore {list(step.ignore)}) "
                     "matches no Linear in the model's blocks"
                 )
-            g = getattr(step.config, "group_size", None)
+            nm = getattr(step.config, "nm", None)
+            if nm:
+                bad = sorted(n for n, k in chosen.items() if k % nm[1])
+                if bad:
+                    raise ValueError(
+                        f"steps[{i}].args.pattern: {step.config.pattern} needs input widths "
+                        f"divisible by {nm[1]}, but {bad[0]} has {chosen[bad[0]]}; leave such "
+                        "layers out with the step's `ignore`"
+                    )
+            scheme = getattr(step.config, "scheme", None)
+            g = scheme.group_size if scheme is not None else None
             if g is not None and g != -1:
                 name, k = min(chosen.items(), key=lambda kv: kv[1])
                 if g > k:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -93,3 +94,15 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return normalize(name) in self._entries
+
+
+def matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """``re:<regex>`` searches the full module name; a plain string matches the name or its
+    last dotted components (``q_proj`` matches ``model.layers.0.self_attn.q_proj``)."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.search(p[3:], name):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+    return False

@@ -106,6 +106,7 @@ class LayerRecord:
     shape: tuple[int, int]
     error: float | None
     seconds: float
+    sparsity: float | None = None  # fraction of the weight a pruning step's mask zeroes
 
 
 @dataclass
@@ -113,6 +114,7 @@ class WalkReport:
     layers: list[LayerRecord] = field(default_factory=list)
     blocks: list[dict[str, Any]] = field(default_factory=list)
     transforms: list[dict[str, Any]] = field(default_factory=list)
+    plans: list[dict[str, Any]] = field(default_factory=list)
     capture_seconds: float = 0.0
 
 
@@ -160,6 +162,14 @@ class BlockContext:
                 if before is not None:
                     before(c)
                 self.forward_chunk(module, c, store)
+
+
+def _drop_masks(block: nn.Module) -> None:
+    """Pruning masks live for one block's steps (a bool per weight would otherwise stay for
+    the whole model); the zeros themselves stay in the weights."""
+    for m in block.modules():
+        if hasattr(m, "llmc_mask"):
+            del m.llmc_mask
 
 
 def first_tensor(out: Any) -> Tensor:
@@ -319,14 +329,25 @@ class LayerWalker:
                     continue
                 master = masters[n]
                 st = stats.get((id(group), comp.stats_kind)) if comp.stats_kind else None
-                res = comp.compress(full, master.weight.data, st)
+                mask = getattr(master, "llmc_mask", None)
+                res = comp.compress(full, master.weight.data, st, mask=mask)
                 master.weight.data.copy_(res.weight.to(master.weight.dtype))
                 if copies[n] is not master:
                     copies[n].weight.data.copy_(res.weight.to(copies[n].weight.dtype))
                 if res.quant is not None:
                     master.llmc_quant = res.quant.state()  # qparams; writers recover the codes
+                sparsity = None
+                if res.mask is not None:
+                    # Later steps of this block keep these zeros; dropped after the block.
+                    master.llmc_mask = res.mask
+                    sparsity = 1.0 - float(res.mask.float().mean())
+                    master.llmc_sparsity = {"structure": step.config.structure,
+                                            "sparsity": sparsity}
+                elif mask is not None:
+                    sparsity = master.llmc_sparsity["sparsity"]
                 self.report.layers.append(LayerRecord(
-                    full, idx, step.method, tuple(master.weight.shape), res.error, res.seconds
+                    full, idx, step.method, tuple(master.weight.shape), res.error, res.seconds,
+                    sparsity,
                 ))
         for key in [k for k in stats if k[0] == id(group)]:
             del stats[key]
@@ -360,11 +381,7 @@ class LayerWalker:
         block_args: dict[int, tuple[tuple, dict]],
     ) -> Tensor:
         """Compress one block; returns its outputs on the compressed weights."""
-        dtype = self.config.torch_dtype
-        ctx = BlockContext(
-            block_index, block, f"{self.adapter.blocks}.{block_index}.", self.adapter, hidden,
-            _cast(block_args, dtype, self.device), self.config.batch_size, dtype, self.device,
-        )
+        ctx = self._context(block_index, block, hidden, block_args)
         stored = False
         for kind, steps in self._phases():
             if kind == "transform":
@@ -379,6 +396,7 @@ class LayerWalker:
                 stored = True
         if not stored:  # a transform came last: the next block needs this one's outputs
             ctx.forward(ctx.forward_copy(), store=True)
+        _drop_masks(block)
         return hidden
 
     def _linear_phase(self, ctx: BlockContext, steps: list) -> None:
@@ -485,14 +503,42 @@ class LayerWalker:
             masters = block_linears(block)
             for g in self._groups(b, masters, self.steps):
                 self._compress_group(b, g, masters, masters, {}, self.steps)
+            _drop_masks(block)
             self.report.blocks.append({"block": b, "seconds": time.perf_counter() - t})
 
-    def _bar(self, blocks):
+    def _bar(self, blocks, desc: str = "Compressing blocks"):
         if not self.progress:
             return blocks
         from tqdm.auto import tqdm
 
-        return tqdm(blocks, desc="Compressing blocks", unit="block")
+        return tqdm(blocks, desc=desc, unit="block")
+
+    def _context(self, b: int, block: nn.Module, hidden: Tensor,
+                 block_args: dict[int, tuple[tuple, dict]]) -> BlockContext:
+        dtype = self.config.torch_dtype
+        return BlockContext(
+            b, block, f"{self.adapter.blocks}.{b}.", self.adapter, hidden,
+            _cast(block_args, dtype, self.device), self.config.batch_size, dtype, self.device,
+        )
+
+    def dense_pass(
+        self, hidden: Tensor, block_args: list, visit: Callable[[BlockContext, nn.Module], Any],
+        desc: str = "Planning",
+    ) -> list[Any]:
+        """The calibration windows through the uncompressed blocks in order, on a copy of the
+        cached inputs (a planning pass: OWL's outlier ratios). ``visit(ctx, module)`` runs
+        before each block's forward, ``module`` being the forward copy that hooks go on, and
+        returns a callable run after it; returns their results."""
+        h = hidden.clone()
+        results = []
+        for b, block in enumerate(self._bar(self.adapter.get_blocks(self.model), desc)):
+            ctx = self._context(b, block, h, block_args[b])
+            module = ctx.forward_copy()
+            done = visit(ctx, module)
+            ctx.forward(module, store=True)
+            results.append(done())
+            del module
+        return results
 
     def run(self, windows: Tensor | None) -> WalkReport:
         """Compress every block; ``windows`` ([S, T] token ids) may be None when no step needs
@@ -505,6 +551,11 @@ class LayerWalker:
         t = time.perf_counter()
         hidden, block_args = self.capture(windows)
         self.report.capture_seconds = time.perf_counter() - t
+        for idx, step, comp in self.steps:
+            if hasattr(comp, "plan"):
+                record = comp.plan(self, hidden, block_args, step)
+                if record:
+                    self.report.plans.append({"step": idx, "method": step.method, **record})
         blocks = self.adapter.get_blocks(self.model)
         for b, block in enumerate(self._bar(blocks)):
             t = time.perf_counter()

@@ -43,8 +43,8 @@ def check_gptq_writable(recipe: Any) -> None:
 
     schemes = {}
     for i, step in enumerate(recipe.steps):
-        c = step.config
-        if not hasattr(c, "bits"):
+        c = getattr(step.config, "scheme", None)
+        if c is None:
             continue
         if c.bits not in ENGINE_BITS:
             raise ValueError(
@@ -72,9 +72,33 @@ def _modules_in_block(model: nn.Module, quant: dict[str, nn.Module]) -> list[lis
     return [[n for n in g if n in rel] for g in adapter.groups if any(n in rel for n in g)]
 
 
+SPARSITY_KEY = "llmc_sparsity"
+
+
+def sparsity_record(model: nn.Module) -> dict[str, Any] | None:
+    """What pruning left in the model, for ``config.json``: the structure(s), the fraction of
+    zeros the masks set over the pruned Linears, their count; the zeros are stored in the
+    weights (dense)."""
+    pruned = [m for m in model.modules() if getattr(m, "llmc_sparsity", None)]
+    if not pruned:
+        return getattr(model.config, SPARSITY_KEY, None)  # read from a pruned checkpoint
+    total = sum(m.weight.numel() for m in pruned)
+    zeros = sum(m.llmc_sparsity["sparsity"] * m.weight.numel() for m in pruned)
+    return {
+        "structure": ", ".join(sorted({m.llmc_sparsity["structure"] for m in pruned})),
+        "sparsity": round(zeros / total, 6),
+        "pruned_layers": len(pruned),
+        "storage": "dense",
+    }
+
+
 def _config_dict(model: nn.Module) -> dict[str, Any]:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    config.pop(SPARSITY_KEY, None)
+    record = sparsity_record(model)
+    if record is not None:
+        config[SPARSITY_KEY] = record
     config["architectures"] = [type(model).__name__]
     return config
 
@@ -101,7 +125,7 @@ def check_writable(recipe: Any, fmt: str) -> None:
 
         for i, step in enumerate(recipe.steps):
             c = step.config
-            if hasattr(c, "bits"):
+            if getattr(c, "scheme", None) is not None:
                 check_awq_scheme(c.bits, c.group_size, f"steps[{i}].args: ")
             if getattr(c, "act_order", None) == "dynamic":
                 raise ValueError(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmc.prune.masks import smallest_mask
 from llmc.quant.scheme import (
     ClipSearch,
     QuantArgs,
@@ -95,6 +96,197 @@ def _inverse_cholesky(H: Tensor, damp: float, name: str) -> tuple[Tensor, float]
     )
 
 
+@dataclass(frozen=True)
+class PruneRule:
+    """What the OBS loop prunes while it walks the columns: a ``sparsity`` fraction of each
+    block of columns (``scope`` ``row``: of every row; ``layer``: of the block's entries
+    together), or, with ``m > 0``, all but ``n`` of every ``m`` consecutive columns of a row,
+    chosen when the loop reaches them. Entries are ranked by ``w^2 / [H^-1]_jj^2``, the OBS
+    saliency on the updated weights (SparseGPT)."""
+
+    sparsity: float = 0.0
+    n: int = 0
+    m: int = 0
+    scope: str = "row"
+
+
+def _block_count(total: int, sparsity: float, i1: int, i2: int) -> int:
+    """Entries to prune among positions [i1, i2) of ``total``: the difference of the rounded
+    cumulative targets, so the counts of all blocks add up to ``round(sparsity * total)``."""
+    return round(sparsity * i2) - round(sparsity * i1)
+
+
+def obs_compress(
+    W: Tensor,
+    H: Tensor,
+    scheme: QuantScheme | None,
+    *,
+    prune: PruneRule | None = None,
+    keep: Tensor | None = None,
+    act_order: str = "static",
+    damp: float = 0.01,
+    block_size: int = 128,
+    clip: ClipSearch | None = None,
+    name: str = "linear",
+) -> tuple[Tensor, QuantizedWeight | None, Tensor | None]:
+    """The column loop shared by GPTQ and SparseGPT (both Optimal Brain Surgeon updates with
+    the upper Cholesky factor of ``H^-1``, lazily applied per block of ``block_size`` columns).
+
+    Each column is quantized with ``scheme`` (None: kept as is) and/or pruned by ``prune``
+    (SparseGPT: the chosen entries become 0 and their value is spread over the later columns);
+    the error goes to the columns not yet visited. ``keep`` ([N, K] bool) is a fixed mask of an
+    earlier pruning step: its zeros stay exactly zero and take no updates (an update landing on
+    one is dropped when the loop reaches it), and their codes are the zero point, so they
+    dequantize to exactly 0. Returns the new dense weight, its integer form when quantizing,
+    and the pruned entries (True) when pruning.
+
+    act_order (quantizing only): ``none`` keeps the column order, each group's qparams computed
+    when the loop reaches it (on the updated weights); ``static`` computes every group's qparams
+    up front from the original weights in the original order (``g_idx = k // group_size``) and
+    then processes columns by descending ``diag(H)``; ``dynamic`` processes columns by
+    descending ``diag(H)`` and computes each group's qparams at its first permuted column on
+    the updated weights (``g_idx[perm[i]] = i // group_size``). Pruning walks the columns in
+    their order (N:M groups are consecutive columns), so it needs ``none``. Inputs with
+    ``diag(H) == 0`` (dead) get ``H = 1`` there and their weight column zeroed. ``clip``
+    searches each group's clipping range, weighted by ``diag(H)``.
+    """
+    if act_order not in ACT_ORDERS:
+        raise ValueError(f"act_order: {act_order!r} is not one of {', '.join(ACT_ORDERS)}")
+    if prune is not None and act_order != "none" and scheme is not None:
+        raise ValueError("pruning walks the columns in order: use act_order 'none'")
+    W = W.detach().float().clone()
+    H = H.detach().float().to(W.device).clone()
+    N, K = W.shape
+    quantizing = scheme is not None
+    if keep is not None:
+        keep = keep.to(W.device, torch.bool)
+        W = W * keep
+    if prune is not None and prune.m:
+        block_size = max(block_size - block_size % prune.m, prune.m)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    importance = torch.diag(H)
+
+    if quantizing:
+        width = scheme.group_width(K)
+        per_channel = scheme.group_size == -1
+        if per_channel:
+            s, z = find_qparams(W, scheme, clip, importance)
+            scales, zeros = s[:, None], z[:, None]
+        elif act_order == "static":
+            scales, zeros = grouped_qparams(W, scheme, clip, importance)
+    else:
+        act_order = "none"
+
+    perm = None
+    if act_order != "none":
+        perm = torch.argsort(importance, descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        importance = importance[perm]
+        if keep is not None:
+            keep = keep[:, perm]
+    if quantizing:
+        if not per_channel and act_order != "static":
+            G = scheme.num_groups(K)
+            scales = torch.zeros(N, G, device=W.device)
+            zeros = torch.zeros(N, G, device=W.device)
+        g_perm = torch.arange(K, device=W.device) // width
+        if act_order == "static" and not per_channel:
+            orig_groups = perm // width  # group (original order) of each permuted column
+            col_scale, col_zero = scales[:, orig_groups], zeros[:, orig_groups]
+
+    Hinv, _ = _inverse_cholesky(H, damp, name)
+    del H
+    Q = torch.zeros(N, K, device=W.device)  # codes when quantizing, else the new weights
+    pruned = torch.zeros(N, K, dtype=torch.bool, device=W.device) if prune is not None else None
+
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if prune is not None:
+            diag1 = torch.diag(Hinv1)
+            if prune.m:
+                mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            else:
+                rows = 1 if prune.scope == "row" else N
+                count = _block_count(K * rows, prune.sparsity, i1 * rows, i2 * rows)
+                mask1 = smallest_mask(W1**2 / diag1**2, count, prune.scope)
+        for j in range(i2 - i1):
+            i = i1 + j
+            w = W1[:, j]
+            d = Hinv1[j, j]
+            if prune is not None and prune.m and j % prune.m == 0:
+                tmp = W1[:, j : j + prune.m] ** 2 / diag1[j : j + prune.m] ** 2
+                mask1[:, j : j + prune.m] = smallest_mask(tmp, prune.m - prune.n, "row")
+            if keep is not None:
+                w = w * keep[:, i]
+            if quantizing:
+                if per_channel:
+                    s, z = scales[:, 0], zeros[:, 0]
+                elif act_order == "static":
+                    s, z = col_scale[:, i], col_zero[:, i]
+                else:
+                    if i % width == 0:
+                        # Group starting here: qparams from the updated weights of its columns;
+                        # columns of later blocks have received the updates of earlier blocks
+                        # only. Fixed zeros and entries already pruned do not count.
+                        cols = torch.cat([W1[:, j : j + width], W[:, i2 : i + width]], dim=1)
+                        if keep is not None:
+                            cols = cols * keep[:, i : i + cols.shape[1]]
+                        if prune is not None:
+                            cols = cols.clone()
+                            cols[:, : i2 - i].masked_fill_(mask1[:, j : j + width], 0)
+                        imp = importance[i : i + cols.shape[1]]
+                        g = i // width
+                        scales[:, g], zeros[:, g] = find_qparams(cols, scheme, clip, imp)
+                    s, z = scales[:, i // width], zeros[:, i // width]
+                q = quantize(w, s, z, scheme.maxq)
+                if prune is not None:
+                    q = torch.where(mask1[:, j], z, q)
+                if keep is not None:
+                    q = torch.where(keep[:, i], q, z)
+                Q1[:, j] = q
+                err = (w - (q - z) * s) / d
+            else:
+                q = w.masked_fill(mask1[:, j], 0) if prune is not None else w
+                Q1[:, j] = q
+                err = (w - q) / d
+            W1[:, j:] -= err[:, None] * Hinv1[j, j:][None, :]
+            Err1[:, j] = err
+        Q[:, i1:i2] = Q1
+        if prune is not None:
+            pruned[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm) if perm is not None else None
+    if inv is not None:
+        Q = Q[:, inv]
+    if not quantizing:
+        return Q, None, pruned
+    if per_channel:
+        g_idx = torch.zeros(K, dtype=torch.int32)
+    elif act_order == "dynamic":
+        g_idx = g_perm[inv].cpu()
+    else:
+        g_idx = scheme.default_g_idx(K)
+    qw = QuantizedWeight(
+        q=Q.to(torch.uint8),
+        scales=scales.float().contiguous(),
+        zeros=zeros.to(torch.int32).contiguous(),
+        g_idx=g_idx.to(torch.int32),
+        bits=scheme.bits,
+        group_size=scheme.group_size,
+        sym=scheme.sym,
+    )
+    return qw.dequantize(), qw, pruned
+
+
 def gptq_quantize(
     W: Tensor,
     H: Tensor,
@@ -104,105 +296,15 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     clip: ClipSearch | None = None,
+    keep: Tensor | None = None,
     name: str = "linear",
 ) -> QuantizedWeight:
-    """Quantize ``W`` ([N, K]) against the Hessian ``H`` ([K, K]) of its inputs.
-
-    act_order: ``none`` keeps the column order, each group's qparams computed when the loop
-    reaches it (on the updated weights); ``static`` computes every group's qparams up front from
-    the original weights in the original order (``g_idx = k // group_size``) and then processes
-    columns by descending ``diag(H)``; ``dynamic`` processes columns by descending ``diag(H)`` and
-    computes each group's qparams at its first permuted column on the updated weights
-    (``g_idx[perm[i]] = i // group_size``). Inputs with ``diag(H) == 0`` (dead) get ``H = 1``
-    there and their weight column zeroed. ``clip`` searches each group's clipping range,
-    weighted by ``diag(H)``.
-    """
-    if act_order not in ACT_ORDERS:
-        raise ValueError(f"act_order: {act_order!r} is not one of {', '.join(ACT_ORDERS)}")
-    W = W.detach().float().clone()
-    H = H.detach().float().to(W.device).clone()
-    N, K = W.shape
-    width = scheme.group_width(K)
-    per_channel = scheme.group_size == -1
-
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    importance = torch.diag(H)
-
-    if per_channel:
-        s, z = find_qparams(W, scheme, clip, importance)
-        scales, zeros = s[:, None], z[:, None]
-    elif act_order == "static":
-        scales, zeros = grouped_qparams(W, scheme, clip, importance)
-
-    perm = None
-    if act_order != "none":
-        perm = torch.argsort(importance, descending=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-        importance = importance[perm]
-    if not per_channel and act_order != "static":
-        G = scheme.num_groups(K)
-        scales = torch.zeros(N, G, device=W.device)
-        zeros = torch.zeros(N, G, device=W.device)
-
-    Hinv, _ = _inverse_cholesky(H, damp, name)
-    del H
-    g_perm = torch.arange(K, device=W.device) // width
-    if act_order == "static" and not per_channel:
-        orig_groups = perm // width  # group (original order) of each permuted column
-        col_scale, col_zero = scales[:, orig_groups], zeros[:, orig_groups]
-    Q = torch.zeros(N, K, device=W.device)
-
-    for i1 in range(0, K, block_size):
-        i2 = min(i1 + block_size, K)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            i = i1 + j
-            w = W1[:, j]
-            d = Hinv1[j, j]
-            if per_channel:
-                s, z = scales[:, 0], zeros[:, 0]
-            elif act_order == "static":
-                s, z = col_scale[:, i], col_zero[:, i]
-            else:
-                if i % width == 0:
-                    # Group starting here: qparams from the updated weights of its columns;
-                    # columns of later blocks have received the updates of earlier blocks only.
-                    cols = torch.cat([W1[:, j : j + width], W[:, i2 : i + width]], dim=1)
-                    imp = importance[i : i + cols.shape[1]]
-                    g = i // width
-                    scales[:, g], zeros[:, g] = find_qparams(cols, scheme, clip, imp)
-                s, z = scales[:, i // width], zeros[:, i // width]
-            q = quantize(w, s, z, scheme.maxq)
-            Q1[:, j] = q
-            err = (w - (q - z) * s) / d
-            W1[:, j:] -= err[:, None] * Hinv1[j, j:][None, :]
-            Err1[:, j] = err
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
-    if perm is not None:
-        inv = torch.argsort(perm)
-        Q = Q[:, inv]
-        g_idx = g_perm[inv].cpu() if act_order == "dynamic" else scheme.default_g_idx(K)
-    else:
-        g_idx = scheme.default_g_idx(K)
-    if per_channel:
-        g_idx = torch.zeros(K, dtype=torch.int32)
-    return QuantizedWeight(
-        q=Q.to(torch.uint8),
-        scales=scales.float().contiguous(),
-        zeros=zeros.to(torch.int32).contiguous(),
-        g_idx=g_idx.to(torch.int32),
-        bits=scheme.bits,
-        group_size=scheme.group_size,
-        sym=scheme.sym,
-    )
+    """Quantize ``W`` ([N, K]) against the Hessian ``H`` ([K, K]) of its inputs (GPTQ): see
+    :func:`obs_compress` for ``act_order``, ``clip`` and a fixed sparsity mask ``keep``."""
+    _, qw, _ = obs_compress(W, H, scheme, keep=keep, act_order=act_order, damp=damp,
+                            block_size=block_size, clip=clip, name=name)
+    assert qw is not None
+    return qw
 
 
 @dataclass(frozen=True)

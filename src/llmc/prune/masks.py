@@ -1,0 +1,149 @@
+"""Pruning masks and the recipe arguments every pruner shares.
+
+A mask here is a bool tensor shaped like the weight [N, K]; ``keep`` masks are True where the
+weight stays. Masks come from a score per weight (|W| for magnitude, |W| * ||X_j|| for Wanda):
+
+- unstructured at a ``sparsity``: the lowest-scoring ``round(sparsity * K)`` entries of every
+  row (``scope: row``, as Wanda compares) or ``round(sparsity * N * K)`` of the whole layer
+  (``scope: layer``);
+- N:M semi-structured: in every run of M consecutive input columns of a row, the N
+  highest-scoring entries stay (2:4, 4:8, any N < M).
+
+Both are one ``topk`` over a reshaped score tensor, never a loop over columns.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmc.registry import matches
+
+SCOPES = ("row", "layer")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """``"2:4"`` -> (2, 4): N kept of every M; refuses anything else with the expected form."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+    if not m:
+        raise ValueError(f"pattern: {pattern!r} is not N:M (e.g. 2:4)")
+    n, mm = int(m.group(1)), int(m.group(2))
+    if not 0 < n < mm:
+        raise ValueError(f"pattern: {pattern!r} needs 0 < N < M (N weights kept of every M)")
+    return n, mm
+
+
+def smallest_mask(scores: Tensor, count: int, scope: str = "row") -> Tensor:
+    """True at the ``count`` lowest entries of each row of ``scores`` (``scope="row"``) or the
+    ``count`` lowest of all of them (``"layer"``)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if count <= 0:
+        return mask
+    if scope == "row":
+        idx = torch.topk(scores, min(count, scores.shape[1]), dim=1, largest=False).indices
+        return mask.scatter_(1, idx, True)
+    idx = torch.topk(scores.flatten(), min(count, scores.numel()), largest=False).indices
+    return mask.view(-1).index_fill_(0, idx, True).view_as(scores)
+
+
+def unstructured_keep(scores: Tensor, sparsity: float, scope: str = "row") -> Tensor:
+    """Keep mask pruning ``sparsity`` of each row (or of the layer) by lowest score."""
+    N, K = scores.shape
+    count = round(sparsity * K) if scope == "row" else round(sparsity * N * K)
+    return ~smallest_mask(scores.float(), count, scope)
+
+
+def nm_keep(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep mask with the ``n`` highest scores of every ``m`` consecutive columns of a row."""
+    N, K = scores.shape
+    if K % m:
+        raise ValueError(f"{K} input columns do not split into groups of {m}")
+    s = scores.float().reshape(N, K // m, m)
+    idx = torch.topk(s, n, dim=-1).indices
+    return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True).reshape(N, K)
+
+
+def sparsity(t: Tensor) -> float:
+    """Fraction of exact zeros."""
+    return float((t == 0).sum()) / max(t.numel(), 1)
+
+
+@dataclass(frozen=True)
+class PruneArgs:
+    """Recipe arguments shared by the pruners.
+
+    ``sparsity``: fraction of each targeted Linear's weights set to zero (unstructured), or
+    ``pattern``: ``"N:M"`` (e.g. ``"2:4"``; N kept of every M consecutive inputs; overrides
+    ``sparsity``). ``scope``: unstructured ranking per output ``row`` or over the ``layer``.
+    ``layer_sparsity``: ``{name pattern: sparsity}``, the first matching pattern (plain name or
+    ``re:``) gives that Linear its own ratio. ``owl``: outlier-weighted layerwise sparsity (Yin
+    et al. 2024): blocks with more outlier Wanda scores (above ``owl_m`` times their block's
+    mean) get lower sparsity, within ``sparsity +- owl_lambda``, averaging to ``sparsity``."""
+
+    sparsity: float = 0.5
+    pattern: str = ""
+    scope: str = "row"
+    layer_sparsity: dict | None = None
+    owl: bool = False
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity: {self.sparsity} must lie in [0, 1)")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope: {self.scope!r} is not one of {', '.join(SCOPES)}")
+        if self.pattern:
+            parse_pattern(self.pattern)
+            if self.owl or self.layer_sparsity:
+                raise ValueError(
+                    "pattern: N:M fixes every layer's sparsity; owl and layer_sparsity apply to "
+                    "unstructured sparsity only"
+                )
+        for key, ratio in (self.layer_sparsity or {}).items():
+            if not isinstance(key, str) or isinstance(ratio, bool) \
+                    or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+                raise ValueError(
+                    f"layer_sparsity: expected {{name pattern: sparsity in [0, 1)}}, got "
+                    f"{key!r}: {ratio!r}"
+                )
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as e:
+                    raise ValueError(f"layer_sparsity: bad regular expression {key!r}: {e}") \
+                        from None
+        if not 0.0 <= self.owl_lambda < 0.5:
+            raise ValueError(f"owl_lambda: {self.owl_lambda} must lie in [0, 0.5)")
+        if self.owl_m <= 0:
+            raise ValueError(f"owl_m: {self.owl_m} must be positive")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern) if self.pattern else None
+
+    @property
+    def structure(self) -> str:
+        return self.pattern or "unstructured"
+
+    def sparsity_for(self, name: str, block_sparsity: float | None = None) -> float:
+        """The unstructured ratio of Linear ``name``: a ``layer_sparsity`` match, else its
+        block's OWL ratio when planned, else ``sparsity``."""
+        for key, ratio in (self.layer_sparsity or {}).items():
+            if matches(name, (key,)):
+                return float(ratio)
+        return self.sparsity if block_sparsity is None else block_sparsity
+
+    def keep_mask(self, scores: Tensor, name: str, block_sparsity: float | None = None) -> Tensor:
+        nm = self.nm
+        if nm is not None:
+            return nm_keep(scores, *nm)
+        return unstructured_keep(scores, self.sparsity_for(name, block_sparsity), self.scope)
+
+    def describe(self) -> dict[str, Any]:
+        return {"structure": self.structure, "sparsity": 1 - self.nm[0] / self.nm[1]
+                if self.nm else self.sparsity}
