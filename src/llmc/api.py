@@ -141,17 +141,19 @@ def save(
     return out
 
 
-def load(path: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from an llmc/HF GPTQ or AWQ checkpoint (dequantized on CPU, each
-    quantized Linear keeping its integer form), any HF model directory or id, a GGUF file or a
-    demo name."""
+def load(path: str | Path, *, packed: bool = False,
+         trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from an llmc, GPTQ, AWQ or compressed-tensors checkpoint (dequantized
+    on CPU, each quantized Linear keeping its integer form; with ``packed``, as
+    :class:`llmc.nn.QuantLinear` modules that keep the packed codes and call the kernels), any
+    HF model directory or id, a GGUF file or a demo name."""
     from llmc.formats.checkpoint import is_llmc_checkpoint, read_model
 
     p = Path(path)
     if p.is_dir() and is_llmc_checkpoint(p):
         from transformers import AutoTokenizer
 
-        model = read_model(p)
+        model = read_model(p, packed=packed)
         tok = None
         if (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file():
             tok = AutoTokenizer.from_pretrained(str(p))

@@ -18,6 +18,7 @@ from llmc.walker import DTYPES, WalkerConfig
 log = logging.getLogger("llmc")
 
 _CAL = CalibrationConfig()
+EXPORT_FORMATS = ["gptq", "awq", "compressed-tensors"]
 
 
 def calibration_options(f):
@@ -40,7 +41,7 @@ def calibration_options(f):
         click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
                      help="Output directory (written atomically)"),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory"),
-        click.option("--format", "fmt", type=click.Choice(["gptq", "awq"]), default=None,
+        click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=None,
                      help="Checkpoint layout of quantized models [default: awq after a 4-bit "
                           "awq step, else gptq]"),
         click.option("--trust-remote-code", is_flag=True,
@@ -97,7 +98,8 @@ def _run(model_name: str, recipe, opts: dict[str, Any]) -> None:
     fmt = opts["fmt"] or default_format(recipe)
     check_writable(recipe, fmt)
     config = load_config(model_name, opts["trust_remote_code"])
-    recipe.check_model(config)
+    recipe.check_model(config, divisible_groups=fmt if fmt in ("awq", "compressed-tensors")
+                       else None)
     recipe.check_seqlen(config)
     cal = recipe.calibration
     if recipe.needs_calibration:  # a missing data file fails before the model loads
@@ -251,6 +253,35 @@ def evaluate(model: str, dataset: str, split: str, seqlen: int, windows: int | N
     else:
         click.echo(f"perplexity {res['perplexity']:.4f} over {res['windows']} windows of "
                    f"{seqlen} tokens ({res['seconds']:.1f} s)")
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
+              help="Checkpoint layout to write")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Output directory (written atomically)")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory")
+@_errors
+def export(source: str, fmt: str, output: Path, overwrite: bool) -> None:
+    """Rewrite an llmc output (GPTQ, AWQ, compressed-tensors or dense pruned checkpoint) in
+    another layout; config, tokenizer, recipe and report come along."""
+    from llmc import api
+    from llmc.formats.checkpoint import is_llmc_checkpoint
+
+    _setup_logging(True)
+    src = Path(source)
+    if not (src.is_dir() and is_llmc_checkpoint(src)):
+        raise ValueError(f"{source} is not an llmc, GPTQ, AWQ or compressed-tensors checkpoint "
+                         "directory")
+    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(f"{output} exists; pass --overwrite to replace it")
+    if output.resolve() == src.resolve():
+        raise ValueError("the output must not be the source directory")
+    model, tok = api.load(src)
+    report = api.read_report(src) if (src / api.REPORT_FILE).is_file() else None
+    api.save(model, output, tokenizer=tok, report=report, overwrite=overwrite, format=fmt)
+    click.echo(f"wrote {output} ({fmt})", err=True)
 
 
 @cli.command()

@@ -219,9 +219,11 @@ class Recipe:
                 f"use at most {max_pos}"
             )
 
-    def check_model(self, config) -> None:
+    def check_model(self, config, divisible_groups: str | None = None) -> None:
         """Shape checks from the model config alone (weights stay on disk): every step targets
-        at least one Linear of the blocks, and no group is wider than a targeted layer."""
+        at least one Linear of the blocks, and no group is wider than a targeted layer. With
+        ``divisible_groups`` (the name of a checkpoint format whose engines need it), every
+        group size must divide the width of every Linear it quantizes."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -260,6 +262,14 @@ class Recipe:
             scheme = getattr(step.config, "scheme", None)
             g = scheme.group_size if scheme is not None else None
             if g is not None and g != -1:
+                ragged = sorted(n for n, k in chosen.items() if k % g)
+                if divisible_groups and ragged:
+                    raise ValueError(
+                        f"steps[{i}].args.group_size: {g} does not divide the input width "
+                        f"{chosen[ragged[0]]} of {ragged[0]}, and {divisible_groups} engines "
+                        "need whole groups; use a group size that divides every width, or "
+                        "--format gptq"
+                    )
                 name, k = min(chosen.items(), key=lambda kv: kv[1])
                 if g > k:
                     raise ValueError(

@@ -1,5 +1,6 @@
-"""Whole-model checkpoints: write a compressed model (the GPTQ or AWQ layout when it holds
-quantized Linears, plain safetensors otherwise) and read it back."""
+"""Whole-model checkpoints: write a compressed model (the GPTQ, AWQ or compressed-tensors layout
+when it holds quantized Linears, plain safetensors otherwise; compressed-tensors also stores
+unquantized 2:4 weights as bitmasks) and read it back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from llmc.formats.awq import read_awq_tensors
 from llmc.formats.gptq import (
@@ -29,7 +30,14 @@ log = logging.getLogger(__name__)
 
 
 def _act_order(model: nn.Module) -> str:
-    """The act_order of the recipe step that quantized the model ("none" when unknown)."""
+    """``dynamic`` when a quantized Linear's ``g_idx`` is not ``k // group_size``; else the
+    act_order of the recipe step that quantized the model ("none" when unknown)."""
+    for m in model.modules():
+        st = getattr(m, "llmc_quant", None)
+        if st is not None and not torch.equal(
+                st.g_idx.long(), torch.arange(st.g_idx.numel()) // (
+                    st.group_size if st.group_size != -1 else st.g_idx.numel())):
+            return "dynamic"
     recipe = getattr(model, "llmc_recipe", None)
     orders = [getattr(s.config, "act_order", None) for s in getattr(recipe, "steps", ())]
     orders = [o for o in orders if o is not None]
@@ -103,7 +111,7 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
     return config
 
 
-FORMATS = ("gptq", "awq")
+FORMATS = ("gptq", "awq", "compressed-tensors")
 
 
 def default_format(recipe: Any) -> str:
@@ -119,6 +127,16 @@ def check_writable(recipe: Any, fmt: str) -> None:
     """Refuse, before any work, a recipe whose result a ``fmt`` checkpoint cannot hold."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "compressed-tensors":
+        schemes = {(c.bits, c.group_size, c.sym) for s in recipe.steps
+                   if (c := getattr(s.config, "scheme", None)) is not None}
+        if len(schemes) > 1:
+            raise ValueError(f"the recipe quantizes with several schemes {sorted(schemes)}; "
+                             "llmc writes compressed-tensors checkpoints with one")
+        for i, step in enumerate(recipe.steps):
+            if getattr(step.config, "act_order", None) == "dynamic":
+                raise ValueError(_CT_DYNAMIC.format(where=f"steps[{i}].args.act_order: "))
+        return
     check_gptq_writable(recipe)
     if fmt == "awq":
         from llmc.formats.awq import check_awq_scheme
@@ -153,6 +171,9 @@ def write_model(
     config = _config_dict(model)
     state = {k: v for k, v in model.state_dict().items()
              if k.rsplit(".", 1)[0] not in quant}
+    if fmt == "compressed-tensors":
+        _write_ct(model, out_dir, quant, state, config, max_shard_bytes)
+        return
     if not quant:
         save_sharded_safetensors(out_dir, plain_tensors(state, config), max_shard_bytes)
         save_json(out_dir / "config.json", config)
@@ -183,6 +204,56 @@ def write_model(
     write_gptq_checkpoint(out_dir, state, quantized, config, qconfig, max_shard_bytes)
 
 
+_CT_DYNAMIC = ("{where}dynamic act-order needs a g_idx, which compressed-tensors no longer loads "
+               "(0.20 dropped actorder 'group'); use static act-order, or --format gptq")
+
+
+def _is_24(W: Tensor) -> bool:
+    N, K = W.shape
+    return K % 4 == 0 and bool(((W != 0).reshape(N, K // 4, 4).sum(-1) <= 2).all())
+
+
+def _write_ct(model: nn.Module, out_dir: Path, quant: dict[str, nn.Module],
+              state: dict[str, Tensor], config: dict[str, Any], max_shard_bytes: int) -> None:
+    """compressed-tensors: quantized Linears pack-quantized; unquantized 2:4 block Linears as
+    bitmasks; with neither, plain safetensors."""
+    from llmc.formats.compressed_tensors import (
+        ct_quantization_config,
+        sparsity_config,
+        write_ct_checkpoint,
+    )
+    from llmc.models import get_adapter
+
+    adapter = get_adapter(model.config)
+    block_lin = {f"{adapter.blocks}.{b}.{n}": m for b, blk in enumerate(adapter.get_blocks(model))
+                 for n, m in blk.named_modules() if isinstance(m, nn.Linear)}
+    sparse = {n: m for n, m in block_lin.items() if _is_24(m.weight)}
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not quant and not sparse:
+        save_sharded_safetensors(out_dir, plain_tensors(state, config), max_shard_bytes)
+        save_json(out_dir / "config.json", config)
+        return
+    quantized = {n: (m.llmc_quant.codes(m.weight, n), m.bias) for n, m in quant.items()}
+    schemes = {(q.bits, q.group_size, q.sym) for q, _ in quantized.values()}
+    if len(schemes) > 1:
+        raise ValueError(f"the model mixes quantization schemes {sorted(schemes)}; llmc writes "
+                         "compressed-tensors checkpoints with one")
+    scheme = schemes.pop() if schemes else None
+    sp = None
+    if sparse:
+        total = sum(m.weight.numel() for m in sparse.values())
+        zeros = sum(int((m.weight == 0).sum()) for m in sparse.values())
+        sp = sparsity_config("dense" if quant else "sparse-24-bitmask", round(zeros / total, 6),
+                             [n for n in linears if n not in sparse])
+    act_order = _act_order(model)
+    if quant and act_order == "dynamic":
+        raise ValueError(_CT_DYNAMIC.format(where=""))
+    qconfig = ct_quantization_config(scheme, act_order, [n for n in linears if n not in quant],
+                                     sp)
+    bitmasks = {} if quant else {n: m.weight.data for n, m in sparse.items()}
+    write_ct_checkpoint(out_dir, state, quantized, bitmasks, config, qconfig, max_shard_bytes)
+
+
 def quant_method(path: Path) -> str | None:
     """``quantization_config.quant_method`` of a model directory (None when unquantized)."""
     cfg = path / "config.json"
@@ -197,9 +268,50 @@ def is_llmc_checkpoint(path: Path) -> bool:
     return quant_method(path) in FORMATS or (path / "llmc_report.json").is_file()
 
 
-def read_model(path: Path) -> nn.Module:
-    """Build the model from ``config.json`` and fill it from the safetensors files; quantized
-    Linears are dequantized on CPU and keep their qparams in ``.llmc_quant``."""
+def _quantized_weights(path: Path, qconfig: dict[str, Any], tensors: dict[str, Tensor],
+                       shapes: dict[str, tuple[int, int]]):
+    """Yield ``(prefix, QuantizedWeight, bias)`` for every quantized Linear of the checkpoint,
+    removing its tensors from ``tensors``; 2:4 bitmasks become dense weights in place.
+    ``shapes``: (out, in) features of the model's Linears."""
+    method = qconfig.get("quant_method")
+    if method == "compressed-tensors":
+        from llmc.formats.compressed_tensors import ct_scheme, read_bitmask_tensors, read_ct_tensors
+
+        ct = ct_scheme(qconfig)
+        for prefix in sorted(k[: -len(".weight.compressed")] for k in tensors
+                             if k.endswith(".weight.compressed")):
+            tensors[f"{prefix}.weight"] = read_bitmask_tensors(tensors, prefix)
+            for suffix in ("compressed", "bitmask", "shape"):
+                del tensors[f"{prefix}.weight.{suffix}"]
+        for prefix in sorted(k[: -len(".weight_packed")] for k in tensors
+                             if k.endswith(".weight_packed")):
+            if ct is None:
+                raise ValueError(f"{path}: packed weights without a quantization scheme")
+            qw = read_ct_tensors(tensors, prefix, *ct)
+            for suffix in ("packed", "scale", "zero_point", "g_idx", "shape"):
+                tensors.pop(f"{prefix}.weight_{suffix}", None)
+            yield prefix, qw, tensors.pop(f"{prefix}.bias", None)
+        return
+    for prefix in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
+        N, K = shapes[prefix]
+        if method == "awq":
+            qw = read_awq_tensors(tensors, prefix, qconfig["group_size"], K, N)
+        else:
+            qw = read_gptq_tensors(
+                tensors, prefix, qconfig["bits"], qconfig["group_size"], qconfig["sym"],
+                qconfig.get("checkpoint_format", "gptq"), K, N,
+            )
+        for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+            tensors.pop(f"{prefix}.{suffix}", None)
+        yield prefix, qw, tensors.pop(f"{prefix}.bias", None)
+
+
+def read_model(path: Path, packed: bool = False) -> nn.Module:
+    """Build the model from ``config.json`` and fill it from the safetensors files.
+
+    Quantized Linears are dequantized on CPU and keep their qparams in ``.llmc_quant``; with
+    ``packed``, they become :class:`llmc.nn.QuantLinear` modules holding the packed codes (fp16
+    scales), built on the meta device so that no dense weight is ever materialised."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = json.loads((path / "config.json").read_text())
@@ -212,30 +324,32 @@ def read_model(path: Path) -> nn.Module:
         raise ValueError(f"{path}: only 4-bit AWQ in the GEMM layout can be read")
     model_type = config.pop("model_type")
     hf_config = AutoConfig.for_model(model_type, **config)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    if packed:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     tensors = read_checkpoint_tensors(path)
-    for prefix in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
+    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+              if isinstance(m, nn.Linear)}
+    quantized = set()
+    for prefix, qw, bias in _quantized_weights(path, qconfig, tensors, shapes):
+        quantized.add(prefix)
+        if packed:
+            from llmc.nn import QuantLinear
+
+            parent, _, child = prefix.rpartition(".")
+            setattr(model.get_submodule(parent), child, QuantLinear.from_quantized(qw, bias))
+            continue
         module = model.get_submodule(prefix)
-        if method == "awq":
-            qw = read_awq_tensors(tensors, prefix, qconfig["group_size"], module.in_features,
-                                  module.out_features)
-        else:
-            qw = read_gptq_tensors(
-                tensors, prefix, qconfig["bits"], qconfig["group_size"], qconfig["sym"],
-                qconfig.get("checkpoint_format", "gptq"), module.in_features,
-                module.out_features,
-            )
         module.weight.data = qw.dequantize()
         module.llmc_quant = qw.state()
-        for suffix in ("qweight", "qzeros", "scales", "g_idx"):
-            tensors.pop(f"{prefix}.{suffix}", None)
-        bias = tensors.pop(f"{prefix}.bias", None)
         if bias is not None:
             module.bias.data = bias.float()
     missing, unexpected = model.load_state_dict(
-        {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=False
+        {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=False,
+        assign=packed,
     )
-    quantized = {n for n, m in model.named_modules() if hasattr(m, "llmc_quant")}
     missing = [k for k in missing if k.rsplit(".", 1)[0] not in quantized]
     if getattr(hf_config, "tie_word_embeddings", False):
         missing = [k for k in missing if k != "lm_head.weight"]
@@ -245,5 +359,24 @@ def read_model(path: Path) -> nn.Module:
             f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
+    if packed:
+        _materialise_buffers(model)
     model.eval()
     return model
+
+
+def _materialise_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (rotary ``inv_freq``) stay on the meta device after a meta build:
+    their modules are rebuilt on the CPU from their config, and the buffers copied over."""
+    for name, module in model.named_modules():
+        meta = [b for b, buf in module.named_buffers(recurse=False)
+                if buf is not None and buf.is_meta]
+        if not meta:
+            continue
+        try:
+            with torch.device("cpu"):
+                fresh = type(module)(module.config)
+        except (AttributeError, TypeError) as e:
+            raise ValueError(f"{name}: cannot rebuild its buffers {meta} ({e})") from None
+        for b in meta:
+            module.register_buffer(b, getattr(fresh, b), persistent=False)

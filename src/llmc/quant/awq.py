@@ -38,7 +38,7 @@ class AWQConfig:
     group_size: int = 128
     sym: bool = True
     grid: int = 20
-    duo_scaling: bool = True
+    duo_scaling: bool = False
     search_samples: int = 4
     seed: int = 0
     clip: bool = True

@@ -1,0 +1,197 @@
+"""The compressed-tensors checkpoint (``quant_method: compressed-tensors``), writer and reader.
+
+Quantized Linears, format ``pack-quantized`` (``quantization_status: compressed``), per Linear
+``{prefix}`` with weight [N, K] (out, in), G groups:
+
+    weight_packed      int32 [N, ceil(K*bits/32)]  code + 2^(bits-1) of the signed value,
+                                                   packed along K as one little-endian bit
+                                                   stream (code i at bits [bits*i, bits*(i+1)))
+    weight_scale       [N, G] (fp16)
+    weight_zero_point  int32 [ceil(N*bits/32), G]  asymmetric only; packed along N the same way
+    weight_shape       int64 [2]                   (N, K)
+
+Static act-order is ``actorder: weight`` (its ``g_idx`` is trivial). Dynamic act-order would need
+``weight_g_idx`` with ``actorder: group``, which compressed-tensors 0.20 no longer accepts, so
+the writer refuses it (the reader still reads a ``weight_g_idx``).
+
+llmc's codes ``q`` in ``[0, 2^bits)`` with zero point ``z`` are the package's signed values plus
+``2^(bits-1)``, so they are packed as they are. The bit stream is compressed-tensors 0.20's
+dense packing; for 2, 4 and 8 bits it is also the older ``32 // bits`` codes per word (3-bit
+differs: older versions padded 10 codes per word).
+
+2:4-pruned Linears without quantization, ``sparsity_config.format: sparse-24-bitmask``:
+
+    weight.compressed  [N, K/2]            the two kept entries of every 4, row by row
+    weight.bitmask     uint8 [N, ceil(K/8)] which entries were kept (numpy packbits, little)
+    weight.shape       int64 [2]
+
+2:4 with quantization is pack-quantized with ``sparsity_config.format: dense`` (the zeros are
+codes like any other).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llmc.formats.io import write_quantized_checkpoint
+from llmc.quant.pack import pack_rows, unpack_rows
+from llmc.quant.scheme import QuantizedWeight, QuantScheme
+
+QUANT_METHOD = "compressed-tensors"
+FORMAT_VERSION = "0.20.0"  # the package version whose packing this follows
+
+
+def _pack_k(codes: Tensor, bits: int) -> Tensor:
+    """[R, C] codes -> [R, ceil(C*bits/32)] int32, packed along C."""
+    return pack_rows(codes.t().to(torch.int32), bits).t().contiguous()
+
+
+def _unpack_k(packed: Tensor, bits: int, cols: int) -> Tensor:
+    return unpack_rows(packed.t().contiguous(), bits, cols).t().contiguous()
+
+
+def ct_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[str, Tensor]:
+    """Checkpoint tensors of one quantized Linear (see the module docstring)."""
+    N, K = qw.shape
+    if qw.group_size != -1 and K % qw.group_size:
+        raise ValueError(
+            f"{prefix}: group_size {qw.group_size} does not divide in_features {K}; the "
+            "compressed-tensors package needs whole groups. Use a group size that divides every "
+            "layer's input width, or --format gptq"
+        )
+    out = {
+        f"{prefix}.weight_packed": _pack_k(qw.q, qw.bits),
+        f"{prefix}.weight_scale": qw.scales.to(torch.float16).contiguous(),
+        f"{prefix}.weight_shape": torch.tensor([N, K], dtype=torch.int64),
+    }
+    if not qw.sym:
+        out[f"{prefix}.weight_zero_point"] = pack_rows(qw.zeros.to(torch.int32), qw.bits)
+    if bias is not None:
+        out[f"{prefix}.bias"] = bias.detach().contiguous()
+    return out
+
+
+def read_ct_tensors(tensors: dict[str, Tensor], prefix: str, bits: int, group_size: int | None,
+                    sym: bool) -> QuantizedWeight:
+    """Inverse of :func:`ct_tensors` (pops nothing)."""
+    N, K = (int(v) for v in tensors[f"{prefix}.weight_shape"])
+    scheme = QuantScheme(bits, group_size or -1, sym)
+    G = scheme.num_groups(K)
+    q = _unpack_k(tensors[f"{prefix}.weight_packed"], bits, K)
+    if sym:
+        zeros = torch.full((N, G), 2 ** (bits - 1), dtype=torch.int32)
+    else:
+        zeros = unpack_rows(tensors[f"{prefix}.weight_zero_point"], bits, N)
+    g_idx = tensors.get(f"{prefix}.weight_g_idx")
+    return QuantizedWeight(
+        q=q.to(torch.uint8), scales=tensors[f"{prefix}.weight_scale"].float().contiguous(),
+        zeros=zeros.to(torch.int32).contiguous(),
+        g_idx=(scheme.default_g_idx(K) if g_idx is None else g_idx.to(torch.int32)),
+        bits=bits, group_size=scheme.group_size, sym=sym,
+    )
+
+
+def bitmask_tensors(prefix: str, weight: Tensor) -> dict[str, Tensor]:
+    """``sparse-24-bitmask`` tensors of a 2:4 weight [N, K]: exactly two kept entries per
+    group of 4 (the non-zeros first, then zeros, in column order)."""
+    N, K = weight.shape
+    if K % 4:
+        raise ValueError(f"{prefix}: in_features {K} is not a multiple of 4")
+    groups = weight.detach().reshape(N, K // 4, 4)
+    nonzero = groups != 0
+    if (nonzero.sum(-1) > 2).any():
+        raise ValueError(f"{prefix}: the weight is not 2:4 sparse")
+    order = torch.sort((~nonzero).to(torch.int8), dim=-1, stable=True).indices[..., :2]
+    keep = torch.zeros_like(nonzero).scatter_(-1, order, True).reshape(N, K)
+    bitmask = torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little"))
+    return {
+        f"{prefix}.weight.compressed": weight.detach()[keep].reshape(N, K // 2).contiguous(),
+        f"{prefix}.weight.bitmask": bitmask,
+        f"{prefix}.weight.shape": torch.tensor([N, K], dtype=torch.int64),
+    }
+
+
+def read_bitmask_tensors(tensors: dict[str, Tensor], prefix: str) -> Tensor:
+    """The dense weight of :func:`bitmask_tensors`."""
+    N, K = (int(v) for v in tensors[f"{prefix}.weight.shape"])
+    bits = np.unpackbits(tensors[f"{prefix}.weight.bitmask"].numpy(), axis=-1, count=K,
+                         bitorder="little")
+    keep = torch.from_numpy(bits.astype(bool)).reshape(N, K)
+    values = tensors[f"{prefix}.weight.compressed"]
+    dense = torch.zeros(N, K, dtype=values.dtype)
+    dense[keep] = values.reshape(-1)
+    return dense
+
+
+def _weights_args(bits: int, group_size: int, sym: bool, act_order: str) -> dict[str, Any]:
+    return {
+        "num_bits": bits, "type": "int", "symmetric": sym,
+        "strategy": "channel" if group_size == -1 else "group",
+        "group_size": None if group_size == -1 else group_size,
+        "actorder": "weight" if act_order == "static" else None,
+        "dynamic": False, "observer": "minmax", "observer_kwargs": {},
+        "block_structure": None,
+    }
+
+
+def sparsity_config(fmt: str, sparsity: float, ignore: list[str]) -> dict[str, Any]:
+    return {"format": fmt, "global_sparsity": sparsity, "sparsity_structure": "2:4",
+            "targets": ["Linear"], "ignore": ignore, "registry_requires_subclass": False}
+
+
+def ct_quantization_config(
+    scheme: tuple[int, int, bool] | None, act_order: str, ignore: list[str],
+    sparsity: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``quantization_config`` for ``config.json``: one config group targeting ``Linear``
+    with the scheme (pack-quantized), the Linears left out in ``ignore``, and the sparsity
+    config when 2:4."""
+    groups = {}
+    if scheme is not None:
+        groups["group_0"] = {
+            "targets": ["Linear"], "weights": _weights_args(*scheme, act_order),
+            "input_activations": None, "output_activations": None, "format": "pack-quantized",
+        }
+    return {
+        "quant_method": QUANT_METHOD, "version": FORMAT_VERSION,
+        "format": "pack-quantized" if scheme is not None else "dense",
+        "quantization_status": "compressed", "config_groups": groups, "ignore": ignore,
+        "kv_cache_scheme": None, "global_compression_ratio": None,
+        "sparsity_config": sparsity or {}, "transform_config": {},
+    }
+
+
+def ct_scheme(qconfig: dict[str, Any]) -> tuple[int, int | None, bool] | None:
+    """(bits, group_size, sym) of a config's single weight group; refuses what llmc cannot
+    read (several groups, float or activation quantization)."""
+    groups = qconfig.get("config_groups") or {}
+    if not groups:
+        return None
+    if len(groups) > 1:
+        raise ValueError("compressed-tensors checkpoints with several config groups are not "
+                         "supported")
+    g = next(iter(groups.values()))
+    w = g.get("weights") or {}
+    if w.get("type", "int") != "int" or g.get("input_activations"):
+        raise ValueError("only integer weight-only compressed-tensors checkpoints can be read")
+    if qconfig.get("format", g.get("format")) != "pack-quantized":
+        raise ValueError(f"compressed-tensors format {qconfig.get('format')!r} is not "
+                         "supported; llmc reads pack-quantized")
+    return w["num_bits"], w.get("group_size"), bool(w.get("symmetric", True))
+
+
+def write_ct_checkpoint(out_dir, state: dict[str, Tensor],
+                        quantized: dict[str, tuple[QuantizedWeight, Tensor | None]],
+                        sparse24: dict[str, Tensor], config_dict: dict[str, Any],
+                        qconfig: dict[str, Any], max_shard_bytes: int) -> list[str]:
+    """Write the checkpoint: ``quantized`` Linears pack-quantized, ``sparse24`` weights
+    (name -> dense 2:4 weight, unquantized) as bitmasks, the rest of ``state`` as it is."""
+    state = {k: v for k, v in state.items() if k[: -len(".weight")] not in sparse24}
+    for prefix, W in sparse24.items():
+        state.update(bitmask_tensors(prefix, W))
+    return write_quantized_checkpoint(out_dir, state, quantized, ct_tensors, config_dict,
+                                      qconfig, max_shard_bytes)

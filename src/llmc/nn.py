@@ -1,0 +1,167 @@
+"""Modules that hold compressed weights and call the kernels.
+
+- :class:`QuantLinear`: packed 2/3/4/8-bit weights in the GPTQ layout (zeros stored as they
+  are) with scales and ``g_idx``; the Triton kernel on CUDA, the ``*_ref`` path elsewhere.
+- :class:`SparseLinear`: a 2:4 weight stored compressed (kept values and 2-bit positions);
+  the Triton kernel at decode-sized M, ``torch.sparse.to_sparse_semi_structured`` for large M
+  on GPUs that support it, the ``*_ref`` path elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from llmc.kernels import use_triton
+from llmc.kernels.sparse24 import (
+    compress_24,
+    expand_24_ref,
+    sparse24_matmul,
+    sparse24_matmul_ref,
+)
+from llmc.kernels.wq_matmul import KERNEL_BITS, dequantize_ref, wq_matmul
+from llmc.quant.pack import pack_cols, pack_rows, packed_len, unpack_cols, unpack_rows
+from llmc.quant.scheme import QuantizedWeight, QuantScheme
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequant(W)^T + b`` with W [N, K] kept packed: ``qweight`` int32
+    [ceil(K * bits / 32), N], ``qzeros`` int32 [G, ceil(N * bits / 32)] (zero points as they
+    are), ``scales`` [G, N] and ``bias`` [N] in ``dtype``, ``g_idx`` int32 [K]."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 sym: bool = True, bias: bool = False, dtype: torch.dtype = torch.float16,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        scheme = QuantScheme(bits, group_size, sym)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        G = scheme.num_groups(in_features)
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros(packed_len(in_features, bits), out_features,
+                                                    dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros(G, packed_len(out_features, bits),
+                                                   dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(G, out_features, dtype=dtype, **kw))
+        self.register_buffer("g_idx", scheme.default_g_idx(in_features).to(kw["device"]))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias
+                             else None)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None,
+                       dtype: torch.dtype = torch.float16) -> QuantLinear:
+        N, K = qw.shape
+        m = cls(K, N, qw.bits, qw.group_size, qw.sym, bias is not None, dtype)
+        m.qweight.copy_(pack_rows(qw.q.t().to(torch.int32), qw.bits))
+        m.qzeros.copy_(pack_cols(qw.zeros.t().contiguous().to(torch.int32), qw.bits))
+        m.scales.copy_(qw.scales.t())
+        m.g_idx.copy_(qw.g_idx)
+        if bias is not None:
+            m.bias.copy_(bias)
+        return m
+
+    def quantized(self) -> QuantizedWeight:
+        """The integer form (codes [N, K], qparams [N, G]), exactly as packed."""
+        q = unpack_rows(self.qweight, self.bits, self.in_features).t()
+        zeros = unpack_cols(self.qzeros, self.bits, self.out_features).t()
+        return QuantizedWeight(
+            q=q.to(torch.uint8).contiguous(), scales=self.scales.float().t().contiguous(),
+            zeros=zeros.contiguous(), g_idx=self.g_idx.clone(), bits=self.bits,
+            group_size=self.group_size, sym=self.sym,
+        )
+
+    @property
+    def trivial_groups(self) -> bool:
+        width = QuantScheme(self.bits, self.group_size, self.sym).group_width(self.in_features)
+        expect = torch.arange(self.in_features, device=self.g_idx.device) // width
+        return bool(torch.equal(self.g_idx.long(), expect))
+
+    def dequantize(self) -> Tensor:
+        """The dense weight [N, K] in fp32 (for inspection; forward never builds it on GPU)."""
+        return dequantize_ref(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits,
+                              self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The kernel computes in the scales' dtype (fp16 by default) with fp32 accumulation;
+        the ``*_ref`` path in fp32. The output has x's dtype."""
+        if self.bits in KERNEL_BITS and use_triton(x.device.type):
+            if not hasattr(self, "_trivial"):
+                self._trivial = self.trivial_groups
+            gs = self.group_size if self._trivial and self.group_size != -1 else None
+            y = wq_matmul(x.to(self.scales.dtype), self.qweight, self.scales, self.qzeros,
+                          self.g_idx, self.bits, gs)
+        else:
+            y = x.float() @ self.dequantize().t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}, sym={self.sym}")
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W^T + b`` with a 2:4 W [N, K] stored as ``values`` [N, K/2] (``dtype``) and
+    ``meta`` int32 [N, K/32] (see :mod:`llmc.kernels.sparse24`)."""
+
+    # Above this many rows of x, the semi-structured tensor-core path wins where it exists.
+    LARGE_M = 16
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float16,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if in_features % 32:
+            raise ValueError(f"2:4 storage needs in_features divisible by 32, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=dtype,
+                                                   device=device))
+        self.register_buffer("meta", torch.zeros(out_features, in_features // 32,
+                                                 dtype=torch.int32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device)
+                             if bias else None)
+        self._semi = None
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None = None,
+                   dtype: torch.dtype = torch.float16) -> SparseLinear:
+        N, K = weight.shape
+        m = cls(K, N, bias is not None, dtype, weight.device)
+        values, meta = compress_24(weight.detach().to(dtype))
+        m.values.copy_(values)
+        m.meta.copy_(meta)
+        if bias is not None:
+            m.bias.copy_(bias)
+        return m
+
+    def dense_weight(self) -> Tensor:
+        return expand_24_ref(self.values, self.meta)
+
+    def _semi_structured(self) -> Tensor | None:
+        """The weight as ``torch.sparse`` semi-structured (cached), or None where the GPU or
+        torch build lacks it."""
+        if self._semi is None:
+            try:
+                from torch.sparse import to_sparse_semi_structured
+
+                self._semi = to_sparse_semi_structured(self.dense_weight())
+            except (RuntimeError, ValueError, ImportError, NotImplementedError):
+                self._semi = False
+        return self._semi or None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.to(self.values.dtype)
+        rows = h.numel() // max(h.shape[-1], 1)
+        if h.is_cuda and rows > self.LARGE_M and (w := self._semi_structured()) is not None:
+            y = torch.nn.functional.linear(h.reshape(rows, -1), w).reshape(*h.shape[:-1], -1)
+        elif use_triton(x.device.type):
+            y = sparse24_matmul(h, self.values, self.meta)
+        else:
+            y = sparse24_matmul_ref(x.float(), self.values, self.meta)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, 2:4"

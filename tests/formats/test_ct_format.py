@@ -1,0 +1,127 @@
+"""The compressed-tensors checkpoint: bit-exact round trips, the package's own packing, and
+transformers loading it through the compressed-tensors package on CPU with the same logits."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import calib_ids, tiny_model
+
+import llmc
+from llmc.formats.compressed_tensors import bitmask_tensors, ct_tensors, read_bitmask_tensors
+from llmc.prune.masks import nm_keep
+from llmc.quant.rtn import rtn_quantize
+from llmc.quant.scheme import QuantScheme
+
+has_ct = pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None,
+                            reason="pip install compressed-tensors")
+
+
+def compressed(steps):
+    model, _ = llmc.compress(tiny_model("llama"), {"steps": steps}, calibration=calib_ids(),
+                             progress=False)
+    return model
+
+
+def linears_equal(a, b):
+    for (n, x), y in zip(a.named_modules(), b.modules()):
+        if isinstance(x, torch.nn.Linear):
+            assert torch.equal(x.weight, y.weight), n
+            if hasattr(x, "llmc_quant"):
+                assert torch.equal(x.llmc_quant.codes(x.weight).q, y.llmc_quant.codes(y.weight).q)
+
+
+SCHEMES = {
+    "w4g32-sym": [{"method": "gptq", "args": {"bits": 4, "group_size": 32}}],
+    "w4g32-asym": [{"method": "gptq", "args": {"bits": 4, "group_size": 32, "sym": False}}],
+    "w3g32-sym": [{"method": "gptq", "args": {"bits": 3, "group_size": 32}}],
+    "w8-channel-asym": [{"method": "rtn", "args": {"bits": 8, "group_size": -1, "sym": False}}],
+    "w2g32-sym": [{"method": "rtn", "args": {"bits": 2, "group_size": 32}}],
+    "24": [{"method": "wanda", "args": {"pattern": "2:4"}}],
+    "24-w4": [{"method": "sparsegpt", "args": {"pattern": "2:4", "bits": 4, "group_size": 32}}],
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEMES))
+def test_round_trip_is_bit_exact(tmp_path, case):
+    model = compressed(SCHEMES[case])
+    out = llmc.save(model, tmp_path / case, format="compressed-tensors")
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["quantization_status"] == "compressed"
+    if case == "24":
+        assert q["format"] == "dense" and q["config_groups"] == {}
+        assert q["sparsity_config"]["format"] == "sparse-24-bitmask"
+    else:
+        assert q["format"] == "pack-quantized" and q["ignore"] == ["lm_head"]
+    if case == "24-w4":
+        assert q["sparsity_config"]["format"] == "dense"
+        assert q["sparsity_config"]["sparsity_structure"] == "2:4"
+    back, _ = llmc.load(out)
+    linears_equal(model, back)
+
+
+@has_ct
+@pytest.mark.parametrize("bits,sym", [(4, True), (3, False), (8, False), (2, True)])
+def test_packing_is_the_packages(bits, sym):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    qw = rtn_quantize(torch.randn(40, 75), QuantScheme(bits, 25, sym))  # odd widths
+    t = ct_tensors("m", qw, None)
+    offset = 2 ** (bits - 1)
+    signed = (qw.q.to(torch.int32) - offset).to(torch.int8)
+    assert torch.equal(t["m.weight_packed"], pack_to_int32(signed, bits))
+    assert t["m.weight_scale"].shape == (40, 3) and t["m.weight_shape"].tolist() == [40, 75]
+    if not sym:
+        zp = (qw.zeros.to(torch.int32) - offset).to(torch.int8)
+        assert torch.equal(t["m.weight_zero_point"], pack_to_int32(zp, bits, packed_dim=0))
+    else:
+        assert "m.weight_zero_point" not in t
+
+
+@has_ct
+def test_bitmask_is_the_packages():
+    from compressed_tensors.utils.helpers import unpack_bitmasks
+
+    W = torch.randn(8, 40)
+    W = W * nm_keep(W.abs(), 2, 4)
+    W[0, :4] = 0
+    t = bitmask_tensors("m", W)
+    keep = unpack_bitmasks(t["m.weight.bitmask"], [8, 40])
+    assert (keep.reshape(8, 10, 4).sum(-1) == 2).all()
+    assert torch.equal(W[keep].reshape(8, 20), t["m.weight.compressed"])
+    assert torch.equal(read_bitmask_tensors(t, "m"), W)
+
+
+@has_ct
+@pytest.mark.parametrize("case", ["w4g32-sym", "w3g32-sym", "w2g32-sym", "24-w4"])
+def test_transformers_loads_it_with_the_same_logits(tmp_path, case):
+    from transformers import AutoModelForCausalLM
+
+    model = compressed(SCHEMES[case])
+    out = llmc.save(model, tmp_path / case, format="compressed-tensors")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    x = calib_ids(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_ragged_groups_are_refused(tmp_path):
+    model = compressed([{"method": "rtn", "args": {"bits": 4, "group_size": 48}}])
+    with pytest.raises(ValueError, match="whole groups"):
+        llmc.save(model, tmp_path / "r", format="compressed-tensors")
+    assert not (tmp_path / "r").exists()
+    recipe = llmc.Recipe.from_dict({"steps": [{"method": "rtn", "args": {"group_size": 48}}]})
+    with pytest.raises(ValueError, match="does not divide the input width 128 of .*down_proj"):
+        recipe.check_model(tiny_model().config, divisible_groups="compressed-tensors")
+    recipe.check_model(tiny_model().config)  # the GPTQ layout holds a narrow last group
+
+
+def test_dynamic_act_order_is_refused(tmp_path):
+    model = compressed([{"method": "gptq", "args": {"bits": 4, "group_size": 32,
+                                                    "act_order": "dynamic"}}])
+    with pytest.raises(ValueError, match="static act-order, or --format gptq"):
+        llmc.save(model, tmp_path / "d", format="compressed-tensors")
+    assert not (tmp_path / "d").exists()

@@ -1,0 +1,68 @@
+"""QuantLinear and SparseLinear on the CPU (``*_ref``) path: the same outputs as the dense
+layers they replace, and packed loading of whole checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import calib_ids, tiny_model
+
+import llmc
+from llmc.nn import QuantLinear, SparseLinear
+from llmc.prune.masks import nm_keep
+from llmc.quant.gptq import gptq_quantize
+from llmc.quant.rtn import rtn_quantize
+from llmc.quant.scheme import QuantScheme
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(4, 32, True), (3, 32, False), (8, -1, True),
+                                         (2, 48, False)])
+def test_quant_linear_matches_the_fake_quantized_layer(bits, gs, sym):
+    g = torch.Generator().manual_seed(0)
+    W, b = torch.randn(40, 120, generator=g), torch.randn(40, generator=g)
+    qw = rtn_quantize(W, QuantScheme(bits, gs, sym))
+    ql = QuantLinear.from_quantized(qw, b.half())
+    dense = torch.nn.Linear(120, 40)
+    dense.weight.data, dense.bias.data = qw.dequantize(), b.half().float()
+    x = torch.randn(3, 5, 120, generator=g)
+    torch.testing.assert_close(ql(x), dense(x), rtol=1e-5, atol=1e-5)
+    back = ql.quantized()
+    assert torch.equal(back.q, qw.q) and torch.equal(back.zeros, qw.zeros.to(torch.int32))
+
+
+def test_quant_linear_keeps_act_order_g_idx():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(256, 64, generator=g) * torch.linspace(0.1, 3, 64)
+    qw = gptq_quantize(torch.randn(16, 64, generator=g), 2 * X.T @ X / 256,
+                       QuantScheme(4, 16, True), act_order="dynamic")
+    ql = QuantLinear.from_quantized(qw)
+    assert not ql.trivial_groups
+    torch.testing.assert_close(ql.dequantize(), qw.dequantize())
+
+
+def test_sparse_linear_matches_dense():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(24, 64, generator=g)
+    W = (W * nm_keep(W.abs(), 2, 4)).half().float()
+    sl = SparseLinear.from_dense(W, torch.zeros(24))
+    x = torch.randn(4, 64, generator=g)
+    torch.testing.assert_close(sl(x), x @ W.t(), rtol=1e-3, atol=1e-3)
+    assert torch.equal(sl.dense_weight().float(), W)
+    with pytest.raises(ValueError, match="not 2:4"):
+        SparseLinear.from_dense(torch.ones(4, 64))
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
+def test_packed_load_builds_quant_linears(tmp_path, fmt):
+    model, _ = llmc.compress(tiny_model("llama"), {"steps": [
+        {"method": "gptq", "args": {"bits": 4, "group_size": 32}}]}, calibration=calib_ids(),
+        progress=False)
+    out = llmc.save(model, tmp_path / fmt, format=fmt)
+    packed, _ = llmc.load(out, packed=True)
+    layers = [m for m in packed.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 14
+    assert not any(p.is_meta for p in packed.parameters())
+    assert not any(b.is_meta for b in packed.buffers())
+    x = calib_ids(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
