@@ -3,8 +3,14 @@ and a model directory on disk, so the fast suite needs no network and no real mo
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported (transformers and compressed-tensors may
+# import it before any kernel test runs): the kernels run on the CPU interpreter in the tests.
+os.environ["TRITON_INTERPRET"] = "1"
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=260, max_position_embeddings=256)

@@ -15,6 +15,12 @@ from llmc.quant.rtn import rtn_quantize
 from llmc.quant.scheme import QuantScheme
 
 
+@pytest.fixture(autouse=True)
+def cpu_path(monkeypatch):
+    """The ``*_ref`` path (the kernels' interpreter runs are tests/kernels' business)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
 @pytest.mark.parametrize("bits,gs,sym", [(4, 32, True), (3, 32, False), (8, -1, True),
                                          (2, 48, False)])
 def test_quant_linear_matches_the_fake_quantized_layer(bits, gs, sym):
