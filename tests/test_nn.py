@@ -8,7 +8,7 @@ import torch
 from conftest import calib_ids, tiny_model
 
 import llmc
-from llmc.nn import QuantLinear, SparseLinear
+from llmc.nn import QuantLinear, SparseLinear, SparseQuantLinear
 from llmc.prune.masks import nm_keep
 from llmc.quant.gptq import gptq_quantize
 from llmc.quant.rtn import rtn_quantize
@@ -56,6 +56,46 @@ def test_sparse_linear_matches_dense():
     assert torch.equal(sl.dense_weight().float(), W)
     with pytest.raises(ValueError, match="not 2:4"):
         SparseLinear.from_dense(torch.ones(4, 64))
+
+
+def sparse_quantized(N=24, K=96, gs=32, seed=3):
+    """4-bit GPTQ codes of a 2:4 weight (pruned entries kept at zero by the mask)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g)
+    keep = nm_keep(W.abs(), 2, 4)
+    X = torch.randn(128, K, generator=g)
+    return gptq_quantize(W * keep, 2 * X.T @ X / 128, QuantScheme(4, gs, False),
+                         act_order="none", keep=keep)
+
+
+@pytest.mark.parametrize("gs", [32, -1])
+def test_sparse_quant_linear_matches_the_dense_layer(gs):
+    qw = sparse_quantized(gs=gs)
+    b = torch.randn(24)
+    sq = SparseQuantLinear.from_quantized(qw, b.half())
+    assert sq.qvalues.shape == (96 // 16, 24) and sq.meta.shape == (3, 24)
+    ql = QuantLinear.from_quantized(qw, b.half())
+    torch.testing.assert_close(sq.dequantize(), ql.dequantize())  # same weight, 2:4 storage
+    x = torch.randn(2, 3, 96, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(sq(x), ql(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(SparseQuantLinear.from_quant_linear(ql).qvalues, sq.qvalues)
+
+
+def test_sparse_quant_linear_refusals():
+    g = torch.Generator().manual_seed(5)
+    with pytest.raises(ValueError, match="not 2:4"):  # a dense weight
+        SparseQuantLinear.from_quantized(rtn_quantize(torch.randn(8, 64, generator=g),
+                                                      QuantScheme(4, 32, True)))
+    with pytest.raises(ValueError, match="4-bit"):
+        SparseQuantLinear.from_quantized(rtn_quantize(torch.randn(8, 64, generator=g),
+                                                      QuantScheme(8, 32, True)))
+    X = torch.randn(64, 64, generator=g) * torch.linspace(0.1, 3, 64)
+    qw = gptq_quantize(torch.randn(8, 64, generator=g), X.T @ X, QuantScheme(4, 16, True),
+                       act_order="dynamic")
+    with pytest.raises(ValueError, match="g_idx"):
+        SparseQuantLinear.from_quantized(qw)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        SparseQuantLinear(64, 8, group_size=6)
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])

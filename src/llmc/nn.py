@@ -5,6 +5,9 @@
 - :class:`SparseLinear`: a 2:4 weight stored compressed (kept values and 2-bit positions);
   the Triton kernel at decode-sized M, ``torch.sparse.to_sparse_semi_structured`` for large M
   on GPUs that support it, the ``*_ref`` path elsewhere.
+- :class:`SparseQuantLinear`: the joint 2:4 + INT4 form (kept entries as 4-bit codes with
+  group scales and zero points, plus their positions); its Triton kernel, or the ``*_ref``
+  path.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from torch import Tensor, nn
 from llmc.kernels import use_triton
 from llmc.kernels.sparse24 import (
     compress_24,
+    compress_24_codes,
+    expand_24_quant_ref,
     expand_24_ref,
     sparse24_matmul,
     sparse24_matmul_ref,
+    sparse24_quant_matmul,
 )
 from llmc.kernels.wq_matmul import KERNEL_BITS, dequantize_ref, wq_matmul
 from llmc.quant.pack import pack_cols, pack_rows, packed_len, unpack_cols, unpack_rows
@@ -165,3 +171,78 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 2:4"
+
+
+class SparseQuantLinear(nn.Module):
+    """``y = x @ W^T + b`` with W [N, K] both 2:4 sparse and 4-bit quantized, stored as the
+    kept entries' codes ``qvalues`` int32 [K/16, N], ``meta`` int32 [K/32, N], ``scales``
+    [G, N] and ``qzeros`` int32 [G, N/8] (see :mod:`llmc.kernels.sparse24`): about 0.19 of the
+    fp16 weight's bytes at group 128."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 128,
+                 sym: bool = True, bias: bool = False, dtype: torch.dtype = torch.float16,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if in_features % 32:
+            raise ValueError(f"2:4 storage needs in_features divisible by 32, got {in_features}")
+        if group_size != -1 and group_size % 4:
+            raise ValueError(f"the joint 2:4 + INT4 form needs group_size -1 or a multiple of "
+                             f"4, got {group_size}")
+        scheme = QuantScheme(4, group_size, sym)
+        G = scheme.num_groups(in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.sym = group_size, sym
+        kw = {"device": device}
+        self.register_buffer("qvalues", torch.zeros(in_features // 16, out_features,
+                                                    dtype=torch.int32, **kw))
+        self.register_buffer("meta", torch.zeros(in_features // 32, out_features,
+                                                 dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(G, out_features, dtype=dtype, **kw))
+        self.register_buffer("qzeros", torch.zeros(G, packed_len(out_features, 4),
+                                                   dtype=torch.int32, **kw))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias
+                             else None)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None,
+                       dtype: torch.dtype = torch.float16) -> SparseQuantLinear:
+        """From 4-bit codes whose dequantized weight is 2:4 (pruned entries at their zero
+        point, as SparseGPT's joint mode and masked GPTQ/RTN/AWQ leave them), with the
+        default ``g_idx``; refuses anything else."""
+        N, K = qw.shape
+        if qw.bits != 4:
+            raise ValueError(f"the joint 2:4 form holds 4-bit codes, got {qw.bits}-bit")
+        scheme = QuantScheme(4, qw.group_size, qw.sym)
+        if not torch.equal(qw.g_idx.long().cpu(), scheme.default_g_idx(K).long()):
+            raise ValueError("the joint 2:4 form needs the default g_idx (no act order)")
+        m = cls(K, N, qw.group_size, qw.sym, bias is not None, dtype)
+        qvalues, meta = compress_24_codes(qw.q, qw.dequantize())
+        m.qvalues.copy_(qvalues)
+        m.meta.copy_(meta)
+        m.scales.copy_(qw.scales.t())
+        m.qzeros.copy_(pack_cols(qw.zeros.t().contiguous().to(torch.int32), 4))
+        if bias is not None:
+            m.bias.copy_(bias)
+        return m
+
+    @classmethod
+    def from_quant_linear(cls, ql: QuantLinear) -> SparseQuantLinear:
+        return cls.from_quantized(ql.quantized(), ql.bias, ql.scales.dtype)
+
+    def dequantize(self) -> Tensor:
+        return expand_24_quant_ref(self.qvalues, self.meta, self.scales, self.qzeros,
+                                   self.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if use_triton(x.device.type):
+            y = sparse24_quant_matmul(x.to(self.scales.dtype), self.qvalues, self.meta,
+                                      self.scales, self.qzeros, self.group_size)
+        else:
+            y = x.float() @ self.dequantize().t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, 2:4, "
+                f"bits=4, group_size={self.group_size}, sym={self.sym}")

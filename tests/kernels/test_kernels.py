@@ -11,9 +11,13 @@ import torch
 
 from llmc.kernels.sparse24 import (
     compress_24,
+    compress_24_codes,
+    expand_24_quant_ref,
     expand_24_ref,
     sparse24_matmul,
     sparse24_matmul_ref,
+    sparse24_quant_matmul,
+    sparse24_quant_matmul_ref,
 )
 from llmc.kernels.wq_matmul import wq_matmul, wq_matmul_ref
 from llmc.nn import QuantLinear
@@ -64,17 +68,45 @@ def test_wq_matmul_matches_ref(M, K, N, bits, gs, dtype):
 
 
 def test_wq_matmul_act_order_and_split_k():
-    from llmc.kernels._wq_triton import launch
+    from llmc.kernels._wq_triton import _cfg, launch
 
     ql = packed(40, 160, 4, 32, act_order=True)
     assert not ql.trivial_groups
     x = torch.randn(2, 160, generator=torch.Generator().manual_seed(2)).half()
     ref = wq_matmul_ref(x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, 4)
     close(wq_matmul(x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, 4), ref, torch.float16)
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3, "num_warps": 4,
-           "num_stages": 2}
-    close(launch(x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, 4, None, cfg), ref,
-          torch.float16)
+    for split_dot in (True, False):
+        cfg = _cfg(16, 32, 16 if split_dot else 4, 3, 4, 2, split_dot)
+        close(launch(x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, 4, None, cfg), ref,
+              torch.float16)
+
+
+# Every config the GPU tuner may pick, on odd shapes: trivial groups inside a tile (TILE),
+# groups narrower than the tile (WORD), act order (ROW), 8-bit and 2-bit per channel.
+@pytest.mark.parametrize("M,K,N,bits,gs,act", [
+    (1, 200, 72, 4, 64, False), (3, 520, 40, 4, 128, False), (20, 136, 40, 4, 32, False),
+    (3, 200, 48, 8, 32, False), (2, 160, 40, 4, 32, True), (3, 300, 48, 2, -1, False),
+])
+def test_wq_matmul_every_tuned_config(M, K, N, bits, gs, act):
+    from llmc.kernels._wq_triton import DECODE, PREFILL, launch
+
+    ql = packed(N, K, bits, gs, act_order=act, seed=M)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(5)).half()
+    ref = wq_matmul_ref(x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, bits)
+    group = None if act or gs == -1 else gs
+    for cfg in DECODE + PREFILL:
+        close(launch(x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, bits, group, cfg), ref,
+              torch.float16)
+
+
+def test_tuner_off_cuda_takes_the_first_config_and_reports_nothing():
+    from llmc.kernels import tune
+    from llmc.kernels._wq_triton import DECODE
+
+    seen = []
+    out = tune.pick(("test",), DECODE, lambda c: seen.append(c) or torch.zeros(1), cuda=False)
+    assert seen == [DECODE[0]] and out.shape == (1,)
+    assert repr(("test",)) not in tune.choices()
 
 
 def test_wq_matmul_refuses_bad_shapes():
@@ -112,11 +144,37 @@ def test_sparse24_matmul_matches_ref(M, N, dtype):
     close(ref, (x.float() @ W.to(dtype).float().t()), dtype)
 
 
-def test_sparse24_split_k():
-    from llmc.kernels._sparse24_triton import launch
+def test_sparse24_every_tuned_config():
+    from llmc.kernels._sparse24_triton import DECODE, PREFILL, launch
 
     values, meta = compress_24(sparse_weight(40, 192).half())
-    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(4)).half()
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4,
-           "num_stages": 2}
-    close(launch(x, values, meta, cfg), sparse24_matmul_ref(x, values, meta), torch.float16)
+    for M in (3, 20):
+        x = torch.randn(M, 192, generator=torch.Generator().manual_seed(4)).half()
+        ref = sparse24_matmul_ref(x, values, meta)
+        for cfg in DECODE + PREFILL:
+            close(launch(x, values, meta, cfg), ref, torch.float16)
+
+
+@pytest.mark.parametrize("gs", [32, -1, 8])
+@pytest.mark.parametrize("M", [1, 20])
+def test_sparse24_quant_matmul_matches_ref(M, gs):
+    from llmc.kernels._sparse24_triton import PREFILL, QDECODE, launch
+
+    N, K = 40, 160
+    W = sparse_weight(N, K, seed=gs % 7)
+    qw = rtn_quantize(W, QuantScheme(4, gs, False))
+    ql = QuantLinear.from_quantized(qw)
+    # pruned entries at their zero point, so that they dequantize to 0
+    z = qw.zeros.gather(1, qw.g_idx.long()[None].expand(N, -1))
+    q = torch.where(W != 0, qw.q.long(), z.long())
+    Wq = torch.where(W != 0, qw.dequantize(), torch.zeros(()))
+    qvalues, meta = compress_24_codes(q, Wq)
+    assert torch.equal(expand_24_quant_ref(qvalues, meta, ql.scales.float(), ql.qzeros, gs),
+                       torch.where(W != 0, ql.dequantize(), torch.zeros(())))
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(6)).half()
+    ref = sparse24_quant_matmul_ref(x, qvalues, meta, ql.scales, ql.qzeros, gs)
+    close(sparse24_quant_matmul(x, qvalues, meta, ql.scales, ql.qzeros, gs), ref,
+          torch.float16)
+    quant = (ql.scales, ql.qzeros, K if gs == -1 else gs)
+    for cfg in (QDECODE if M <= 16 else PREFILL):
+        close(launch(x, qvalues, meta, cfg, quant), ref, torch.float16)

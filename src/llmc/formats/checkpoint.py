@@ -25,6 +25,7 @@ from llmc.formats.io import (
     save_json,
     save_sharded_safetensors,
 )
+from llmc.prune.masks import is_nm
 
 log = logging.getLogger(__name__)
 
@@ -208,11 +209,6 @@ _CT_DYNAMIC = ("{where}dynamic act-order needs a g_idx, which compressed-tensors
                "(0.20 dropped actorder 'group'); use static act-order, or --format gptq")
 
 
-def _is_24(W: Tensor) -> bool:
-    N, K = W.shape
-    return K % 4 == 0 and bool(((W != 0).reshape(N, K // 4, 4).sum(-1) <= 2).all())
-
-
 def _write_ct(model: nn.Module, out_dir: Path, quant: dict[str, nn.Module],
               state: dict[str, Tensor], config: dict[str, Any], max_shard_bytes: int) -> None:
     """compressed-tensors: quantized Linears pack-quantized; unquantized 2:4 block Linears as
@@ -227,7 +223,7 @@ def _write_ct(model: nn.Module, out_dir: Path, quant: dict[str, nn.Module],
     adapter = get_adapter(model.config)
     block_lin = {f"{adapter.blocks}.{b}.{n}": m for b, blk in enumerate(adapter.get_blocks(model))
                  for n, m in blk.named_modules() if isinstance(m, nn.Linear)}
-    sparse = {n: m for n, m in block_lin.items() if _is_24(m.weight)}
+    sparse = {n: m for n, m in block_lin.items() if is_nm(m.weight, 2, 4)}
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not quant and not sparse:
         save_sharded_safetensors(out_dir, plain_tensors(state, config), max_shard_bytes)

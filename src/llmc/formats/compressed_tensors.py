@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from llmc.formats.io import write_quantized_checkpoint
+from llmc.prune.masks import nm_slots
 from llmc.quant.pack import pack_rows, unpack_rows
 from llmc.quant.scheme import QuantizedWeight, QuantScheme
 
@@ -99,14 +100,11 @@ def bitmask_tensors(prefix: str, weight: Tensor) -> dict[str, Tensor]:
     """``sparse-24-bitmask`` tensors of a 2:4 weight [N, K]: exactly two kept entries per
     group of 4 (the non-zeros first, then zeros, in column order)."""
     N, K = weight.shape
-    if K % 4:
-        raise ValueError(f"{prefix}: in_features {K} is not a multiple of 4")
-    groups = weight.detach().reshape(N, K // 4, 4)
-    nonzero = groups != 0
-    if (nonzero.sum(-1) > 2).any():
-        raise ValueError(f"{prefix}: the weight is not 2:4 sparse")
-    order = torch.sort((~nonzero).to(torch.int8), dim=-1, stable=True).indices[..., :2]
-    keep = torch.zeros_like(nonzero).scatter_(-1, order, True).reshape(N, K)
+    try:
+        pos = nm_slots(weight.detach(), 2, 4)
+    except ValueError as e:
+        raise ValueError(f"{prefix}: {e}") from None
+    keep = torch.zeros(N, K // 4, 4, dtype=torch.bool).scatter_(-1, pos, True).reshape(N, K)
     bitmask = torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little"))
     return {
         f"{prefix}.weight.compressed": weight.detach()[keep].reshape(N, K // 2).contiguous(),

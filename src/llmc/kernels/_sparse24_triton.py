@@ -1,20 +1,33 @@
-"""The Triton kernel of :mod:`llmc.kernels.sparse24` (imported only where Triton is)."""
+"""The Triton kernel of :mod:`llmc.kernels.sparse24` (imported only where Triton is): 2:4
+weights as kept values (fp16/bf16/fp32, or 4-bit codes with group scales and zero points) plus
+2-bit positions, expanded in registers."""
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from llmc.kernels.tune import Config, atomic_out, finish_out, pick
+
 
 @triton.jit
 def _sparse24_matmul_kernel(
-    x_ptr, v_ptr, meta_ptr, out_ptr,
+    x_ptr, v_ptr, meta_ptr, s_ptr, z_ptr, out_ptr,
     M, N, K,
-    stride_xm, stride_xk, stride_vn, stride_vk, stride_mn, stride_mk, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    stride_xm, stride_xk, stride_vs, stride_vn, stride_mn, stride_mk, stride_sg, stride_sn,
+    stride_zg, stride_zn, stride_om, stride_on,
+    GROUP_SIZE,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    SPLIT_K: tl.constexpr, QUANT: tl.constexpr,
 ):
+    """One (BLOCK_M, BLOCK_N) output tile over K tiles of BLOCK_G groups of 4 inputs. Each
+    group's two kept values (slots 2g, 2g + 1) and their positions are loaded once; the tile is
+    reduced as four dots, one per position in the group, with x gathered at stride 4.
+
+    Values: QUANT=False, ``v`` [slots, N] by strides (the [N, K/2] values tensor); QUANT=True,
+    4-bit codes packed 8 per int32 along the slots, ``v`` [K/16, N], dequantized as
+    ``(q - z) * s`` with the group of input column ``k`` being ``k // GROUP_SIZE``."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -22,51 +35,234 @@ def _sparse24_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    G4 = K // 4  # groups of four inputs (K is a multiple of 32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
-        k_ok = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
-        mask = k_ok[:, None] & n_ok[None, :]
-        j0 = (offs_k // 4) * 2  # first kept slot of each row's group, (BK,)
-        v0 = tl.load(v_ptr + offs_n[None, :] * stride_vn + j0[:, None] * stride_vk,
-                     mask=mask, other=0.0)  # (BK, BN)
-        v1 = tl.load(v_ptr + offs_n[None, :] * stride_vn + (j0 + 1)[:, None] * stride_vk,
-                     mask=mask, other=0.0)
-        word = tl.load(meta_ptr + offs_n[None, :] * stride_mn + (j0 // 16)[:, None] * stride_mk,
-                       mask=mask, other=0)  # positions of slots j0, j0 + 1 share a word
-        p0 = (word >> ((j0 % 16) * 2)[:, None]) & 3
-        p1 = (word >> ((j0 % 16) * 2 + 2)[:, None]) & 3
-        pos = (offs_k % 4)[:, None]
-        w = tl.where(pos == p0, v0, tl.where(pos == p1, v1, 0.0))  # (BK, BN), expanded
-        acc += tl.dot(x, w.to(x.dtype))
+    for g0 in range(pid_k * BLOCK_G, G4, BLOCK_G * SPLIT_K):
+        offs_g = g0 + tl.arange(0, BLOCK_G)  # (BG,)
+        mask = (offs_g < G4)[:, None] & n_ok[None, :]
+        word = tl.load(meta_ptr + offs_n[None, :] * stride_mn + (offs_g // 8)[:, None]
+                       * stride_mk, mask=mask, other=0)  # slots 2g, 2g + 1: bits 4(g % 8)..
+        shift = ((offs_g % 8) * 4)[:, None]
+        p0 = (word >> shift) & 3
+        p1 = (word >> (shift + 2)) & 3
+        if QUANT:
+            codes = tl.load(v_ptr + (offs_g // 4)[:, None] * stride_vs + offs_n[None, :]
+                            * stride_vn, mask=mask, other=0)  # 8 slots = 4 groups per word
+            c_shift = ((offs_g % 4) * 8)[:, None]
+            grp = ((offs_g * 4) // GROUP_SIZE)[:, None]
+            s = tl.load(s_ptr + grp * stride_sg + offs_n[None, :] * stride_sn, mask=mask,
+                        other=0.0).to(tl.float32)
+            zw = tl.load(z_ptr + grp * stride_zg + (offs_n // 8)[None, :] * stride_zn,
+                         mask=mask, other=0)
+            z = (zw >> ((offs_n % 8) * 4)[None, :]) & 15
+            v0 = (((codes >> c_shift) & 15) - z).to(tl.float32) * s
+            v1 = (((codes >> (c_shift + 4)) & 15) - z).to(tl.float32) * s
+        else:
+            v0 = tl.load(v_ptr + (2 * offs_g)[:, None] * stride_vs + offs_n[None, :] * stride_vn,
+                         mask=mask, other=0.0)  # (BG, BN)
+            v1 = tl.load(v_ptr + (2 * offs_g + 1)[:, None] * stride_vs
+                         + offs_n[None, :] * stride_vn, mask=mask, other=0.0)
+        for pos in tl.static_range(4):
+            offs_k = offs_g * 4 + pos
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)  # (BM, BG)
+            w = tl.where(p0 == pos, v0, tl.where(p1 == pos, v1, 0.0))
+            acc += tl.dot(x, w.to(x.dtype))
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     if SPLIT_K == 1:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
     else:
-        tl.atomic_add(out, acc, mask=m_ok[:, None] & n_ok[None, :])
+        tl.atomic_add(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def config(M: int, K: int, N: int) -> dict[str, int]:
-    if M <= 16:
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64,
-                "SPLIT_K": max(1, min(8, K // 512)), "num_warps": 4, "num_stages": 4}
-    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4,
-            "num_stages": 3}
+MAGIC = tl.constexpr(0x4B000000)  # float 2^23: (q | MAGIC) read as float is 2^23 + q
+TWO23 = tl.constexpr(8388608.0)
 
 
-def launch(x: Tensor, values: Tensor, meta: Tensor, cfg: dict[str, int] | None = None) -> Tensor:
+@triton.jit
+def _sparse24_gemv_kernel(
+    x_ptr, v_ptr, meta_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_vn, stride_vs, stride_mn, stride_mk, stride_om, stride_on,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Decode-sized M, fp16 values [N, K/2] and meta [N, K/32]: one row of x per program (grid
+    axis 2), BLOCK_N weight rows, K tiles of BLOCK_G groups of four loaded along the rows
+    (coalesced); x is gathered at each kept value's position, products accumulate elementwise
+    in fp32 and are reduced once at the end."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    G4 = K // 4
+    acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+    for g0 in range(pid_k * BLOCK_G, G4, BLOCK_G * SPLIT_K):
+        offs_g = g0 + tl.arange(0, BLOCK_G)
+        mask = n_ok[:, None] & (offs_g < G4)[None, :]
+        offs_s = 2 * g0 + tl.arange(0, 2 * BLOCK_G)
+        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_s[None, :] * stride_vs,
+                    mask=n_ok[:, None] & (offs_s < 2 * G4)[None, :], other=0.0)
+        v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_G, 2)))
+        word = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (offs_g // 8)[None, :]
+                       * stride_mk, mask=mask, other=0)
+        shift = ((offs_g % 8) * 4)[None, :]
+        xb = x_ptr + m * stride_xm + (offs_g * 4)[None, :] * stride_xk
+        x0 = tl.load(xb + ((word >> shift) & 3) * stride_xk, mask=mask, other=0.0)
+        x1 = tl.load(xb + ((word >> (shift + 2)) & 3) * stride_xk, mask=mask, other=0.0)
+        acc += v0.to(tl.float32) * x0.to(tl.float32) + v1.to(tl.float32) * x1.to(tl.float32)
+    y = tl.sum(acc, axis=1)
+    out = out_ptr + m * stride_om + offs_n * stride_on
+    if SPLIT_K == 1:
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(out, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _sparse24q_gemv_kernel(
+    x_ptr, qv_ptr, meta_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_qw, stride_qn, stride_mk, stride_mn, stride_sg, stride_sn,
+    stride_zg, stride_zn, stride_om, stride_on,
+    GROUP_SIZE,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+    WORD_GROUPS: tl.constexpr,
+):
+    """Decode-sized M, the joint form: 4-bit codes [K/16, N] and meta [K/32, N], both loaded
+    along N (coalesced). Word row w holds slots 8w..8w+7, i.e. the groups of four 4w..4w+3
+    (inputs 16w..16w+15) and its positions sit in meta row w // 2. WORD_GROUPS: a word row
+    lies in one quantization group (group_size a multiple of 16)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    z_shift = ((offs_n % 8) * 4)[None, :]
+    KW = K // 16
+    acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+    for w0 in range(pid_k * BLOCK_W, KW, BLOCK_W * SPLIT_K):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        mask = (offs_w < KW)[:, None] & n_ok[None, :]
+        qw = tl.load(qv_ptr + offs_w[:, None] * stride_qw + offs_n[None, :] * stride_qn,
+                     mask=mask, other=0)
+        mw = tl.load(meta_ptr + (offs_w // 2)[:, None] * stride_mk + offs_n[None, :]
+                     * stride_mn, mask=mask, other=0)
+        if WORD_GROUPS:
+            grp = (offs_w * 16 // GROUP_SIZE)[:, None]
+            s = tl.load(s_ptr + grp * stride_sg + offs_n[None, :] * stride_sn, mask=mask,
+                        other=0.0).to(tl.float32)
+            zw = tl.load(z_ptr + grp * stride_zg + (offs_n // 8)[None, :] * stride_zn,
+                         mask=mask, other=0)
+            c = ((zw >> z_shift) & 15).to(tl.float32) + TWO23
+        part = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(8):
+            g = offs_w * 4 + j // 2  # group of four of slot 8w + j
+            p = (mw >> ((g % 8) * 4 + (j % 2) * 2)[:, None]) & 3
+            xk = tl.load(x_ptr + m * stride_xm + ((g * 4)[:, None] + p) * stride_xk, mask=mask,
+                         other=0.0).to(tl.float32)
+            f = (((qw >> (j * 4)) & 15) | MAGIC).to(tl.float32, bitcast=True)
+            if WORD_GROUPS:
+                part += xk * (f - c)
+            else:
+                grp = (g * 4 // GROUP_SIZE)[:, None]
+                s = tl.load(s_ptr + grp * stride_sg + offs_n[None, :] * stride_sn, mask=mask,
+                            other=0.0).to(tl.float32)
+                zw = tl.load(z_ptr + grp * stride_zg + (offs_n // 8)[None, :] * stride_zn,
+                             mask=mask, other=0)
+                part += xk * ((f - (((zw >> z_shift) & 15).to(tl.float32) + TWO23)) * s)
+        if WORD_GROUPS:
+            acc += part * s
+        else:
+            acc += part
+    y = tl.sum(acc, axis=0)
+    out = out_ptr + m * stride_om + offs_n * stride_on
+    if SPLIT_K == 1:
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(out, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def _cfg(bm, bn, bg, split, warps, stages) -> Config:
+    return Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=bg, SPLIT_K=split), warps, stages)
+
+
+def _gemv(bn, bg, split, warps, stages) -> Config:
+    """fp16 values: BLOCK_N weight rows x BLOCK_G groups of four; joint form: BLOCK_N columns
+    x BLOCK_G // 4 word rows (BLOCK_G groups of four)."""
+    return Config(dict(GEMV=True, BLOCK_N=bn, BLOCK_G=bg, SPLIT_K=split), warps, stages)
+
+
+# The tuner's short lists (the first of each is the default off CUDA); BLOCK_G >= 16 groups of
+# four inputs per K tile (a dot needs K >= 16).
+DECODE = [
+    _gemv(16, 64, 4, 4, 3), _gemv(32, 64, 2, 4, 3), _gemv(8, 128, 4, 4, 3),
+    _gemv(32, 32, 4, 4, 4), _gemv(16, 128, 2, 8, 3), _gemv(4, 256, 4, 4, 3),
+    _gemv(8, 256, 8, 4, 3), _gemv(16, 128, 8, 4, 3),
+    _cfg(16, 64, 16, 4, 4, 3), _cfg(16, 128, 16, 2, 4, 3), _cfg(16, 64, 32, 2, 4, 3),
+    _cfg(16, 64, 16, 1, 4, 4), _cfg(16, 32, 16, 1, 2, 4), _cfg(16, 128, 32, 4, 8, 3),
+]
+PREFILL = [_cfg(64, 128, 16, 1, 4, 3), _cfg(128, 128, 16, 1, 8, 3), _cfg(64, 64, 32, 1, 4, 3)]
+# The joint form's GEMV runs along N: wider column blocks.
+QDECODE = [_gemv(128, 64, 4, 4, 3), _gemv(256, 64, 2, 8, 3), _gemv(128, 32, 8, 4, 3),
+           _gemv(64, 64, 8, 2, 4), _gemv(64, 64, 16, 2, 3), _gemv(128, 128, 8, 4, 3)]
+QDECODE += [c for c in DECODE if not c.kwargs.get("GEMV")]
+
+
+def configs(M: int, quant: bool = False) -> list[Config]:
+    if M > 16:
+        return PREFILL
+    return QDECODE if quant else DECODE
+
+
+def launch(x: Tensor, values: Tensor, meta: Tensor, cfg: Config | None = None,
+           quant: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
+    """``x`` [M, K] times a 2:4 weight: ``values`` [N, K/2] kept values with ``meta``
+    [N, K/32]; or, with ``quant = (scales [G, N], qzeros [G, N/8], group_size)``, int32
+    [K/16, N] of 4-bit codes with ``meta`` [K/32, N]."""
     M, K = x.shape
-    N = values.shape[0]
-    cfg = dict(cfg or config(M, K, N))
-    split = cfg.pop("SPLIT_K")
-    out = torch.zeros(M, N, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
-    _sparse24_matmul_kernel[grid](
-        x, values, meta, out, M, N, K,
-        x.stride(0), x.stride(1), values.stride(0), values.stride(1),
-        meta.stride(0), meta.stride(1), out.stride(0), out.stride(1),
-        SPLIT_K=split, **cfg,
-    )
-    return out.to(x.dtype) if split > 1 else out
+    if quant is None:
+        N = values.shape[0]
+        s = z = values  # unused pointers
+        vs = (values.stride(1), values.stride(0))  # (slot, row) strides
+        ms = (meta.stride(1), meta.stride(0))  # (k, n)
+        qs = (0, 0, 0, 0)
+        group_size = 1
+    else:
+        N = values.shape[1]
+        s, z, group_size = quant
+        vs = (values.stride(0), values.stride(1))
+        ms = (meta.stride(0), meta.stride(1))
+        qs = (s.stride(0), s.stride(1), z.stride(0), z.stride(1))
+
+    def run(c: Config) -> Tensor:
+        kw = dict(c.kwargs)
+        split = kw.pop("SPLIT_K")
+        out = atomic_out(M, N, x, split)
+        opts = {"num_warps": c.num_warps, "num_stages": c.num_stages}
+        if kw.pop("GEMV", False):
+            grid = (triton.cdiv(N, kw["BLOCK_N"]), split, M)
+            if quant is None:
+                _sparse24_gemv_kernel[grid](
+                    x, values, meta, out, M, N, K, x.stride(0), x.stride(1), vs[1], vs[0],
+                    ms[1], ms[0], out.stride(0), out.stride(1), SPLIT_K=split, **opts, **kw)
+            else:
+                _sparse24q_gemv_kernel[grid](
+                    x, values, meta, s, z, out, M, N, K, x.stride(0), x.stride(1), vs[0],
+                    vs[1], ms[0], ms[1], *qs, out.stride(0), out.stride(1), group_size,
+                    BLOCK_N=kw["BLOCK_N"], BLOCK_W=kw["BLOCK_G"] // 4, SPLIT_K=split,
+                    WORD_GROUPS=group_size % 16 == 0, **opts)
+            return finish_out(out, x)
+        grid = (triton.cdiv(M, kw["BLOCK_M"]), triton.cdiv(N, kw["BLOCK_N"]), split)
+        _sparse24_matmul_kernel[grid](
+            x, values, meta, s, z, out, M, N, K,
+            x.stride(0), x.stride(1), vs[0], vs[1], ms[1], ms[0], *qs,
+            out.stride(0), out.stride(1), group_size,
+            SPLIT_K=split, QUANT=quant is not None, **opts, **kw,
+        )
+        return finish_out(out, x)
+
+    if cfg is not None:
+        return run(cfg)
+    key = ("sparse24", M, K, N, x.dtype, None if quant is None else group_size)
+    return pick(key, configs(M, quant is not None), run, x.is_cuda)

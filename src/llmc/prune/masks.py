@@ -67,6 +67,28 @@ def nm_keep(scores: Tensor, n: int, m: int) -> Tensor:
     return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True).reshape(N, K)
 
 
+def is_nm(W: Tensor, n: int = 2, m: int = 4) -> bool:
+    """Whether every ``m`` consecutive inputs of each row of ``W`` hold at most ``n``
+    non-zeros."""
+    N, K = W.shape
+    return K % m == 0 and bool(((W != 0).reshape(N, K // m, m).sum(-1) <= n).all())
+
+
+def nm_slots(W: Tensor, n: int = 2, m: int = 4) -> Tensor:
+    """The ``n`` stored positions of each group of ``m`` inputs of an N:M weight [N, K]:
+    long [N, K/m, n] in ascending column order, the non-zeros first and, in a group with fewer
+    than ``n``, its first zeros (the storage of 2:4 kernels and compressed-tensors bitmasks).
+    Refuses a weight that is not N:M."""
+    N, K = W.shape
+    if not is_nm(W, n, m):
+        raise ValueError(f"the weight is not {n}:{m} sparse (a group of {m} consecutive inputs "
+                         f"holds more than {n} non-zeros, or {K} inputs do not split into "
+                         f"groups of {m})")
+    zero = (W.reshape(N, K // m, m) == 0).to(torch.int8)
+    order = torch.sort(zero, dim=-1, stable=True).indices[..., :n]
+    return torch.sort(order, dim=-1).values
+
+
 def sparsity(t: Tensor) -> float:
     """Fraction of exact zeros."""
     return float((t == 0).sum()) / max(t.numel(), 1)

@@ -1,0 +1,73 @@
+"""Compile one config of every kernel and mode for sm_90 (run as a script, without
+``TRITON_INTERPRET``, which turns ``@triton.jit`` into the interpreter). Prints one JSON line:
+{"skip": reason} or {"compiled": n, "failed": {name: error}}."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+
+
+def main() -> dict:
+    os.environ.pop("TRITON_INTERPRET", None)
+    warnings.filterwarnings("ignore")
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        return {"skip": f"Triton cannot compile ahead of time here: {e}"}
+    from llmc.kernels import _sparse24_triton as sp
+    from llmc.kernels import _wq_triton as wq
+
+    def build(fn, constexprs, pointers, cfg):
+        names = list(inspect.signature(fn.fn).parameters)
+        sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+        src = ASTSource(fn=fn, signature=sig,
+                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+    def first(configs, gemv):
+        return next(c for c in configs if bool(c.kwargs.get("GEMV")) == gemv)
+
+    def args(cfg, drop=("GEMV",)):
+        return {k: v for k, v in cfg.kwargs.items() if k not in drop}
+
+    wq_ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32",
+               "g_ptr": "*i32", "out_ptr": "*fp16"}
+    jobs = []
+    for groups in (0, 1, 2):
+        g = first(wq.DECODE, True)
+        jobs.append((f"wq gemv groups={groups}", wq._wq_gemv_kernel,
+                     dict(BITS=4, GROUPS=groups, **args(g)), wq_ptrs, g))
+        for t in (first(wq.DECODE, False), wq.PREFILL[0]):
+            jobs.append((f"wq tile {t.describe()} groups={groups}", wq._wq_matmul_kernel,
+                         dict(BITS=4, GROUPS=groups, **args(t)), wq_ptrs, t))
+    for quant in (False, True):
+        ptrs = {"x_ptr": "*fp16", "v_ptr": "*i32" if quant else "*fp16", "qv_ptr": "*i32",
+                "meta_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "out_ptr": "*fp16"}
+        t = first(sp.DECODE, False)
+        jobs.append((f"2:4 tile quant={quant}", sp._sparse24_matmul_kernel,
+                     dict(QUANT=quant, **args(t)), ptrs, t))
+    g = first(sp.DECODE, True)
+    jobs.append(("2:4 gemv", sp._sparse24_gemv_kernel, args(g), {**ptrs, "v_ptr": "*fp16"}, g))
+    g = first(sp.QDECODE, True)
+    jobs.append(("2:4+int4 gemv", sp._sparse24q_gemv_kernel,
+                 dict(BLOCK_N=g.kwargs["BLOCK_N"], BLOCK_W=g.kwargs["BLOCK_G"] // 4,
+                      SPLIT_K=g.kwargs["SPLIT_K"], WORD_GROUPS=True), ptrs, g))
+    failed = {}
+    for name, fn, const, pointers, cfg in jobs:
+        try:
+            build(fn, const, pointers, cfg)
+        except Exception as e:  # report every kernel, not only the first failure
+            if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+                return {"skip": f"no ptxas: {e}"}
+            failed[name] = f"{type(e).__name__}: {str(e)[:800]}"
+    return {"compiled": len(jobs) - len(failed), "failed": failed}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))
