@@ -25,17 +25,12 @@ from typing import Any
 import torch
 
 import llmc
-from llmc.calibration import (
-    CalibrationConfig,
-    calibration_windows,
-    joined_text,
-    load_rows,
-    tokenize_text,
-)
+from llmc.calibration import CalibrationConfig, joined_text, load_rows, tokenize_text
 from llmc.eval.perplexity import perplexity
 from llmc.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
+CURRENT: dict = {}  # the results being written: columns may compare a row with others
 
 Column = tuple[str, Callable[[dict], str]]
 
@@ -86,19 +81,27 @@ def run_row(recipe: dict | None, args: argparse.Namespace) -> dict:
     test_ids = tokenize_text(tok, joined_text(load_rows("wikitext2-raw", "test")))
     row: dict[str, Any] = {}
     if recipe is not None:
-        calib = calibration_windows(
-            tok, CalibrationConfig(samples=args.samples, seqlen=args.calib_seqlen, seed=0)
-        )
+        # The calibration windows (a distill step's held-out windows are drawn disjoint from
+        # them, from the same text).
+        calib = CalibrationConfig(samples=args.samples, seqlen=args.calib_seqlen, seed=0)
         gc.collect()
         with PeakRSS() as mem:
             t = time.perf_counter()
-            model, report = llmc.compress(model, recipe, calibration=calib, progress=True)
+            model, report = llmc.compress(model, recipe, tokenizer=tok, calibration=calib,
+                                          progress=True)
             secs = time.perf_counter() - t
         report = report.to_dict()
         row.update(compress_seconds=secs, peak_rss_growth_mib=(mem.peak - mem.start) / 2**20,
                    recipe=report["recipe"], sparsity=pruned_sparsity(report))
         if report["plans"]:
             row["plans"] = report["plans"]
+        if report["distill"]:
+            row["distill"] = report["distill"]
+        blockwise = [t for t in report["transforms"] if t["method"] == "distill"]
+        if blockwise:
+            row["distill_blocks"] = [{k: t[k] for k in ("block", "heldout_start",
+                                                        "heldout_best", "best_step", "seconds")}
+                                     for t in blockwise]
     res = perplexity(model, test_ids, seqlen=args.seqlen, windows=args.windows, progress=True)
     row.update(perplexity=res["perplexity"], windows=res["windows"], tokens=res["tokens"],
                eval_seconds=res["seconds"])
@@ -114,6 +117,8 @@ def write(results: dict, name: str, columns: list[Column], ratio: bool = False) 
     ``ratio``, a multiple of FP's perplexity)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
+    CURRENT.clear()
+    CURRENT.update(results)
     fp = results["rows"].get("fp", {}).get("perplexity")
     headers = ["row", *(h for h, _ in columns), "perplexity", "vs FP", "compress s",
                "peak RSS growth MiB"]

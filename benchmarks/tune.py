@@ -8,6 +8,7 @@ windows of the same split that overlap no calibration window
     python benchmarks/tune.py gptq    # GPTQ's clipping (4-bit, group 64)
     python benchmarks/tune.py awq     # AWQ's scale form and clipping grid (4-bit, group 64)
     python benchmarks/tune.py prune   # the pruners' ranking scope (50% unstructured)
+    python benchmarks/tune.py awq3gptq  # AWQ before GPTQ at 3 bits: which AWQ parts help GPTQ
 """
 
 from __future__ import annotations
@@ -49,6 +50,18 @@ SETS = {
         "x_mean only (default)": awq(),
         "duo, clip grid 20 (AutoAWQ's)": awq(duo_scaling=True, clip_grid=20),
         "duo, 8 search windows": awq(duo_scaling=True, search_samples=8),
+    }),
+    "awq3gptq": ("AWQ then GPTQ, 3-bit group 64 sym", {
+        "gptq alone (reference)": [{"method": "gptq", "args": {"bits": 3, "group_size": 64}}],
+        "awq + gptq (default: AWQ's clipping off)": [
+            {"method": "awq", "args": {"bits": 3, "group_size": 64}},
+            {"method": "gptq", "args": {"bits": 3, "group_size": 64}}],
+        "awq (duo scales) + gptq": [
+            {"method": "awq", "args": {"bits": 3, "group_size": 64, "duo_scaling": True}},
+            {"method": "gptq", "args": {"bits": 3, "group_size": 64}}],
+        "awq + gptq (no clip search)": [
+            {"method": "awq", "args": {"bits": 3, "group_size": 64}},
+            {"method": "gptq", "args": {"bits": 3, "group_size": 64, "clip": False}}],
     }),
     "prune": ("Wanda and SparseGPT, 50% unstructured, per row or per layer", {
         "wanda row (default)": [{"method": "wanda", "args": {"sparsity": 0.5}}],

@@ -166,3 +166,29 @@ def test_export_between_formats(model_dir, text_file, tmp_path):
     assert res.exit_code != 0 and "--overwrite" in res.output
     res = run("export", model_dir, "--format", "awq", "-o", tmp_path / "x", ok=False)
     assert "not an llmc" in res.output
+
+
+def test_distill_command(model_dir, text_file, tmp_path):
+    student = tmp_path / "w4"
+    run("quantize", model_dir, "--method", "gptq", "--bits", 4, "--group-size", 32,
+        *calib_flags(text_file), "-o", student)
+    out = tmp_path / "distilled"
+    res = run("distill", student, "--teacher", model_dir, "--steps", 4, "--lr", 1e-3,
+              "--train-batch", 2, "--heldout", 2, "--eval-every", 2, *calib_flags(text_file),
+              "-o", out)
+    assert "held-out KL" in res.output
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "gptq" and qcfg["bits"] == 4  # the student's own format
+    report = json.loads((out / "llmc_report.json").read_text())
+    d = report["distill"][0]
+    assert d["heldout_kl_best"] <= d["heldout_kl_start"] and d["heldout_windows"] == 2
+    steps = llmc.Recipe.from_yaml(out / "recipe.yaml").steps
+    assert [s.method for s in steps] == ["gptq", "distill"]
+    model, _ = llmc.load(out)  # loads back, every quantized weight on its grid
+    # refused before loading anything: an output that exists, a teacher of another shape
+    res = run("distill", student, "--teacher", model_dir, *calib_flags(text_file), "-o", out,
+              ok=False)
+    assert res.exit_code != 0 and "--overwrite" in res.output
+    res = run("distill", model_dir, "--teacher", model_dir, *calib_flags(text_file), "-o",
+              tmp_path / "x", ok=False)
+    assert res.exit_code != 0 and "compress a model first" in res.output

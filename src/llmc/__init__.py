@@ -1,6 +1,6 @@
 """llmc: compress large language models so that they run on less hardware."""
 
-from llmc.api import CompressionReport, compress, evaluate, load, save
+from llmc.api import CompressionReport, compress, distill, evaluate, load, save
 from llmc.calibration import CalibrationConfig
 from llmc.recipe import Recipe, Step
 
@@ -12,6 +12,7 @@ __all__ = [
     "Recipe",
     "Step",
     "compress",
+    "distill",
     "evaluate",
     "load",
     "save",

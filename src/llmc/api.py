@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmc.calibration import CalibrationConfig, calibration_windows
+from llmc.calibration import CalibrationConfig, calibration_windows, heldout_windows
 from llmc.eval.perplexity import evaluate_text
 from llmc.models import get_adapter, load_model
 from llmc.recipe import Recipe
-from llmc.walker import LayerWalker
+from llmc.walker import LayerWalker, WalkReport
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,15 @@ RECIPE_FILE = "recipe.yaml"
 class CompressionReport:
     """What ``compress`` did: per-layer relative output error (and sparsity, when pruned), time
     per block, what each block transform chose (AWQ: per pair the exponent and the losses),
-    what a planning pass chose (OWL: per block the outlier ratio and sparsity), totals."""
+    what a planning pass chose (OWL: per block the outlier ratio and sparsity), what each
+    distill step did (held-out KL before and at the best step, its history), totals."""
 
     recipe: dict[str, Any]
     layers: list[dict[str, Any]] = field(default_factory=list)
     blocks: list[dict[str, Any]] = field(default_factory=list)
     transforms: list[dict[str, Any]] = field(default_factory=list)
     plans: list[dict[str, Any]] = field(default_factory=list)
+    distill: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     capture_seconds: float = 0.0
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -44,19 +46,30 @@ class CompressionReport:
 
 
 def _windows(
-    tokenizer: Any, calibration: Tensor | CalibrationConfig | None, recipe: Recipe
-) -> tuple[Tensor, dict[str, Any]]:
+    tokenizer: Any, calibration: Tensor | CalibrationConfig | None, recipe: Recipe,
+    heldout: int = 0,
+) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """Calibration windows, and ``heldout`` windows never trained on (distill steps): from the
+    calibration text, disjoint from the calibration windows; from a tensor, its last rows."""
     if isinstance(calibration, Tensor):
         if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
             raise ValueError("calibration: expected integer token ids of shape [samples, seqlen]")
-        return calibration.long(), {"source": "tensor", "shape": list(calibration.shape)}
+        ids = calibration.long()
+        info = {"source": "tensor", "shape": list(calibration.shape)}
+        if not heldout:
+            return ids, None, info
+        if ids.shape[0] <= heldout:
+            raise ValueError(f"calibration: {ids.shape[0]} windows leave none to train on after "
+                             f"the distill step's {heldout} held-out windows")
+        return ids[:-heldout], ids[-heldout:], {**info, "heldout": "last rows"}
     config = calibration if isinstance(calibration, CalibrationConfig) else recipe.calibration
     if tokenizer is None:
         raise ValueError(
             "compress(): pass tokenizer=... (or calibration=<token ids tensor>) for a recipe "
             "that needs calibration data"
         )
-    return calibration_windows(tokenizer, config), asdict(config)
+    held = heldout_windows(tokenizer, config, heldout) if heldout else None
+    return calibration_windows(tokenizer, config), held, asdict(config)
 
 
 def compress(
@@ -84,25 +97,75 @@ def compress(
         )
     model.eval()
     steps = [(i, s, s.compressor()) for i, s in enumerate(recipe.steps)]
-    windows, calib_info = None, {}
+    walk_steps = [st for st in steps if not getattr(st[2], "post_walk", False)]
+    post_steps = [st for st in steps if getattr(st[2], "post_walk", False)]
+    windows, held, calib_info = None, None, {}
     if recipe.needs_calibration:
-        windows, calib_info = _windows(tokenizer, calibration, recipe)
+        n_held = max((s.config.heldout for _, s, _ in post_steps), default=0)  # logit mode
+        windows, held, calib_info = _windows(tokenizer, calibration, recipe, n_held)
         recipe.check_seqlen(model.config, windows.shape[1])
     t = time.perf_counter()
-    walker = LayerWalker(model, adapter, steps, recipe.walker, progress=progress)
-    walk = walker.run(windows)
+    # The teacher of the distill steps: the model before any compression step (a copy).
+    teacher = None
+    if post_steps:
+        from llmc.distill import snapshot_teacher
+
+        teacher = snapshot_teacher(model)
+    walk = LayerWalker(model, adapter, walk_steps, recipe.walker, progress=progress).run(
+        windows) if walk_steps else WalkReport()
+    distilled = []
+    for idx, step, comp in post_steps:
+        record = comp.run(model, teacher, windows, held, step, progress=progress)
+        distilled.append({"step": idx, "method": step.method, **record})
+    del teacher
     report = CompressionReport(
         recipe=recipe.to_dict(),
         layers=[asdict(r) for r in walk.layers],
         blocks=walk.blocks,
         transforms=walk.transforms,
         plans=walk.plans,
+        distill=distilled,
         seconds=time.perf_counter() - t,
         capture_seconds=walk.capture_seconds,
         calibration=calib_info,
     )
     model.llmc_recipe = recipe
     return model, report
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    recipe: Recipe | dict | str | Path,
+    *,
+    tokenizer: Any = None,
+    calibration: Tensor | CalibrationConfig | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, CompressionReport]:
+    """Run a recipe of ``distill`` steps on an already compressed ``student`` (e.g. loaded
+    with :func:`load`) with ``teacher`` as the teacher; in place. Training and held-out windows
+    as for :func:`compress`."""
+    recipe = Recipe.coerce(recipe)
+    steps = [(i, s, s.compressor()) for i, s in enumerate(recipe.steps)]
+    if not all(getattr(c, "post_walk", False) for _, _, c in steps):
+        raise ValueError("distill(): the recipe may only hold distill steps of mode 'logit' "
+                         "(block mode runs inside llmc.compress, after the compression steps)")
+    n_held = max(s.config.heldout for _, s, _ in steps)
+    windows, held, calib_info = _windows(tokenizer, calibration, recipe, n_held)
+    t = time.perf_counter()
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    previous = getattr(student, "llmc_recipe", None)
+    distilled = [{"step": i, "method": s.method,
+                  **c.run(student, teacher, windows, held, s, progress=progress)}
+                 for i, s, c in steps]
+    report = CompressionReport(recipe=recipe.to_dict(), distill=distilled,
+                               seconds=time.perf_counter() - t, calibration=calib_info)
+    if previous is not None:  # the saved recipe: what made the student, then the distillation
+        student.llmc_recipe = Recipe(steps=previous.steps + recipe.steps,
+                                     calibration=previous.calibration, walker=previous.walker)
+    return student, report
 
 
 # Perplexity with the GPTQ protocol (see the README): non-overlapping windows of ``seqlen``

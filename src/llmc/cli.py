@@ -285,6 +285,81 @@ def export(source: str, fmt: str, output: Path, overwrite: bool) -> None:
 
 
 @cli.command()
+@click.argument("student")
+@click.option("--teacher", required=True,
+              help="The uncompressed model (demo name, HF id or directory, or .gguf file)")
+@click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps")
+@click.option("--lr", type=float, default=1e-5, show_default=True, help="AdamW learning rate")
+@click.option("--train-batch", type=int, default=4, show_default=True,
+              help="Training windows per step")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Softmax temperature of the KL term")
+@click.option("--topk", type=int, default=0, show_default=True,
+              help="Keep the teacher's k most likely tokens (0: the whole vocabulary)")
+@click.option("--lm-weight", type=float, default=0.0, show_default=True,
+              help="Weight of the LM loss on the training text beside the KL")
+@click.option("--trainable", type=click.Choice(["weights", "scales"]), default="weights",
+              show_default=True,
+              help="Quantized layers: weights on their grid (straight-through) or scales only")
+@click.option("--heldout", type=int, default=8, show_default=True,
+              help="Held-out windows of the calibration text that choose the best step")
+@click.option("--eval-every", type=int, default=10, show_default=True,
+              help="Steps between held-out evaluations")
+@click.option("--patience", type=int, default=0, show_default=True,
+              help="Stop after this many evaluations without a gain (0: never)")
+@click.option("--warmup", type=int, default=0, show_default=True, help="Linear warm-up steps")
+@calibration_options
+@_errors
+def distill(student: str, teacher: str, steps: int, lr: float, train_batch: int,
+            temperature: float, topk: int, lm_weight: float, trainable: str, heldout: int,
+            eval_every: int, patience: int, warmup: int, **opts: Any) -> None:
+    """Distill STUDENT (an llmc output: quantized and/or pruned) from TEACHER, its uncompressed
+    original, and write it to -o in the student's own format (or --format). Pruned zeros stay
+    zero, quantized weights stay on their grid."""
+    from llmc import api
+    from llmc.calibration import load_rows
+    from llmc.formats.checkpoint import FORMATS, is_llmc_checkpoint, quant_method
+    from llmc.models import load_config, load_model
+    from llmc.recipe import Recipe
+
+    _setup_logging(opts["quiet"])
+    src, out = Path(student), opts["output"]
+    if not (src.is_dir() and is_llmc_checkpoint(src)):
+        raise ValueError(f"{student} is not an llmc, GPTQ, AWQ or compressed-tensors checkpoint "
+                         "directory; compress a model first (llmc quantize / prune / compress)")
+    if out.exists() and not opts["overwrite"] and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    if out.resolve() == src.resolve():
+        raise ValueError("the output must not be the student's directory")
+    args = {"steps": steps, "lr": lr, "batch_size": train_batch, "temperature": temperature,
+            "topk": topk, "lm_weight": lm_weight, "trainable": trainable, "heldout": heldout,
+            "eval_every": eval_every, "patience": patience, "warmup": warmup}
+    recipe = _with_overrides(Recipe.from_dict({"steps": [{"method": "distill", "args": args}]}),
+                             opts)
+    t_config, s_config = load_config(teacher, opts["trust_remote_code"]), load_config(str(src))
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
+        if getattr(t_config, key, None) != getattr(s_config, key, None):
+            raise ValueError(f"the teacher's {key} ({getattr(t_config, key, None)}) differs from "
+                             f"the student's ({getattr(s_config, key, None)}); pass the model "
+                             "the student was compressed from")
+    recipe.check_model(s_config)
+    recipe.check_seqlen(s_config)
+    cal = recipe.calibration
+    load_rows(cal.dataset, cal.split, text_column=cal.text_column)  # a missing file fails now
+    fmt = opts["fmt"] or (quant_method(src) if quant_method(src) in FORMATS else "gptq")
+    model, tok = api.load(src)
+    teacher_model, t_tok = load_model(teacher, trust_remote_code=opts["trust_remote_code"])
+    model, report = api.distill(model, teacher_model, recipe, tokenizer=tok or t_tok,
+                                progress=not opts["quiet"])
+    api.save(model, out, tokenizer=tok or t_tok, report=report, overwrite=opts["overwrite"],
+             format=fmt)
+    d = report.distill[0]
+    click.echo(f"distilled {d['steps_run']} steps in {d['seconds']:.1f} s; held-out KL "
+               f"{d['heldout_kl_start']:.4f} -> {d['heldout_kl_best']:.4f} (step "
+               f"{d['best_step']}); wrote {out}", err=True)
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON")
 def methods(as_json: bool) -> None:
     """List the registered methods and their arguments."""

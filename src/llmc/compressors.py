@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
+from llmc.distill.train import Distill, DistillConfig
 from llmc.prune.masks import PruneArgs
 from llmc.prune.owl import owl_plan
 from llmc.prune.sparsegpt import SparseGPTConfig
@@ -245,6 +246,9 @@ METHODS.register("wanda", WandaConfig, Wanda,
 METHODS.register("sparsegpt", SparseGPTConfig, SparseGPT,
                  "SparseGPT OBS pruning (Frantar & Alistarh 2023), unstructured or N:M, "
                  "optionally quantizing in the same pass (bits)")
+METHODS.register("distill", DistillConfig, Distill,
+                 "logit distillation from the uncompressed model (KL, optional LM loss); keeps "
+                 "zeros and quantization grids; runs after the compression steps")
 
 QUANTIZERS = ("rtn", "gptq")
 PRUNERS = ("magnitude", "wanda", "sparsegpt")

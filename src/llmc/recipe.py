@@ -127,6 +127,10 @@ class Recipe:
     def __post_init__(self) -> None:
         if not self.steps:
             raise ValueError("steps: a recipe needs at least one step")
+        post = [i for i, s in enumerate(self.steps) if s.method == "distill"]
+        if post and post[0] + len(post) != len(self.steps):
+            raise ValueError(f"steps[{post[0]}]: a {self.steps[post[0]].method} step trains the "
+                             "compressed model, so it must come after every compression step")
         object.__setattr__(self, "steps", _with_quantizers(tuple(self.steps)))
 
     @classmethod

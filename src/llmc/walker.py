@@ -133,6 +133,12 @@ class BlockContext:
     batch_size: int
     dtype: torch.dtype
     device: torch.device
+    # For steps that learn from the uncompressed model (block-wise distillation): the block as
+    # it was before this block's steps, its inputs then, and the teacher's own hidden states
+    # (the uncompressed model's block inputs, updated in place to its outputs by the step).
+    teacher: nn.Module | None = None
+    inputs: Tensor | None = None
+    teacher_hidden: Tensor | None = None
 
     @property
     def n_chunks(self) -> int:
@@ -277,6 +283,7 @@ class LayerWalker:
         self.progress = progress
         self.device = next(model.parameters()).device
         self.report = WalkReport()
+        self._teacher_hidden: Tensor | None = None
 
     # -- capture -------------------------------------------------------------------------
     def capture(self, windows: Tensor) -> tuple[Tensor, list[dict[int, tuple[tuple, dict]]]]:
@@ -382,6 +389,10 @@ class LayerWalker:
     ) -> Tensor:
         """Compress one block; returns its outputs on the compressed weights."""
         ctx = self._context(block_index, block, hidden, block_args)
+        if self._teacher_hidden is not None:
+            ctx.teacher = copy.deepcopy(block)
+            ctx.inputs = hidden.clone()
+            ctx.teacher_hidden = self._teacher_hidden
         stored = False
         for kind, steps in self._phases():
             if kind == "transform":
@@ -390,7 +401,8 @@ class LayerWalker:
                     self.report.transforms.append(
                         {"block": block_index, "step": idx, "method": step.method, **record}
                     )
-                stored = False
+                    # A step that rewrote ctx.hidden with the block's outputs says so.
+                    stored = bool(getattr(comp, "stores_outputs", False))
             else:
                 self._linear_phase(ctx, steps)
                 stored = True
@@ -551,6 +563,8 @@ class LayerWalker:
         t = time.perf_counter()
         hidden, block_args = self.capture(windows)
         self.report.capture_seconds = time.perf_counter() - t
+        if any(getattr(c, "needs_teacher", False) for _, _, c in self.steps):
+            self._teacher_hidden = hidden.clone()
         for idx, step, comp in self.steps:
             if hasattr(comp, "plan"):
                 record = comp.plan(self, hidden, block_args, step)
@@ -563,4 +577,5 @@ class LayerWalker:
             _release_memory()
             self.report.blocks.append({"block": b, "seconds": time.perf_counter() - t})
         del hidden
+        self._teacher_hidden = None
         return self.report

@@ -1,0 +1,114 @@
+"""Block-wise distillation inside the layer walker: after a block's compression steps, the
+compressed block learns to map its inputs to the uncompressed model's outputs of that block
+(relative MSE), on the cached calibration inputs, one block at a time: memory holds one block
+and its cached activations, the cheap mode for small machines.
+
+Inputs: the compressed model's hidden states (what this block will see); targets: the
+uncompressed block applied to the uncompressed model's own hidden states, so that a block also
+learns to undo what the blocks before it got wrong. The last ``heldout`` windows (whole
+walker chunks) are never trained on; they choose the best step per block, so no block ends
+worse on them than it started.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmc.distill.constraints import constrain, finalize
+from llmc.models import block_linears
+from llmc.walker import _cast, first_tensor
+
+
+def _rel_mse(out: Tensor, target: Tensor) -> Tensor:
+    return ((out - target) ** 2).sum() / (target**2).sum().clamp_min(1e-12)
+
+
+def distill_block(ctx: Any, step: Any, config: Any) -> dict[str, Any]:
+    """Train ``ctx.block`` (float32, compressed) on ``ctx.inputs`` towards the teacher's
+    outputs; leaves the block's outputs on ``ctx.inputs`` in ``ctx.hidden``."""
+    t0 = time.perf_counter()
+    block, bs, dev = ctx.block, ctx.batch_size, ctx.device
+    S = ctx.inputs.shape[0]
+    chunks = list(range(ctx.n_chunks))
+    n_held = min(len(chunks) - 1, -(-config.heldout // bs))
+    if n_held < 1:
+        raise ValueError(f"block-wise distillation needs at least two chunks of {bs} calibration "
+                         f"windows (one held out); got {S} windows")
+    held, train = chunks[-n_held:], [c for c in chunks[:-n_held] if (c + 1) * bs <= S]
+    args32 = {n: _cast(a, torch.float32, dev) for n, a in ctx.args.items()}
+    # The teacher's outputs on its own inputs: the targets, and the next block's teacher inputs.
+    with torch.no_grad():
+        teacher = ctx.teacher.float()
+        for c in chunks:
+            x = ctx.teacher_hidden[c * bs : (c + 1) * bs]
+            a, kw = args32[x.shape[0]]
+            y = first_tensor(teacher(x.to(dev, torch.float32), *a, **kw))
+            ctx.teacher_hidden[c * bs : c * bs + x.shape[0]] = y.to("cpu", x.dtype)
+    targets = ctx.teacher_hidden
+
+    def loss_of(c: int, grad: bool) -> Tensor:
+        x = ctx.inputs[c * bs : (c + 1) * bs]
+        a, kw = args32[x.shape[0]]
+        with torch.set_grad_enabled(grad):
+            out = first_tensor(block(x.to(dev, torch.float32), *a, **kw))
+            return _rel_mse(out, targets[c * bs : c * bs + x.shape[0]].to(dev, torch.float32))
+
+    def heldout_loss() -> float:
+        return sum(loss_of(c, False).item() for c in held) / len(held)
+
+    linears = {n: m for n, m in block_linears(block).items() if step.selects(ctx.prefix + n)}
+    kinds: dict[str, int] = {}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    try:
+        params = []
+        for m in linears.values():
+            kind = constrain(m, config.trainable)
+            kinds[kind] = kinds.get(kind, 0) + 1
+            p = m.parametrizations.weight.original if kind != "free" else m.weight
+            p.requires_grad_(True)
+            params.append(p)
+        history = [{"step": 0, "heldout": heldout_loss()}]
+        best, best_step = history[0]["heldout"], 0
+        best_state = [p.detach().clone() for p in params]
+        if params and train:
+            opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+            gen = torch.Generator().manual_seed(config.seed + ctx.index)
+            for i in range(1, config.steps + 1):
+                c = train[int(torch.randint(0, len(train), (1,), generator=gen))]
+                loss = loss_of(c, True)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                opt.step()
+                if i % config.eval_every == 0 or i == config.steps:
+                    h = heldout_loss()
+                    history.append({"step": i, "loss": loss.item(), "heldout": h})
+                    if h < best:
+                        best, best_step = h, i
+                        best_state = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, b in zip(params, best_state):
+                    p.copy_(b)
+    finally:
+        for m in linears.values():
+            finalize(m)
+        for p in block.parameters():
+            p.requires_grad_(False)
+    # The block's outputs on its inputs, in the walker's forward dtype, for the next block.
+    fwd = ctx.forward_copy()
+    with torch.no_grad():
+        for c in chunks:
+            x = ctx.inputs[c * bs : (c + 1) * bs]
+            a, kw = ctx.args[x.shape[0]]
+            y = first_tensor(fwd(x.to(dev), *a, **kw))
+            ctx.hidden[c * bs : c * bs + x.shape[0]] = y.to("cpu", ctx.hidden.dtype)
+    return {"mode": "block", "layers": kinds, "heldout_start": history[0]["heldout"],
+            "heldout_best": best, "best_step": best_step, "history": history,
+            "train_windows": len(train) * bs, "heldout_windows": S - held[0] * bs,
+            "seconds": time.perf_counter() - t0}

@@ -1,0 +1,256 @@
+"""Logit distillation of a compressed student from its uncompressed teacher.
+
+The student's block Linears that a step targets train (under :mod:`llmc.distill.constraints`:
+zeros stay zero, quantized weights stay on their grid); everything else is frozen. The loss is
+the KL divergence between the teacher's and the student's next-token distributions
+(temperature, optional top-k), plus ``lm_weight`` times the LM loss on the training text.
+The held-out windows, never trained on, are scored (mean KL) before the first step and every
+``eval_every`` steps; the best state is kept, so the student is never worse on them than when
+distillation started, and training stops after ``patience`` evaluations without a gain.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmc.distill.constraints import constrain, finalize
+from llmc.distill.losses import kl_loss, lm_loss, teacher_targets
+from llmc.models import block_linears, get_adapter
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """``mode``: 'logit' (the whole model, after the compression steps) or 'block' (each block
+    inside the walk, MSE to the uncompressed block's outputs, ``steps`` per block, one walker
+    chunk per step). ``steps`` optimizer steps of ``batch_size`` windows; AdamW at ``lr``
+    (cosine decay after
+    ``warmup`` steps); KL at ``temperature`` (``topk`` > 0 keeps the teacher's k most likely
+    tokens), plus ``lm_weight`` x LM loss; ``trainable``: 'weights' (straight-through on the
+    grid) or 'scales' (quantized layers keep their codes); ``heldout`` windows of the
+    calibration text score every ``eval_every`` steps, stop after ``patience`` evaluations
+    without improvement (0: never); ``checkpointing``: gradient checkpointing of the blocks;
+    ``time_budget``: logit mode stops after this many seconds of training (0: no limit)."""
+
+    mode: str = "logit"
+    steps: int = 100
+    lr: float = 1e-5
+    batch_size: int = 4
+    temperature: float = 1.0
+    topk: int = 0
+    lm_weight: float = 0.0
+    trainable: str = "weights"
+    heldout: int = 8
+    eval_every: int = 10
+    patience: int = 0
+    warmup: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    checkpointing: bool = False
+    time_budget: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "heldout", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("topk", "patience", "warmup"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if min(self.lm_weight, self.weight_decay, self.grad_clip, self.time_budget) < 0:
+            raise ValueError("lm_weight, weight_decay, grad_clip and time_budget must be >= 0")
+        if self.mode not in ("logit", "block"):
+            raise ValueError(f"mode must be 'logit' or 'block', got {self.mode!r}")
+        if self.trainable not in ("weights", "scales"):
+            raise ValueError(f"trainable must be 'weights' or 'scales', got {self.trainable!r}")
+
+
+def trainable_linears(model: nn.Module, selects) -> dict[str, nn.Linear]:
+    """The block Linears (full names) that ``selects(name)`` accepts."""
+    adapter = get_adapter(model.config)
+    out = {}
+    for b, block in enumerate(adapter.get_blocks(model)):
+        for n, m in block_linears(block).items():
+            name = f"{adapter.blocks}.{b}.{n}"
+            if selects(name):
+                out[name] = m
+    return out
+
+
+@torch.no_grad()
+def heldout_kl(student: nn.Module, teacher_out: list[tuple[Tensor, Tensor | None]],
+               windows: Tensor, config: DistillConfig) -> float:
+    """Mean per-token KL on the held-out windows (teacher targets precomputed)."""
+    total, n = 0.0, 0
+    for (logp, idx), start in zip(teacher_out, range(0, windows.shape[0], config.batch_size)):
+        ids = windows[start : start + config.batch_size]
+        logits = student(input_ids=ids, use_cache=False).logits
+        total += kl_loss(logits, logp, idx, config.temperature).item() * ids.shape[0]
+        n += ids.shape[0]
+    return total / n
+
+
+def distill_logits(student: nn.Module, teacher: nn.Module, train: Tensor, heldout: Tensor,
+                   config: DistillConfig, selects=lambda name: True,
+                   progress: bool = True) -> dict[str, Any]:
+    """Distill ``student`` (in place) from ``teacher`` on ``train`` windows [S, T], choosing
+    the best state on ``heldout`` windows; returns a JSON-able record.
+
+    Zeros stay zero in every Linear a pruning step marked (``llmc_sparsity``), and in every
+    targeted Linear of a model loaded from a pruned checkpoint (``config.llmc_sparsity``,
+    which does not list the layers)."""
+    t0 = time.perf_counter()
+    linears = trainable_linears(student, selects)
+    if not linears:
+        raise ValueError("distill: the step targets no Linear of the blocks")
+    if getattr(student.config, "llmc_sparsity", None):
+        for m in linears.values():
+            if getattr(m, "llmc_sparsity", None) is None:
+                m.llmc_mask = m.weight.detach() != 0
+    teacher.eval()
+    student.eval()  # no dropout: the student's forward must match the evaluation's
+    for p in student.parameters():
+        p.requires_grad_(False)
+    kinds: dict[str, int] = {}
+    try:
+        for m in linears.values():
+            kind = constrain(m, config.trainable)
+            kinds[kind] = kinds.get(kind, 0) + 1
+        params = []
+        for m in linears.values():
+            if hasattr(m, "parametrizations"):
+                p = m.parametrizations.weight.original
+            else:
+                p = m.weight
+            p.requires_grad_(True)  # biases stay frozen: the formats store them as they are
+            params.append(p)
+        if config.checkpointing and hasattr(student, "gradient_checkpointing_enable"):
+            student.gradient_checkpointing_enable()
+        with torch.no_grad():
+            held_targets = [
+                teacher_targets(teacher(input_ids=heldout[s : s + config.batch_size],
+                                        use_cache=False).logits, config.temperature, config.topk)
+                for s in range(0, heldout.shape[0], config.batch_size)
+            ]
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+        def lr_at(step: int) -> float:
+            if step < config.warmup:
+                return (step + 1) / config.warmup
+            frac = (step - config.warmup) / max(1, config.steps - config.warmup)
+            return 0.5 * (1 + math.cos(math.pi * frac))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        history = [{"step": 0, "heldout_kl": heldout_kl(student, held_targets, heldout, config)}]
+        best_kl, best_step = history[0]["heldout_kl"], 0
+        best_state = [p.detach().clone() for p in params]
+        since_best = 0
+        gen = torch.Generator().manual_seed(config.seed)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.steps, desc="Distilling", unit="step")
+        running = None
+        step = 0
+        for step in range(1, config.steps + 1):
+            idx = torch.randint(0, train.shape[0], (config.batch_size,), generator=gen)
+            ids = train[idx]
+            with torch.no_grad():
+                t_logp, t_idx = teacher_targets(teacher(input_ids=ids, use_cache=False).logits,
+                                                config.temperature, config.topk)
+            logits = student(input_ids=ids, use_cache=False).logits
+            loss = kl_loss(logits, t_logp, t_idx, config.temperature)
+            if config.lm_weight:
+                loss = loss + config.lm_weight * lm_loss(logits, ids)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+            sched.step()
+            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+            out_of_time = bool(config.time_budget) and time.perf_counter() - t0 > config.time_budget
+            if step % config.eval_every == 0 or step == config.steps or out_of_time:
+                kl = heldout_kl(student, held_targets, heldout, config)
+                history.append({"step": step, "loss": running, "heldout_kl": kl})
+                if kl < best_kl:
+                    best_kl, best_step, since_best = kl, step, 0
+                    best_state = [p.detach().clone() for p in params]
+                else:
+                    since_best += 1
+                if bar is not None:
+                    bar.set_postfix(loss=f"{running:.4f}", heldout_kl=f"{kl:.4f}",
+                                    best=best_step)
+                if config.patience and since_best >= config.patience:
+                    break
+            if out_of_time:
+                break
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        with torch.no_grad():
+            for p, best in zip(params, best_state):
+                p.copy_(best)
+    finally:
+        for m in linears.values():
+            finalize(m)
+            if hasattr(m, "llmc_mask"):
+                del m.llmc_mask
+        if config.checkpointing and hasattr(student, "gradient_checkpointing_disable"):
+            student.gradient_checkpointing_disable()
+        for p in student.parameters():
+            p.requires_grad_(False)
+    return {"mode": "logit", "layers": kinds, "steps_run": step, "best_step": best_step,
+            "heldout_kl_start": history[0]["heldout_kl"], "heldout_kl_best": best_kl,
+            "history": history, "seconds": time.perf_counter() - t0,
+            "train_windows": int(train.shape[0]), "heldout_windows": int(heldout.shape[0])}
+
+
+def snapshot_teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` as it is now (the teacher of a later distill step)."""
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+class Distill:
+    """The ``distill`` recipe step. Logit mode runs after the walk, on the whole model, with the
+    model as it was before the recipe's compression steps as the teacher (``llmc.compress``),
+    or with a given teacher (``llmc distill``). Block mode is a block transform of the walk,
+    after each block's compression steps."""
+
+    needs_calibration = True
+    stats_kind = None
+    sequential = False
+    stores_outputs = True  # block mode leaves the block's outputs in the walker's cache
+
+    def __init__(self, config: DistillConfig) -> None:
+        self.config = config
+        self.post_walk = config.mode == "logit"
+        self.needs_teacher = config.mode == "block"
+
+    def check_model(self, config: Any, adapter: Any) -> None:
+        pass
+
+    def transform(self, ctx: Any, step: Any) -> dict[str, Any]:
+        from llmc.distill.block import distill_block
+
+        return distill_block(ctx, step, self.config)
+
+    def run(self, student: nn.Module, teacher: nn.Module, train: Tensor, heldout: Tensor,
+            step: Any, progress: bool = True) -> dict[str, Any]:
+        return distill_logits(student, teacher, train, heldout, self.config, step.selects,
+                              progress)
