@@ -247,8 +247,9 @@ METHODS.register("sparsegpt", SparseGPTConfig, SparseGPT,
                  "SparseGPT OBS pruning (Frantar & Alistarh 2023), unstructured or N:M, "
                  "optionally quantizing in the same pass (bits)")
 METHODS.register("distill", DistillConfig, Distill,
-                 "logit distillation from the uncompressed model (KL, optional LM loss); keeps "
-                 "zeros and quantization grids; runs after the compression steps")
+                 "distillation from the uncompressed model: logit KL (optional LM loss) after the "
+                 "walk, or block-wise MSE inside it; keeps zeros and quantization grids; comes "
+                 "after the compression steps")
 
 QUANTIZERS = ("rtn", "gptq")
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
