@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from llmc.kernels._triton_common import TWO23, _code_plus_2p23, _qparams, _write_out
 from llmc.kernels.tune import Config, atomic_out, finish_out, pick
 
 
@@ -49,12 +50,9 @@ def _sparse24_matmul_kernel(
             codes = tl.load(v_ptr + (offs_g // 4)[:, None] * stride_vs + offs_n[None, :]
                             * stride_vn, mask=mask, other=0)  # 8 slots = 4 groups per word
             c_shift = ((offs_g % 4) * 8)[:, None]
-            grp = ((offs_g * 4) // GROUP_SIZE)[:, None]
-            s = tl.load(s_ptr + grp * stride_sg + offs_n[None, :] * stride_sn, mask=mask,
-                        other=0.0).to(tl.float32)
-            zw = tl.load(z_ptr + grp * stride_zg + (offs_n // 8)[None, :] * stride_zn,
-                         mask=mask, other=0)
-            z = (zw >> ((offs_n % 8) * 4)[None, :]) & 15
+            s, z = _qparams(s_ptr, z_ptr, ((offs_g * 4) // GROUP_SIZE)[:, None], offs_n[None, :],
+                            mask, ((offs_n % 8) * 4)[None, :], stride_sg, stride_sn, stride_zg,
+                            stride_zn, 15, 8)
             v0 = (((codes >> c_shift) & 15) - z).to(tl.float32) * s
             v1 = (((codes >> (c_shift + 4)) & 15) - z).to(tl.float32) * s
         else:
@@ -68,15 +66,8 @@ def _sparse24_matmul_kernel(
                         mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)  # (BM, BG)
             w = tl.where(p0 == pos, v0, tl.where(p1 == pos, v1, 0.0))
             acc += tl.dot(x, w.to(x.dtype))
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-    else:
-        tl.atomic_add(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-MAGIC = tl.constexpr(0x4B000000)  # float 2^23: (q | MAGIC) read as float is 2^23 + q
-TWO23 = tl.constexpr(8388608.0)
+    _write_out(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
+               m_ok[:, None] & n_ok[None, :], SPLIT_K)
 
 
 @triton.jit
@@ -111,12 +102,7 @@ def _sparse24_gemv_kernel(
         x0 = tl.load(xb + ((word >> shift) & 3) * stride_xk, mask=mask, other=0.0)
         x1 = tl.load(xb + ((word >> (shift + 2)) & 3) * stride_xk, mask=mask, other=0.0)
         acc += v0.to(tl.float32) * x0.to(tl.float32) + v1.to(tl.float32) * x1.to(tl.float32)
-    y = tl.sum(acc, axis=1)
-    out = out_ptr + m * stride_om + offs_n * stride_on
-    if SPLIT_K == 1:
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(out, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+    _write_out(out_ptr + m * stride_om + offs_n * stride_on, tl.sum(acc, axis=1), n_ok, SPLIT_K)
 
 
 @triton.jit
@@ -149,38 +135,27 @@ def _sparse24q_gemv_kernel(
         mw = tl.load(meta_ptr + (offs_w // 2)[:, None] * stride_mk + offs_n[None, :]
                      * stride_mn, mask=mask, other=0)
         if WORD_GROUPS:
-            grp = (offs_w * 16 // GROUP_SIZE)[:, None]
-            s = tl.load(s_ptr + grp * stride_sg + offs_n[None, :] * stride_sn, mask=mask,
-                        other=0.0).to(tl.float32)
-            zw = tl.load(z_ptr + grp * stride_zg + (offs_n // 8)[None, :] * stride_zn,
-                         mask=mask, other=0)
-            c = ((zw >> z_shift) & 15).to(tl.float32) + TWO23
+            s, z = _qparams(s_ptr, z_ptr, (offs_w * 16 // GROUP_SIZE)[:, None], offs_n[None, :],
+                            mask, z_shift, stride_sg, stride_sn, stride_zg, stride_zn, 15, 8)
+            c = z.to(tl.float32) + TWO23
         part = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(8):
             g = offs_w * 4 + j // 2  # group of four of slot 8w + j
             p = (mw >> ((g % 8) * 4 + (j % 2) * 2)[:, None]) & 3
             xk = tl.load(x_ptr + m * stride_xm + ((g * 4)[:, None] + p) * stride_xk, mask=mask,
                          other=0.0).to(tl.float32)
-            f = (((qw >> (j * 4)) & 15) | MAGIC).to(tl.float32, bitcast=True)
+            f = _code_plus_2p23(qw, j * 4, 15)
             if WORD_GROUPS:
                 part += xk * (f - c)
             else:
-                grp = (g * 4 // GROUP_SIZE)[:, None]
-                s = tl.load(s_ptr + grp * stride_sg + offs_n[None, :] * stride_sn, mask=mask,
-                            other=0.0).to(tl.float32)
-                zw = tl.load(z_ptr + grp * stride_zg + (offs_n // 8)[None, :] * stride_zn,
-                             mask=mask, other=0)
-                part += xk * ((f - (((zw >> z_shift) & 15).to(tl.float32) + TWO23)) * s)
+                s, z = _qparams(s_ptr, z_ptr, (g * 4 // GROUP_SIZE)[:, None], offs_n[None, :],
+                                mask, z_shift, stride_sg, stride_sn, stride_zg, stride_zn, 15, 8)
+                part += xk * ((f - (z.to(tl.float32) + TWO23)) * s)
         if WORD_GROUPS:
             acc += part * s
         else:
             acc += part
-    y = tl.sum(acc, axis=0)
-    out = out_ptr + m * stride_om + offs_n * stride_on
-    if SPLIT_K == 1:
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(out, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+    _write_out(out_ptr + m * stride_om + offs_n * stride_on, tl.sum(acc, axis=0), n_ok, SPLIT_K)
 
 
 def _cfg(bm, bn, bg, split, warps, stages) -> Config:

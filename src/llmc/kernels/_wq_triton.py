@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from llmc.kernels._triton_common import TWO23, _code_plus_2p23, _qparams, _write_out
 from llmc.kernels.tune import Config, atomic_out, finish_out, pick
 
 # How the group of a weight row is found: the whole K tile lies in one group (scales and zero
@@ -14,15 +15,6 @@ from llmc.kernels.tune import Config, atomic_out, finish_out, pick
 TILE = tl.constexpr(0)  # constexpr: jitted code may read no other globals
 WORD = tl.constexpr(1)
 ROW = tl.constexpr(2)
-
-
-@triton.jit
-def _qparams(s_ptr, z_ptr, g, offs_n, n_ok, z_shift, stride_sg, stride_sn, stride_zg, stride_zn,
-             MAXQ: tl.constexpr, PER_WORD: tl.constexpr):
-    """Scales and zero points of groups ``g`` (any shape broadcastable against offs_n)."""
-    s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=n_ok, other=0.0)
-    zw = tl.load(z_ptr + g * stride_zg + (offs_n // PER_WORD) * stride_zn, mask=n_ok, other=0)
-    return s.to(tl.float32), (zw >> z_shift) & MAXQ
 
 
 @triton.jit
@@ -105,14 +97,8 @@ def _wq_matmul_kernel(
             acc += part * s[None, :]  # integer dot, then the tile's one scale
         else:
             acc += part
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-    else:
-        tl.atomic_add(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-MAGIC = tl.constexpr(0x4B000000)  # float 2^23: (q | MAGIC) read as float is 2^23 + q
-TWO23 = tl.constexpr(8388608.0)
+    _write_out(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
+               m_ok[:, None] & n_ok[None, :], SPLIT_K)
 
 
 @triton.jit
@@ -160,7 +146,7 @@ def _wq_gemv_kernel(
             k_ok = offs_k < K
             xj = tl.load(x_ptr + m * stride_xm + offs_k * stride_xk, mask=k_ok,
                          other=0.0).to(tl.float32)
-            f = (((qw >> (j * BITS)) & MAXQ) | MAGIC).to(tl.float32, bitcast=True)
+            f = _code_plus_2p23(qw, j * BITS, MAXQ)
             if GROUPS == ROW:
                 g = tl.load(g_ptr + offs_k, mask=k_ok, other=0)
                 s, z = _qparams(s_ptr, z_ptr, g[:, None], offs_n[None, :],
@@ -175,12 +161,7 @@ def _wq_gemv_kernel(
             acc += part * s[None, :]
         else:
             acc += part * s
-    y = tl.sum(acc, axis=0)
-    out = out_ptr + m * stride_om + offs_n * stride_on
-    if SPLIT_K == 1:
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(out, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+    _write_out(out_ptr + m * stride_om + offs_n * stride_on, tl.sum(acc, axis=0), n_ok, SPLIT_K)
 
 
 def _cfg(bm, bn, bw, split, warps, stages, split_dot=True) -> Config:
