@@ -30,6 +30,13 @@ from llmc.quant.pack import pack_cols, pack_rows, packed_len, unpack_cols, unpac
 from llmc.quant.scheme import QuantizedWeight, QuantScheme
 
 
+def _finish(y: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    """A module's output: plus its bias, in the input's dtype."""
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype)
+
+
 class QuantLinear(nn.Module):
     """``y = x @ dequant(W)^T + b`` with W [N, K] kept packed: ``qweight`` int32
     [ceil(K * bits / 32), N], ``qzeros`` int32 [G, ceil(N * bits / 32)] (zero points as they
@@ -98,9 +105,7 @@ class QuantLinear(nn.Module):
                           self.g_idx, self.bits, gs)
         else:
             y = x.float() @ self.dequantize().t()
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype)
+        return _finish(y, self.bias, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -165,9 +170,7 @@ class SparseLinear(nn.Module):
             y = sparse24_matmul(h, self.values, self.meta)
         else:
             y = sparse24_matmul_ref(x.float(), self.values, self.meta)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype)
+        return _finish(y, self.bias, x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 2:4"
@@ -239,9 +242,7 @@ class SparseQuantLinear(nn.Module):
                                       self.scales, self.qzeros, self.group_size)
         else:
             y = x.float() @ self.dequantize().t()
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype)
+        return _finish(y, self.bias, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, 2:4, "

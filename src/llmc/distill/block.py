@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmc.distill.constraints import constrain, finalize
+from llmc.distill.constraints import Best, trained
 from llmc.models import block_linears
 from llmc.walker import _cast, first_tensor
 
@@ -61,20 +61,9 @@ def distill_block(ctx: Any, step: Any, config: Any) -> dict[str, Any]:
         return sum(loss_of(c, False).item() for c in held) / len(held)
 
     linears = {n: m for n, m in block_linears(block).items() if step.selects(ctx.prefix + n)}
-    kinds: dict[str, int] = {}
-    for p in block.parameters():
-        p.requires_grad_(False)
-    try:
-        params = []
-        for m in linears.values():
-            kind = constrain(m, config.trainable)
-            kinds[kind] = kinds.get(kind, 0) + 1
-            p = m.parametrizations.weight.original if kind != "free" else m.weight
-            p.requires_grad_(True)
-            params.append(p)
+    with trained(block, linears, config.trainable) as (params, kinds):
         history = [{"step": 0, "heldout": heldout_loss()}]
-        best, best_step = history[0]["heldout"], 0
-        best_state = [p.detach().clone() for p in params]
+        best = Best(params, history[0]["heldout"])
         if params and train:
             opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
             gen = torch.Generator().manual_seed(config.seed + ctx.index)
@@ -89,17 +78,8 @@ def distill_block(ctx: Any, step: Any, config: Any) -> dict[str, Any]:
                 if i % config.eval_every == 0 or i == config.steps:
                     h = heldout_loss()
                     history.append({"step": i, "loss": loss.item(), "heldout": h})
-                    if h < best:
-                        best, best_step = h, i
-                        best_state = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p, b in zip(params, best_state):
-                    p.copy_(b)
-    finally:
-        for m in linears.values():
-            finalize(m)
-        for p in block.parameters():
-            p.requires_grad_(False)
+                    best.offer(h, i)
+            best.restore()
     # The block's outputs on its inputs, in the walker's forward dtype, for the next block.
     fwd = ctx.forward_copy()
     with torch.no_grad():
@@ -109,6 +89,6 @@ def distill_block(ctx: Any, step: Any, config: Any) -> dict[str, Any]:
             y = first_tensor(fwd(x.to(dev), *a, **kw))
             ctx.hidden[c * bs : c * bs + x.shape[0]] = y.to("cpu", ctx.hidden.dtype)
     return {"mode": "block", "layers": kinds, "heldout_start": history[0]["heldout"],
-            "heldout_best": best, "best_step": best_step, "history": history,
+            "heldout_best": best.score, "best_step": best.step, "history": history,
             "train_windows": len(train) * bs, "heldout_windows": S - held[0] * bs,
             "seconds": time.perf_counter() - t0}

@@ -16,6 +16,9 @@ bit-compatibly. Unquantized, unpruned Linears train freely.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -120,3 +123,49 @@ def finalize(module: nn.Linear) -> None:
         w = module.weight.detach().clone()
     parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
     module.weight = nn.Parameter(w, requires_grad=False)
+
+
+@contextmanager
+def trained(module: nn.Module, linears: dict[str, nn.Linear],
+            trainable: str) -> Iterator[tuple[list[Tensor], dict[str, int]]]:
+    """Freeze ``module``, :func:`constrain` its ``linears`` and yield (the tensors to train,
+    how many Linears became each kind); on exit, even an interrupted one, :func:`finalize` them
+    and freeze ``module`` again. Biases stay frozen: the formats store them as they are."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    kinds: dict[str, int] = {}
+    params = []
+    try:
+        for m in linears.values():
+            kind = constrain(m, trainable)
+            kinds[kind] = kinds.get(kind, 0) + 1
+            p = m.weight if kind == "free" else m.parametrizations.weight.original
+            p.requires_grad_(True)
+            params.append(p)
+        yield params, kinds
+    finally:
+        for m in linears.values():
+            finalize(m)
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+class Best:
+    """The lowest held-out score seen, the step it came at (0: before training) and a copy of
+    the trained tensors then; :meth:`restore` puts them back."""
+
+    def __init__(self, params: list[Tensor], score: float) -> None:
+        self.params, self.score, self.step = params, score, 0
+        self.state = [p.detach().clone() for p in params]
+
+    def offer(self, score: float, step: int) -> bool:
+        if score >= self.score:
+            return False
+        self.score, self.step = score, step
+        self.state = [p.detach().clone() for p in self.params]
+        return True
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, b in zip(self.params, self.state):
+                p.copy_(b)

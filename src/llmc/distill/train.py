@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmc.distill.constraints import constrain, finalize
+from llmc.distill.constraints import Best, trained
 from llmc.distill.losses import kl_loss, lm_loss, teacher_targets
 from llmc.models import block_linears, get_adapter
 
@@ -119,103 +119,88 @@ def distill_logits(student: nn.Module, teacher: nn.Module, train: Tensor, heldou
                 m.llmc_mask = m.weight.detach() != 0
     teacher.eval()
     student.eval()  # no dropout: the student's forward must match the evaluation's
-    for p in student.parameters():
-        p.requires_grad_(False)
-    kinds: dict[str, int] = {}
     try:
-        for m in linears.values():
-            kind = constrain(m, config.trainable)
-            kinds[kind] = kinds.get(kind, 0) + 1
-        params = []
-        for m in linears.values():
-            if hasattr(m, "parametrizations"):
-                p = m.parametrizations.weight.original
-            else:
-                p = m.weight
-            p.requires_grad_(True)  # biases stay frozen: the formats store them as they are
-            params.append(p)
-        if config.checkpointing and hasattr(student, "gradient_checkpointing_enable"):
-            student.gradient_checkpointing_enable()
-        with torch.no_grad():
-            held_targets = [
-                teacher_targets(teacher(input_ids=heldout[s : s + config.batch_size],
-                                        use_cache=False).logits, config.temperature, config.topk)
-                for s in range(0, heldout.shape[0], config.batch_size)
-            ]
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-        def lr_at(step: int) -> float:
-            if step < config.warmup:
-                return (step + 1) / config.warmup
-            frac = (step - config.warmup) / max(1, config.steps - config.warmup)
-            return 0.5 * (1 + math.cos(math.pi * frac))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        history = [{"step": 0, "heldout_kl": heldout_kl(student, held_targets, heldout, config)}]
-        best_kl, best_step = history[0]["heldout_kl"], 0
-        best_state = [p.detach().clone() for p in params]
-        since_best = 0
-        gen = torch.Generator().manual_seed(config.seed)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=config.steps, desc="Distilling", unit="step")
-        running = None
-        step = 0
-        for step in range(1, config.steps + 1):
-            idx = torch.randint(0, train.shape[0], (config.batch_size,), generator=gen)
-            ids = train[idx]
-            with torch.no_grad():
-                t_logp, t_idx = teacher_targets(teacher(input_ids=ids, use_cache=False).logits,
-                                                config.temperature, config.topk)
-            logits = student(input_ids=ids, use_cache=False).logits
-            loss = kl_loss(logits, t_logp, t_idx, config.temperature)
-            if config.lm_weight:
-                loss = loss + config.lm_weight * lm_loss(logits, ids)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            opt.step()
-            sched.step()
-            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-            out_of_time = bool(config.time_budget) and time.perf_counter() - t0 > config.time_budget
-            if step % config.eval_every == 0 or step == config.steps or out_of_time:
-                kl = heldout_kl(student, held_targets, heldout, config)
-                history.append({"step": step, "loss": running, "heldout_kl": kl})
-                if kl < best_kl:
-                    best_kl, best_step, since_best = kl, step, 0
-                    best_state = [p.detach().clone() for p in params]
-                else:
-                    since_best += 1
-                if bar is not None:
-                    bar.set_postfix(loss=f"{running:.4f}", heldout_kl=f"{kl:.4f}",
-                                    best=best_step)
-                if config.patience and since_best >= config.patience:
-                    break
-            if out_of_time:
-                break
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        with torch.no_grad():
-            for p, best in zip(params, best_state):
-                p.copy_(best)
+        with trained(student, linears, config.trainable) as (params, kinds):
+            if config.checkpointing and hasattr(student, "gradient_checkpointing_enable"):
+                student.gradient_checkpointing_enable()
+            step, history, best = _train_logits(student, teacher, train, heldout, config,
+                                                params, progress, t0)
+            best.restore()
     finally:
         for m in linears.values():
-            finalize(m)
             if hasattr(m, "llmc_mask"):
                 del m.llmc_mask
         if config.checkpointing and hasattr(student, "gradient_checkpointing_disable"):
             student.gradient_checkpointing_disable()
-        for p in student.parameters():
-            p.requires_grad_(False)
-    return {"mode": "logit", "layers": kinds, "steps_run": step, "best_step": best_step,
-            "heldout_kl_start": history[0]["heldout_kl"], "heldout_kl_best": best_kl,
+    return {"mode": "logit", "layers": kinds, "steps_run": step, "best_step": best.step,
+            "heldout_kl_start": history[0]["heldout_kl"], "heldout_kl_best": best.score,
             "history": history, "seconds": time.perf_counter() - t0,
             "train_windows": int(train.shape[0]), "heldout_windows": int(heldout.shape[0])}
+
+
+def _train_logits(student: nn.Module, teacher: nn.Module, train: Tensor, heldout: Tensor,
+                  config: DistillConfig, params: list[Tensor], progress: bool,
+                  t0: float) -> tuple[int, list[dict[str, Any]], Best]:
+    """The optimizer loop of :func:`distill_logits`: (steps run, held-out history, best)."""
+    with torch.no_grad():
+        held_targets = [
+            teacher_targets(teacher(input_ids=heldout[s : s + config.batch_size],
+                                    use_cache=False).logits, config.temperature, config.topk)
+            for s in range(0, heldout.shape[0], config.batch_size)
+        ]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        frac = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    history = [{"step": 0, "heldout_kl": heldout_kl(student, held_targets, heldout, config)}]
+    best = Best(params, history[0]["heldout_kl"])
+    since_best = 0
+    gen = torch.Generator().manual_seed(config.seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, desc="Distilling", unit="step")
+    running = None
+    step = 0
+    for step in range(1, config.steps + 1):
+        idx = torch.randint(0, train.shape[0], (config.batch_size,), generator=gen)
+        ids = train[idx]
+        with torch.no_grad():
+            t_logp, t_idx = teacher_targets(teacher(input_ids=ids, use_cache=False).logits,
+                                            config.temperature, config.topk)
+        logits = student(input_ids=ids, use_cache=False).logits
+        loss = kl_loss(logits, t_logp, t_idx, config.temperature)
+        if config.lm_weight:
+            loss = loss + config.lm_weight * lm_loss(logits, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        out_of_time = bool(config.time_budget) and time.perf_counter() - t0 > config.time_budget
+        if step % config.eval_every == 0 or step == config.steps or out_of_time:
+            kl = heldout_kl(student, held_targets, heldout, config)
+            history.append({"step": step, "loss": running, "heldout_kl": kl})
+            since_best = 0 if best.offer(kl, step) else since_best + 1
+            if bar is not None:
+                bar.set_postfix(loss=f"{running:.4f}", heldout_kl=f"{kl:.4f}", best=best.step)
+            if config.patience and since_best >= config.patience:
+                break
+        if out_of_time:
+            break
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return step, history, best
 
 
 def snapshot_teacher(model: nn.Module) -> nn.Module:
@@ -241,9 +226,6 @@ class Distill:
         self.config = config
         self.post_walk = config.mode == "logit"
         self.needs_teacher = config.mode == "block"
-
-    def check_model(self, config: Any, adapter: Any) -> None:
-        pass
 
     def transform(self, ctx: Any, step: Any) -> dict[str, Any]:
         from llmc.distill.block import distill_block
