@@ -53,8 +53,11 @@ SETS = {
     }),
     "awq3gptq": ("AWQ then GPTQ, 3-bit group 64 sym", {
         "gptq alone (reference)": [{"method": "gptq", "args": {"bits": 3, "group_size": 64}}],
-        "awq + gptq (default: AWQ's clipping off)": [
+        "awq + gptq (default: AWQ's clipping off, scales scored with GPTQ)": [
             {"method": "awq", "args": {"bits": 3, "group_size": 64}},
+            {"method": "gptq", "args": {"bits": 3, "group_size": 64}}],
+        "awq (scales scored with RTN) + gptq": [
+            {"method": "awq", "args": {"bits": 3, "group_size": 64, "search": "rtn"}},
             {"method": "gptq", "args": {"bits": 3, "group_size": 64}}],
         "awq (duo scales) + gptq": [
             {"method": "awq", "args": {"bits": 3, "group_size": 64, "duo_scaling": True}},

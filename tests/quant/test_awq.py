@@ -17,11 +17,13 @@ from llmc.quant.awq import (
     clip_weight,
     expand_tied,
     fake_quant_scaled,
+    gptq_scaled,
     head_tie,
     hessian_loss,
+    refine_for_gptq,
     search_scales,
 )
-from llmc.quant.gptq import HessianStats
+from llmc.quant.gptq import GPTQConfig, HessianStats, gptq_quantize
 from llmc.quant.rtn import rtn_quantize
 from llmc.quant.scheme import QuantScheme, output_error
 from llmc.recipe import Recipe
@@ -98,6 +100,28 @@ def test_clip_lowers_output_error_and_never_rounds():
     before = output_error(W, rtn_quantize(W, scheme).dequantize(), H)
     after = output_error(W, rtn_quantize(clipped, scheme).dequantize(), H)
     assert after < 0.95 * before
+
+
+def test_gptq_scoring_never_loses_to_gptq_alone():
+    g, W, X = norm_linear_pair(seed=3)
+    Xg = X * g
+    H = 2 * Xg.T @ Xg / Xg.shape[0]
+    scheme = QuantScheme(3, 32, True)
+    loss = hessian_loss(H, [W])
+    first = search_scales([W], Xg.abs().mean(0), loss, scheme, duo=False)
+    assert first.alpha > 0
+    res = refine_for_gptq([W], Xg.abs().mean(0), H, loss, scheme, first)
+    # the first candidate is GPTQ of the unscaled weight, as the gptq step alone computes it
+    c = GPTQConfig(bits=3, group_size=32)
+    alone = gptq_quantize(W, H, scheme, act_order=c.act_order, damp=c.damp,
+                          clip=c.clip_search).dequantize()
+    assert res.losses[0] == pytest.approx(loss([alone]), rel=1e-4)
+    assert len(res.losses) == 5 and min(res.losses) <= res.losses[0]
+    assert res.alpha in {f * first.alpha for f in (0, 0.25, 0.5, 0.75, 1)}
+    Wq = gptq_scaled(W, expand_tied(res.scales, None), H, scheme)
+    assert loss([Wq]) == pytest.approx(min(res.losses), rel=1e-4)
+    # GPTQ leaves less for scales to win than RTN does: its best is far below RTN's best
+    assert min(res.losses) < 0.8 * min(first.losses)
 
 
 def test_fake_quant_scaled_is_rtn_of_the_scaled_weight():
@@ -187,7 +211,11 @@ def test_awq_then_gptq_in_one_walk_is_no_worse_than_either():
         kls[name] = kl_to(model, ref, x)
         if name == "awq+gptq":
             assert [s["method"] for s in rep.recipe["steps"]] == ["awq", "gptq"]
-            assert rep.recipe["steps"][0]["args"]["clip"] is False  # GPTQ clips itself
+            awq_args = rep.recipe["steps"][0]["args"]
+            assert awq_args["clip"] is False  # GPTQ clips itself
+            assert awq_args["search"] == "gptq"  # and scores the scales
+            pairs = [p for t in rep.transforms for p in t["pairs"]]
+            assert all(p["loss_gptq"] <= p["loss_gptq_unscaled"] for p in pairs)
             assert len(rep.blocks) == 2 and len(rep.transforms) == 2  # one walk
     assert kls["awq+gptq"] <= min(kls["awq"], kls["gptq"]), kls
 
@@ -206,9 +234,19 @@ def test_recipe_rules():
                                                                      "group_size": 32}}]})
     with pytest.raises(ValueError, match="clip_max_shrink"):
         AWQConfig(clip_max_shrink=1.0)
+    with pytest.raises(ValueError, match="search: 'sgd' is not one of rtn, gptq"):
+        AWQConfig(search="sgd")
     r = Recipe.from_dict({"steps": [AWQ]})
     assert [s.method for s in r.steps] == ["awq", "rtn"]
+    assert r.steps[0].config.search == "rtn" and r.steps[0].config.clip
     assert Recipe.from_dict(r.to_dict()).to_dict() == r.to_dict()  # saved recipes re-load
+    # before gptq: no clipping and GPTQ-scored scales, unless the args say otherwise
+    r = Recipe.from_dict({"steps": [AWQ, GPTQ]})
+    assert (r.steps[0].config.search, r.steps[0].config.clip) == ("gptq", False)
+    assert Recipe.from_dict(r.to_dict()).to_dict() == r.to_dict()
+    own = {**AWQ, "args": {**AWQ["args"], "search": "rtn", "clip": True}}
+    r = Recipe.from_dict({"steps": [own, GPTQ]})
+    assert (r.steps[0].config.search, r.steps[0].config.clip) == ("rtn", True)
 
 
 def test_architecture_without_a_map_fails_before_calibration(monkeypatch):

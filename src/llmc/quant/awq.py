@@ -17,9 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmc.quant.gptq import HessianStats
+from llmc.quant.gptq import GPTQConfig, HessianStats, gptq_quantize
 from llmc.quant.scheme import QuantScheme, fake_quantize, grouped_qparams, qparams_from_range
 from llmc.walker import first_tensor, map_tensors, replaced_forward
+
+SEARCH_QUANTIZERS = ("rtn", "gptq")
+GPTQ_SEARCH_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,14 @@ class AWQConfig:
     ``x_mean^a / w_mean^(1-a)``). ``search_samples`` calibration windows (a seeded choice of
     whole chunks) feed the module-output search and the clipping search; ``x_mean`` uses every
     window. ``clip``: afterwards, search each group's clipping range (``clip_grid`` shrink steps
-    down to ``1 - clip_max_shrink``) on the layer-output error, skipping q and k."""
+    down to ``1 - clip_max_shrink``) on the layer-output error, skipping q and k.
+
+    ``search``: the quantizer the candidates are scored with. ``rtn`` scores the whole grid
+    with round-to-nearest. ``gptq`` (set by the recipe when a ``gptq`` step follows) scores the
+    RTN grid's winner ``a*`` again, and ``a* / 4, a* / 2, 3 a* / 4`` and the unscaled weights,
+    with GPTQ (its default settings for this scheme) on the Hessian of the search tokens, and
+    keeps the best: scales that help round-to-nearest can hurt GPTQ, which already moves
+    rounding error away from the large input channels."""
 
     bits: int = 4
     group_size: int = 128
@@ -44,9 +54,14 @@ class AWQConfig:
     clip: bool = True
     clip_grid: int = 100
     clip_max_shrink: float = 0.5
+    search: str = "rtn"
 
     def __post_init__(self) -> None:
         QuantScheme(self.bits, self.group_size, self.sym)
+        if self.search not in SEARCH_QUANTIZERS:
+            raise ValueError(
+                f"search: {self.search!r} is not one of {', '.join(SEARCH_QUANTIZERS)}"
+            )
         if self.grid < 1:
             raise ValueError(f"grid: {self.grid} must be at least 1")
         if self.search_samples < 1:
@@ -87,13 +102,16 @@ def candidate_scales(
     x_mean: Tensor, w_mean: Tensor | None, grid: int
 ) -> Iterator[tuple[float, Tensor]]:
     """``(a, s)`` for ``a = i / grid``, i in 0..grid-1 (``a = 0`` gives s = 1: plain RTN)."""
-    x_mean = x_mean.float().clamp(min=1e-8)
     for i in range(grid):
-        a = i / grid
-        s = x_mean.pow(a)
-        if w_mean is not None:
-            s = s / (w_mean.float().pow(1 - a) + 1e-4)
-        yield a, normalize_scales(s)
+        yield i / grid, scales_at(i / grid, x_mean, w_mean)
+
+
+def scales_at(a: float, x_mean: Tensor, w_mean: Tensor | None) -> Tensor:
+    """``x_mean^a`` (duo: ``/ (w_mean^(1-a) + 1e-4)``), normalised."""
+    s = x_mean.float().clamp(min=1e-8).pow(a)
+    if w_mean is not None:
+        s = s / (w_mean.float().pow(1 - a) + 1e-4)
+    return normalize_scales(s)
 
 
 def fake_quant_scaled(W: Tensor, s: Tensor, scheme: QuantScheme) -> Tensor:
@@ -142,6 +160,47 @@ def search_scales(
     if best_s is None:  # every loss was NaN: keep the weights as they are
         best_s = torch.ones_like(reduce_tied(x_mean, tie).float())
     return ScaleSearch(best_alpha, best_s, losses)
+
+
+def gptq_scaled(W: Tensor, s: Tensor, H: Tensor, scheme: QuantScheme) -> Tensor:
+    """``GPTQ(W * s) / s`` on the Hessian of the scaled inputs ``H / (s s^T)``, with GPTQ's
+    default settings (static act order, damping 0.01, clipping search)."""
+    c = GPTQConfig(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym)
+    Hs = H.float() / (s[:, None] * s[None, :])
+    qw = gptq_quantize(W.float() * s, Hs, scheme, act_order=c.act_order, damp=c.damp,
+                       block_size=c.block_size, clip=c.clip_search)
+    return qw.dequantize() / s
+
+
+def refine_for_gptq(
+    weights: list[Tensor],
+    x_mean: Tensor,
+    H: Tensor,
+    loss: Callable[[list[Tensor]], float],
+    scheme: QuantScheme,
+    first: ScaleSearch,
+    duo: bool = False,
+    tie: tuple[int, int] | None = None,
+) -> ScaleSearch:
+    """Score the unscaled weights and the exponents ``f * first.alpha`` (f in
+    ``GPTQ_SEARCH_FRACTIONS``) with GPTQ on ``H`` (the Hessian of the unscaled inputs) instead
+    of RTN; the smallest ``loss`` wins (alpha 0 stands for the unscaled weights). ``losses``
+    are the GPTQ losses in that order."""
+    w_mean = group_abs_mean(weights, scheme) if duo else None
+    xr, wr = reduce_tied(x_mean, tie), reduce_tied(w_mean, tie)
+    ones = torch.ones_like(xr.float())
+    alphas = {f * first.alpha for f in GPTQ_SEARCH_FRACTIONS}
+    if not duo:
+        alphas.discard(0.0)  # x_mean^0 is the unscaled candidate already
+    candidates = [(0.0, ones)] + [(a, scales_at(a, xr, wr)) for a in sorted(alphas)]
+    best, losses = (0.0, ones, float("inf")), []
+    for a, s_small in candidates:
+        s = expand_tied(s_small, tie)
+        value = loss([gptq_scaled(W, s, H, scheme) for W in weights])
+        losses.append(value)
+        if value < best[2]:
+            best = (a, s_small, value)
+    return ScaleSearch(best[0], best[1], losses)
 
 
 def reduce_tied(v: Tensor | None, tie: tuple[int, int] | None) -> Tensor | None:
@@ -385,6 +444,10 @@ class AWQ:
                 loss = hessian_loss(H, weights)
             with torch.no_grad():
                 res = search_scales(weights, x_mean, loss, scheme, c.grid, c.duo_scaling, tie)
+                rtn = res
+                if c.search == "gptq":
+                    res = refine_for_gptq(weights, x_mean, H, loss, scheme, rtn,
+                                          c.duo_scaling, tie)
             if p.inspect:  # the copy's Linears back to their unquantized weights
                 for n, W in zip(p.linears, weights):
                     fwd.get_submodule(n).weight.data.copy_(W)
@@ -394,7 +457,9 @@ class AWQ:
                 input_h[n] = Hs
             pair_records.append({
                 "prev": p.prev, "linears": list(p.linears), "alpha": res.alpha,
-                "loss": min(res.losses), "loss_rtn": res.losses[0], "tied_heads": tie is not None,
+                "loss": min(rtn.losses), "loss_rtn": rtn.losses[0], "tied_heads": tie is not None,
+                **({"alpha_rtn": rtn.alpha, "loss_gptq": min(res.losses),
+                    "loss_gptq_unscaled": res.losses[0]} if res is not rtn else {}),
             })
         t_clip = time.perf_counter()
         clipped = {}
