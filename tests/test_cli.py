@@ -174,8 +174,8 @@ def test_distill_command(model_dir, text_file, tmp_path):
         *calib_flags(text_file), "-o", student)
     out = tmp_path / "distilled"
     res = run("distill", student, "--teacher", model_dir, "--steps", 4, "--lr", 1e-3,
-              "--train-batch", 2, "--heldout", 2, "--eval-every", 2, *calib_flags(text_file),
-              "-o", out)
+              "--train-batch", 2, "--heldout", 2, "--eval-every", 2, "--hidden-weight", 0.5,
+              "--trainable", "scales", *calib_flags(text_file), "-o", out)
     assert "held-out KL" in res.output
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "gptq" and qcfg["bits"] == 4  # the student's own format
@@ -184,6 +184,7 @@ def test_distill_command(model_dir, text_file, tmp_path):
     assert d["heldout_kl_best"] <= d["heldout_kl_start"] and d["heldout_windows"] == 2
     steps = llmc.Recipe.from_yaml(out / "recipe.yaml").steps
     assert [s.method for s in steps] == ["gptq", "distill"]
+    assert (steps[1].config.hidden_weight, steps[1].config.trainable) == (0.5, "scales")
     model, _ = llmc.load(out)  # loads back, every quantized weight on its grid
     # refused before loading anything: an output that exists, a teacher of another shape
     res = run("distill", student, "--teacher", model_dir, *calib_flags(text_file), "-o", out,

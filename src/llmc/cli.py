@@ -298,6 +298,10 @@ def export(source: str, fmt: str, output: Path, overwrite: bool) -> None:
               help="Keep the teacher's k most likely tokens (0: the whole vocabulary)")
 @click.option("--lm-weight", type=float, default=0.0, show_default=True,
               help="Weight of the LM loss on the training text beside the KL")
+@click.option("--hidden-weight", type=float, default=0.0, show_default=True,
+              help="Weight of the per-layer hidden-state term (relative MSE to the teacher)")
+@click.option("--autocast", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True, help="bf16 autocast of the training forwards (auto: CUDA only)")
 @click.option("--trainable", type=click.Choice(["weights", "scales"]), default="weights",
               show_default=True,
               help="Quantized layers: weights on their grid (straight-through) or scales only")
@@ -311,8 +315,9 @@ def export(source: str, fmt: str, output: Path, overwrite: bool) -> None:
 @calibration_options
 @_errors
 def distill(student: str, teacher: str, steps: int, lr: float, train_batch: int,
-            temperature: float, topk: int, lm_weight: float, trainable: str, heldout: int,
-            eval_every: int, patience: int, warmup: int, **opts: Any) -> None:
+            temperature: float, topk: int, lm_weight: float, hidden_weight: float,
+            autocast: str, trainable: str, heldout: int, eval_every: int, patience: int,
+            warmup: int, **opts: Any) -> None:
     """Distill STUDENT (an llmc output: quantized and/or pruned) from TEACHER, its uncompressed
     original, and write it to -o in the student's own format (or --format). Pruned zeros stay
     zero, quantized weights stay on their grid."""
@@ -332,7 +337,9 @@ def distill(student: str, teacher: str, steps: int, lr: float, train_batch: int,
     if out.resolve() == src.resolve():
         raise ValueError("the output must not be the student's directory")
     args = {"steps": steps, "lr": lr, "batch_size": train_batch, "temperature": temperature,
-            "topk": topk, "lm_weight": lm_weight, "trainable": trainable, "heldout": heldout,
+            "topk": topk, "lm_weight": lm_weight, "hidden_weight": hidden_weight,
+            "autocast": autocast,
+            "trainable": trainable, "heldout": heldout,
             "eval_every": eval_every, "patience": patience, "warmup": warmup}
     recipe = _with_overrides(Recipe.from_dict({"steps": [{"method": "distill", "args": args}]}),
                              opts)

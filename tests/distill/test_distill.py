@@ -12,7 +12,7 @@ from conftest import calib_ids, tiny_model
 
 import llmc
 from llmc.distill import DistillConfig, distill_logits, snapshot_teacher
-from llmc.distill.losses import kl_loss, lm_loss, teacher_targets
+from llmc.distill.losses import hidden_loss, kl_loss, lm_loss, teacher_targets
 from llmc.models import block_linears
 
 JOINT = [{"method": "sparsegpt", "args": {"pattern": "2:4", "bits": 4, "group_size": 32}}]
@@ -93,6 +93,45 @@ def test_scales_only_keeps_codes():
         assert torch.equal(s, s.half().float())  # what the writers store
         moved += not torch.equal(s, scales[n])
     assert moved > 0
+
+
+def test_hidden_state_term():
+    g = torch.Generator().manual_seed(0)
+    hs = tuple(torch.randn(2, 5, 8, generator=g) for _ in range(3))
+    assert hidden_loss(hs, hs) == 0
+    assert hidden_loss((hs[0] + 1, *hs[1:]), hs) == 0  # the embeddings do not count
+    assert hidden_loss((hs[0], hs[1] + 0.1, hs[2]), hs) > 0
+    with pytest.raises(ValueError, match="hidden_weight is a logit-mode term"):
+        DistillConfig(mode="block", hidden_weight=1.0)
+
+    model, teacher = compressed([{"method": "wanda", "args": {"sparsity": 0.5}}])
+    held = calib_ids(8, 32, seed=9)
+
+    @torch.no_grad()
+    def gap() -> float:
+        s = model(input_ids=held, output_hidden_states=True).hidden_states
+        return float(hidden_loss(s, teacher(input_ids=held, output_hidden_states=True)
+                                 .hidden_states))
+
+    start = gap()
+    rec = distill_logits(model, teacher, calib_ids(32, 32, seed=5), held,
+                         DistillConfig(steps=20, lr=1e-3, eval_every=5, hidden_weight=1.0),
+                         progress=False)
+    assert rec["heldout_kl_best"] < rec["heldout_kl_start"]
+    assert gap() < 0.9 * start
+
+
+def test_bf16_autocast_trains_and_stays_on_the_grid():
+    with pytest.raises(ValueError, match="autocast must be"):
+        DistillConfig(autocast="fp8")
+    model, teacher = compressed(JOINT)
+    rec = distill_logits(model, teacher, calib_ids(32, 32, seed=5), calib_ids(8, 32, seed=9),
+                         DistillConfig(steps=20, lr=1e-3, eval_every=5, autocast="on"),
+                         progress=False)
+    assert rec["heldout_kl_best"] < rec["heldout_kl_start"]
+    for n, m in linears(model).items():
+        assert m.weight.dtype == torch.float32
+        m.llmc_quant.codes(m.weight, n)  # still on its grid
 
 
 def test_never_worse_than_the_start():

@@ -19,12 +19,9 @@ import torch
 from torch import Tensor
 
 from llmc.distill.constraints import Best, trained
+from llmc.distill.losses import relative_mse
 from llmc.models import block_linears
 from llmc.walker import _cast, first_tensor
-
-
-def _rel_mse(out: Tensor, target: Tensor) -> Tensor:
-    return ((out - target) ** 2).sum() / (target**2).sum().clamp_min(1e-12)
 
 
 def distill_block(ctx: Any, step: Any, config: Any) -> dict[str, Any]:
@@ -55,7 +52,7 @@ def distill_block(ctx: Any, step: Any, config: Any) -> dict[str, Any]:
         a, kw = args32[x.shape[0]]
         with torch.set_grad_enabled(grad):
             out = first_tensor(block(x.to(dev, torch.float32), *a, **kw))
-            return _rel_mse(out, targets[c * bs : c * bs + x.shape[0]].to(dev, torch.float32))
+            return relative_mse(out, targets[c * bs : c * bs + x.shape[0]].to(dev, torch.float32))
 
     def heldout_loss() -> float:
         return sum(loss_of(c, False).item() for c in held) / len(held)

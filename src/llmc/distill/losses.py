@@ -35,6 +35,20 @@ def kl_loss(student_logits: Tensor, teacher_logp: Tensor, teacher_idx: Tensor | 
     return kl.mean() * temperature**2
 
 
+def relative_mse(out: Tensor, target: Tensor) -> Tensor:
+    """``||out - target||^2 / ||target||^2`` in float32."""
+    out, target = out.float(), target.float()
+    return ((out - target) ** 2).sum() / (target**2).sum().clamp_min(1e-12)
+
+
+def hidden_loss(student_hidden: tuple[Tensor, ...], teacher_hidden: tuple[Tensor, ...]) -> Tensor:
+    """The mean over decoder layers of the relative MSE between the student's and the
+    teacher's hidden states (``output_hidden_states`` of a transformers forward: the
+    embeddings, then one entry per layer; the embeddings are left out)."""
+    pairs = list(zip(student_hidden[1:], teacher_hidden[1:], strict=True))
+    return torch.stack([relative_mse(s, t) for s, t in pairs]).mean()
+
+
 def lm_loss(logits: Tensor, ids: Tensor) -> Tensor:
     """Next-token cross-entropy of ``logits`` [B, T, V] on the token ids [B, T]."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

@@ -3,7 +3,9 @@
 The student's block Linears that a step targets train (under :mod:`llmc.distill.constraints`:
 zeros stay zero, quantized weights stay on their grid); everything else is frozen. The loss is
 the KL divergence between the teacher's and the student's next-token distributions
-(temperature, optional top-k), plus ``lm_weight`` times the LM loss on the training text.
+(temperature, optional top-k), plus ``lm_weight`` times the LM loss on the training text,
+plus ``hidden_weight`` times the per-layer hidden-state term (relative MSE to the teacher's
+hidden states, averaged over layers).
 The held-out windows, never trained on, are scored (mean KL) before the first step and every
 ``eval_every`` steps; the best state is kept, so the student is never worse on them than when
 distillation started, and training stops after ``patience`` evaluations without a gain.
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from llmc.distill.constraints import Best, trained
-from llmc.distill.losses import kl_loss, lm_loss, teacher_targets
+from llmc.distill.losses import hidden_loss, kl_loss, lm_loss, teacher_targets
 from llmc.models import block_linears, get_adapter
 
 
@@ -30,13 +32,16 @@ class DistillConfig:
     """``mode``: 'logit' (the whole model, after the compression steps) or 'block' (each block
     inside the walk, MSE to the uncompressed block's outputs, ``steps`` per block, one walker
     chunk per step). ``steps`` optimizer steps of ``batch_size`` windows; AdamW at ``lr``
-    (cosine decay after
-    ``warmup`` steps); KL at ``temperature`` (``topk`` > 0 keeps the teacher's k most likely
-    tokens), plus ``lm_weight`` x LM loss; ``trainable``: 'weights' (straight-through on the
-    grid) or 'scales' (quantized layers keep their codes); ``heldout`` windows of the
-    calibration text score every ``eval_every`` steps, stop after ``patience`` evaluations
-    without improvement (0: never); ``checkpointing``: gradient checkpointing of the blocks;
-    ``time_budget``: logit mode stops after this many seconds of training (0: no limit)."""
+    (cosine decay after ``warmup`` steps); KL at ``temperature`` (``topk`` > 0 keeps the
+    teacher's k most likely tokens), plus ``lm_weight`` x LM loss, plus ``hidden_weight`` x the
+    mean over decoder layers of the relative MSE to the teacher's hidden states (logit mode);
+    ``trainable``: 'weights' (straight-through on the grid) or 'scales' (quantized layers keep
+    their codes); ``heldout`` windows of the calibration text score every ``eval_every`` steps,
+    stop after ``patience`` evaluations without improvement (0: never); ``checkpointing``:
+    gradient checkpointing of the blocks; ``autocast``: the training forwards of logit mode
+    under bf16 autocast, 'on', 'off' or 'auto' (on where the model sits on a CUDA device that
+    supports bf16; held-out scoring always runs in the model's own dtype); ``time_budget``:
+    logit mode stops after this many seconds of training (0: no limit)."""
 
     mode: str = "logit"
     steps: int = 100
@@ -45,6 +50,7 @@ class DistillConfig:
     temperature: float = 1.0
     topk: int = 0
     lm_weight: float = 0.0
+    hidden_weight: float = 0.0
     trainable: str = "weights"
     heldout: int = 8
     eval_every: int = 10
@@ -53,6 +59,7 @@ class DistillConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     checkpointing: bool = False
+    autocast: str = "auto"
     time_budget: float = 0.0
     seed: int = 0
 
@@ -67,10 +74,17 @@ class DistillConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if min(self.lm_weight, self.weight_decay, self.grad_clip, self.time_budget) < 0:
-            raise ValueError("lm_weight, weight_decay, grad_clip and time_budget must be >= 0")
+        if min(self.lm_weight, self.hidden_weight, self.weight_decay, self.grad_clip,
+               self.time_budget) < 0:
+            raise ValueError("lm_weight, hidden_weight, weight_decay, grad_clip and time_budget "
+                             "must be >= 0")
+        if self.hidden_weight and self.mode == "block":
+            raise ValueError("hidden_weight is a logit-mode term; block mode already matches "
+                             "each block's outputs")
         if self.mode not in ("logit", "block"):
             raise ValueError(f"mode must be 'logit' or 'block', got {self.mode!r}")
+        if self.autocast not in ("auto", "on", "off"):
+            raise ValueError(f"autocast must be 'auto', 'on' or 'off', got {self.autocast!r}")
         if self.trainable not in ("weights", "scales"):
             raise ValueError(f"trainable must be 'weights' or 'scales', got {self.trainable!r}")
 
@@ -157,6 +171,7 @@ def _train_logits(student: nn.Module, teacher: nn.Module, train: Tensor, heldout
         return 0.5 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    amp = use_autocast(student, config.autocast)
     history = [{"step": 0, "heldout_kl": heldout_kl(student, held_targets, heldout, config)}]
     best = Best(params, history[0]["heldout_kl"])
     since_best = 0
@@ -171,13 +186,20 @@ def _train_logits(student: nn.Module, teacher: nn.Module, train: Tensor, heldout
     for step in range(1, config.steps + 1):
         idx = torch.randint(0, train.shape[0], (config.batch_size,), generator=gen)
         ids = train[idx]
-        with torch.no_grad():
-            t_logp, t_idx = teacher_targets(teacher(input_ids=ids, use_cache=False).logits,
-                                            config.temperature, config.topk)
-        logits = student(input_ids=ids, use_cache=False).logits
+        hidden = bool(config.hidden_weight)
+        with torch.no_grad(), amp():
+            t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            t_logp, t_idx = teacher_targets(t_out.logits, config.temperature, config.topk)
+        with amp():
+            s_out = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+        logits = s_out.logits
         loss = kl_loss(logits, t_logp, t_idx, config.temperature)
         if config.lm_weight:
             loss = loss + config.lm_weight * lm_loss(logits, ids)
+        if hidden:
+            loss = loss + config.hidden_weight * hidden_loss(s_out.hidden_states,
+                                                             t_out.hidden_states)
+        del t_out
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
@@ -201,6 +223,15 @@ def _train_logits(student: nn.Module, teacher: nn.Module, train: Tensor, heldout
     if bar is not None:
         bar.close()
     return step, history, best
+
+
+def use_autocast(model: nn.Module, mode: str):
+    """A factory of the bf16 autocast context for ``model``'s training forwards (``mode``:
+    'on', 'off', or 'auto': on a CUDA device with bf16 support only)."""
+    device = next(model.parameters()).device
+    on = mode == "on" or (mode == "auto" and device.type == "cuda"
+                          and torch.cuda.is_bf16_supported())
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def snapshot_teacher(model: nn.Module) -> nn.Module:
