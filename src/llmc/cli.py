@@ -338,8 +338,7 @@ def distill(student: str, teacher: str, steps: int, lr: float, train_batch: int,
         raise ValueError("the output must not be the student's directory")
     args = {"steps": steps, "lr": lr, "batch_size": train_batch, "temperature": temperature,
             "topk": topk, "lm_weight": lm_weight, "hidden_weight": hidden_weight,
-            "autocast": autocast,
-            "trainable": trainable, "heldout": heldout,
+            "autocast": autocast, "trainable": trainable, "heldout": heldout,
             "eval_every": eval_every, "patience": patience, "warmup": warmup}
     recipe = _with_overrides(Recipe.from_dict({"steps": [{"method": "distill", "args": args}]}),
                              opts)

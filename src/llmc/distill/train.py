@@ -172,6 +172,7 @@ def _train_logits(student: nn.Module, teacher: nn.Module, train: Tensor, heldout
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     amp = use_autocast(student, config.autocast)
+    hidden = bool(config.hidden_weight)
     history = [{"step": 0, "heldout_kl": heldout_kl(student, held_targets, heldout, config)}]
     best = Best(params, history[0]["heldout_kl"])
     since_best = 0
@@ -186,7 +187,6 @@ def _train_logits(student: nn.Module, teacher: nn.Module, train: Tensor, heldout
     for step in range(1, config.steps + 1):
         idx = torch.randint(0, train.shape[0], (config.batch_size,), generator=gen)
         ids = train[idx]
-        hidden = bool(config.hidden_weight)
         with torch.no_grad(), amp():
             t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
             t_logp, t_idx = teacher_targets(t_out.logits, config.temperature, config.topk)

@@ -10,7 +10,7 @@ The pure functions come first; :class:`AWQ` is the block transform the walker ru
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,16 +149,30 @@ def search_scales(
     ``w_mean`` are averaged over the g heads and the chosen KV-sized scale is repeated.
     ``ScaleSearch.scales`` has the KV size then; :func:`expand_tied` gives the full one."""
     w_mean = group_abs_mean(weights, scheme) if duo else None
-    best_alpha, best_s, best_loss = 0.0, None, float("inf")
+    xr, wr = reduce_tied(x_mean, tie), reduce_tied(w_mean, tie)
+    return _pick(weights, candidate_scales(xr, wr, grid), loss,
+                 lambda W, s: fake_quant_scaled(W, s, scheme), tie, torch.ones_like(xr.float()))
+
+
+def _pick(
+    weights: list[Tensor],
+    candidates: Iterable[tuple[float, Tensor]],
+    loss: Callable[[list[Tensor]], float],
+    quantize: Callable[[Tensor, Tensor], Tensor],
+    tie: tuple[int, int] | None,
+    unscaled: Tensor,
+) -> ScaleSearch:
+    """Score each candidate ``(a, s)`` (``s`` KV-sized under ``tie``) by ``loss`` of every
+    weight's ``quantize(W, s)``; the smallest wins. When every loss is NaN, the weights stay
+    as they are (``unscaled``: ones, alpha 0)."""
+    best_alpha, best_s, best_loss = 0.0, unscaled, float("inf")
     losses = []
-    for a, s_small in candidate_scales(reduce_tied(x_mean, tie), reduce_tied(w_mean, tie), grid):
+    for a, s_small in candidates:
         s = expand_tied(s_small, tie)
-        value = loss([fake_quant_scaled(W, s, scheme) for W in weights])
+        value = loss([quantize(W, s) for W in weights])
         losses.append(value)
         if value < best_loss:
             best_alpha, best_s, best_loss = a, s_small, value
-    if best_s is None:  # every loss was NaN: keep the weights as they are
-        best_s = torch.ones_like(reduce_tied(x_mean, tie).float())
     return ScaleSearch(best_alpha, best_s, losses)
 
 
@@ -193,14 +207,8 @@ def refine_for_gptq(
     if not duo:
         alphas.discard(0.0)  # x_mean^0 is the unscaled candidate already
     candidates = [(0.0, ones)] + [(a, scales_at(a, xr, wr)) for a in sorted(alphas)]
-    best, losses = (0.0, ones, float("inf")), []
-    for a, s_small in candidates:
-        s = expand_tied(s_small, tie)
-        value = loss([gptq_scaled(W, s, H, scheme) for W in weights])
-        losses.append(value)
-        if value < best[2]:
-            best = (a, s_small, value)
-    return ScaleSearch(best[0], best[1], losses)
+    return _pick(weights, candidates, loss, lambda W, s: gptq_scaled(W, s, H, scheme), tie,
+                 ones)
 
 
 def reduce_tied(v: Tensor | None, tie: tuple[int, int] | None) -> Tensor | None:
