@@ -8,7 +8,7 @@ llama, packed vs dense.
 
 Matmuls: (K, N) in {4096x11008, 8192x28672, 4096x4096, 11008x4096}, M in {1, 4, 16, 64, 256},
 group 128 and 64. Times are GPU time per call as a CUDA-graph replay sees it, with a cold L2
-(``llmc.kernels.tune.gpu_time_ms``: median of 5 replays of 20 calls, each after a 256 MB write
+(``llmc.kernels.tune.gpu_time_ms``: median of 5 replays of 20 calls, each after a 256 MB read
 whose own time is subtracted), so that host launch overhead does not swamp kernels of a few
 microseconds; the W4A16 rows also give eager ``triton.testing.do_bench`` time (host overhead
 included). Each kernel's output is checked against its ``*_ref`` first. The launch config of
@@ -18,7 +18,9 @@ shape; the picks are in the JSON). 2:4 rows: random 2:4 fp16 weights (Triton ker
 Decode: llama with hidden 4096, intermediate 11008, 32 layers, 32 heads, vocabulary 32000,
 fp16, a static KV cache, one decode step captured in a CUDA graph and replayed for 128 tokens;
 every block Linear dense, a 4-bit group-128 ``QuantLinear``, a 2:4 ``SparseLinear`` or a 2:4 +
-INT4 ``SparseQuantLinear`` (random codes). Results: ``kernels.json`` and ``.md`` in ``--out``
+INT4 ``SparseQuantLinear`` (random codes), or a stand-in that launches nothing (``no-matmul``:
+the step's cost besides its block matmuls, so dense / no-matmul bounds any format's gain).
+Results: ``kernels.json`` and ``.md`` in ``--out``
 (default ``benchmarks/results``), the GPU named, rewritten after every row.
 """
 
@@ -37,7 +39,7 @@ RESULTS = Path(__file__).parent / "results"
 SHAPES = [(4096, 11008), (8192, 28672), (4096, 4096), (11008, 4096)]  # the targets' first
 MS = [1, 16, 4, 64, 256]
 GROUPS = [128, 64]
-DECODE_KINDS = ["dense", "w4g128", "2:4", "2:4+w4g128"]
+DECODE_KINDS = ["dense", "w4g128", "no-matmul", "2:4", "2:4+w4g128"]
 
 
 def bench(fn, smoke: bool) -> float:
@@ -68,6 +70,29 @@ def _rand_int32(shape, g, device):
 
     return torch.randint(-2**31, 2**31 - 1, shape, generator=g, device=device,
                          dtype=torch.int64).to(torch.int32)
+
+
+class NoMatmul:
+    """Stands in for a block Linear and launches nothing: returns a zero output of the right
+    shape (one per input shape, made on first use). A model of these measures what a decode
+    step costs besides its block matmuls, the floor under any weight format's speed-up."""
+
+    def __new__(cls, K: int, N: int, device):
+        import torch
+
+        class _NoMatmul(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.in_features, self.out_features = K, N
+                self.outs = {}
+
+            def forward(self, x):
+                key = tuple(x.shape[:-1])
+                if key not in self.outs:
+                    self.outs[key] = torch.zeros(*key, N, dtype=x.dtype, device=x.device)
+                return self.outs[key]
+
+        return _NoMatmul()
 
 
 def random_module(kind: str, K: int, N: int, device, group: int = 128, seed: int = 0):
@@ -174,8 +199,10 @@ def matmuls(device, smoke: bool, budget_s: float, results: dict, save, shapes, m
 
 
 def gpu_checks(device) -> list[dict]:
-    """Every config of every tuner list against the ``*_ref`` path on small odd shapes (the
-    interpreter tests' cases, here compiled for the GPU): act order, narrow groups, 2/8-bit."""
+    """Every config of the tuner's lists against the ``*_ref`` path on small shapes compiled for
+    the GPU: M = 1 on whole tiles and on odd ones (the GEMV's two load paths), the tile configs
+    in bf16 (their 16-bit float codes; the interpreter cannot run a bf16 dot), and the 2:4
+    configs. Relative max error per config, or the failure."""
     import torch
 
     from llmc.kernels import _sparse24_triton as sp
@@ -189,32 +216,30 @@ def gpu_checks(device) -> list[dict]:
 
     rows = []
     g = torch.Generator().manual_seed(0)
-    for M, K, N, bits, gs, act in [(1, 200, 72, 4, 64, False), (3, 520, 40, 4, 128, False),
-                                   (20, 136, 40, 4, 32, False), (3, 200, 48, 8, 32, False),
-                                   (2, 160, 40, 4, 32, True), (3, 300, 48, 2, -1, False)]:
-        qw = rtn_quantize(torch.randn(N, K, generator=g), QuantScheme(bits, gs, False))
-        if act:
-            qw.g_idx = qw.g_idx[torch.randperm(K, generator=g)].contiguous()
-        ql = QuantLinear.from_quantized(qw).to(device)
-        x = torch.randn(M, K, generator=g).half().to(device)
-        a = (ql.qweight, ql.scales, ql.qzeros, ql.g_idx, bits)
+    for M, K, N, gs, dtype, cfgs in [(1, 512, 256, 128, torch.float16, wq.GEMV1),
+                                     (1, 520, 72, 64, torch.float16, wq.GEMV1),
+                                     (5, 520, 72, 128, torch.bfloat16, wq.TILES),
+                                     (16, 256, 256, 128, torch.bfloat16, wq.TILES)]:
+        qw = rtn_quantize(torch.randn(N, K, generator=g), QuantScheme(4, gs, False))
+        ql = QuantLinear.from_quantized(qw, dtype=dtype).to(device)
+        x = torch.randn(M, K, generator=g).to(dtype).to(device)
+        a = (ql.qweight, ql.scales, ql.qzeros, ql.g_idx, 4)
         ref = wq_matmul_ref(x, *a)
         errs = {}
-        for c in wq.DECODE + wq.PREFILL:
+        for c in cfgs:
             try:
-                errs[c.describe()] = rel_err(wq.launch(x, *a, None if act or gs == -1 else gs,
-                                                       c), ref)
+                errs[c.describe()] = rel_err(wq.launch(x, *a, gs, c), ref)
             except Exception as e:
                 errs[c.describe()] = f"{type(e).__name__}: {str(e)[:160]}"
-        rows.append({"kernel": "w", "case": [M, K, N, bits, gs, act], "errors": errs})
+        rows.append({"kernel": "w", "case": [M, K, N, gs, str(dtype)], "errors": errs})
     W = torch.randn(40, 192, generator=g)
     v, meta = compress_24((W * nm_keep(W.abs(), 2, 4)).half())
     v, meta = v.to(device), meta.to(device)
-    for M in (3, 20):
+    for M in (3, 12):
         x = torch.randn(M, 192, generator=g).half().to(device)
         ref = sparse24_matmul_ref(x, v, meta)
         errs = {}
-        for c in sp.DECODE + sp.PREFILL:
+        for c in sp.configs(M):
             try:
                 errs[c.describe()] = rel_err(sp.launch(x, v, meta, c), ref)
             except Exception as e:
@@ -248,9 +273,11 @@ def llama(device, smoke: bool, kind: str):
         for i, layer in enumerate(model.model.layers):
             for j, (name, lin) in enumerate(block_linears(layer).items()):
                 parent, _, child = name.rpartition(".")
-                setattr(layer.get_submodule(parent), child,
-                        random_module(kind, lin.in_features, lin.out_features, device,
-                                      seed=i * 16 + j))
+                new = (NoMatmul(lin.in_features, lin.out_features, device)
+                       if kind == "no-matmul" else
+                       random_module(kind, lin.in_features, lin.out_features, device,
+                                     seed=i * 16 + j))
+                setattr(layer.get_submodule(parent), child, new)
     return model.eval()
 
 
@@ -392,6 +419,14 @@ def main() -> None:
         results["seconds"] = time.perf_counter() - t0
         write(results, args.out, name)
 
+    if args.checks and device.type == "cuda":
+        try:
+            results["checks"] = gpu_checks(device)
+        except Exception as e:
+            results["checks"] = [{"error": f"{type(e).__name__}: {e}"[:400]}]
+            traceback.print_exc()
+        print(json.dumps(results["checks"]), flush=True)
+        save()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     matmuls(device, args.smoke, args.budget, results, save, shapes, args.ms, args.groups)
     if not args.no_decode:
@@ -406,13 +441,6 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             save()
-    if args.checks and device.type == "cuda":
-        try:
-            results["checks"] = gpu_checks(device)
-        except Exception as e:
-            results["checks"] = [{"error": f"{type(e).__name__}: {e}"[:400]}]
-            traceback.print_exc()
-        print(json.dumps(results["checks"]), flush=True)
     save()
 
 

@@ -42,10 +42,10 @@ def main() -> dict:
     for groups in (0, 1, 2):
         g = first(wq.DECODE, True)
         jobs.append((f"wq gemv groups={groups}", wq._wq_gemv_kernel,
-                     dict(BITS=4, GROUPS=groups, **args(g)), wq_ptrs, g))
+                     dict(BITS=4, GROUPS=groups, EVEN=False, **args(g)), wq_ptrs, g))
         for t in (first(wq.DECODE, False), wq.PREFILL[0]):
             jobs.append((f"wq tile {t.describe()} groups={groups}", wq._wq_matmul_kernel,
-                         dict(BITS=4, GROUPS=groups, **args(t)), wq_ptrs, t))
+                         dict(BITS=4, GROUPS=groups, MAGIC16=0x6400, **args(t)), wq_ptrs, t))
     for quant in (False, True):
         ptrs = {"x_ptr": "*fp16", "v_ptr": "*i32" if quant else "*fp16", "qv_ptr": "*i32",
                 "meta_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "out_ptr": "*fp16"}

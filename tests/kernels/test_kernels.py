@@ -43,8 +43,8 @@ def packed(N, K, bits, group_size, sym=False, act_order=False, seed=0, dtype=tor
 
 
 def close(y, ref, dtype):
-    """fp32: accumulation-order noise; fp16: a few ulps of the output's scale."""
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    """fp32: accumulation-order noise; fp16 / bf16: a few ulps of the output's scale."""
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}.get(dtype, 2e-3)
     err = (y.float() - ref.float()).abs().max().item()
     scale = ref.float().abs().max().item()
     assert err <= tol * scale, (err, scale)
@@ -82,21 +82,55 @@ def test_wq_matmul_act_order_and_split_k():
 
 
 # Every config the GPU tuner may pick, on odd shapes: trivial groups inside a tile (TILE),
-# groups narrower than the tile (WORD), act order (ROW), 8-bit and 2-bit per channel.
-@pytest.mark.parametrize("M,K,N,bits,gs,act", [
-    (1, 200, 72, 4, 64, False), (3, 520, 40, 4, 128, False), (20, 136, 40, 4, 32, False),
-    (3, 200, 48, 8, 32, False), (2, 160, 40, 4, 32, True), (3, 300, 48, 2, -1, False),
+# groups narrower than the tile (WORD), act order (ROW), 8-bit and 2-bit per channel; and on
+# shapes that are whole tiles (the GEMV's unchecked loads), in fp16 and bf16 (the tile
+# kernel's 16-bit float codes).
+@pytest.mark.parametrize("M,K,N,bits,gs,act,dtype", [
+    (1, 200, 72, 4, 64, False, torch.float16), (3, 520, 40, 4, 128, False, torch.float16),
+    (20, 136, 40, 4, 32, False, torch.float16), (3, 200, 48, 8, 32, False, torch.float16),
+    (2, 160, 40, 4, 32, True, torch.float16), (3, 300, 48, 2, -1, False, torch.float16),
+    (1, 256, 256, 4, 128, False, torch.float16), (2, 512, 256, 4, 64, False, torch.bfloat16),
+    (3, 256, 256, 8, 64, False, torch.bfloat16),
 ])
-def test_wq_matmul_every_tuned_config(M, K, N, bits, gs, act):
+def test_wq_matmul_every_tuned_config(M, K, N, bits, gs, act, dtype):
     from llmc.kernels._wq_triton import DECODE, PREFILL, launch
 
-    ql = packed(N, K, bits, gs, act_order=act, seed=M)
-    x = torch.randn(M, K, generator=torch.Generator().manual_seed(5)).half()
+    ql = packed(N, K, bits, gs, act_order=act, seed=M, dtype=dtype)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(5)).to(dtype)
     ref = wq_matmul_ref(x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, bits)
     group = None if act or gs == -1 else gs
     for cfg in DECODE + PREFILL:
+        if dtype == torch.bfloat16 and not cfg.kwargs.get("GEMV") or cfg.kwargs.get("HALF2"):
+            continue  # the interpreter runs no PTX and its tl.dot gives garbage in bf16
+            # (benchmarks/kernels.py --checks runs these configs on a GPU)
         close(launch(x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, bits, group, cfg), ref,
-              torch.float16)
+              dtype)
+
+
+@pytest.mark.parametrize("dtype,magic", [(torch.float16, 0x6400), (torch.bfloat16, 0x4300)])
+def test_16_bit_float_codes_are_exact(dtype, magic):
+    """The tile kernel's dequantization: ``(q | magic) - (z | magic)`` read as 16-bit floats is
+    ``q - z`` exactly, for every 4-bit code and zero point (and 8-bit codes in fp16)."""
+    from llmc.kernels._wq_triton import _magic16
+
+    assert _magic16(torch.empty(0, dtype=dtype), 4) == magic
+    assert _magic16(torch.empty(0, dtype=torch.float32), 4) == 0
+    assert _magic16(torch.empty(0, dtype=torch.bfloat16), 8) == 0
+    top = 256 if dtype == torch.float16 else 16
+    q = torch.arange(top, dtype=torch.int32)
+    as16 = lambda v: (v | magic).to(torch.int16).view(dtype)  # noqa: E731
+    got = as16(q)[:, None] - as16(q)[None, :]
+    assert torch.equal(got.float(), (q[:, None] - q[None, :]).float())
+
+
+def test_half2_gemv_refuses_what_it_cannot_take():
+    from llmc.kernels._wq_triton import _gemv, launch
+
+    ql = packed(64, 256, 4, 128)
+    x = torch.randn(1, 256).half()
+    with pytest.raises(ValueError, match="half2"):  # not CUDA (the interpreter runs no PTX)
+        launch(x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, 4, 128,
+               _gemv(64, 16, 8, 2, 4, half2=True))
 
 
 def test_tuner_off_cuda_takes_the_first_config_and_reports_nothing():

@@ -169,25 +169,25 @@ def _gemv(bn, bg, split, warps, stages) -> Config:
 
 
 # The tuner's short lists (the first of each is the default off CUDA); BLOCK_G >= 16 groups of
-# four inputs per K tile (a dot needs K >= 16).
-DECODE = [
-    _gemv(16, 64, 4, 4, 3), _gemv(32, 64, 2, 4, 3), _gemv(8, 128, 4, 4, 3),
-    _gemv(32, 32, 4, 4, 4), _gemv(16, 128, 2, 8, 3), _gemv(4, 256, 4, 4, 3),
-    _gemv(8, 256, 8, 4, 3), _gemv(16, 128, 8, 4, 3),
-    _cfg(16, 64, 16, 4, 4, 3), _cfg(16, 128, 16, 2, 4, 3), _cfg(16, 64, 32, 2, 4, 3),
-    _cfg(16, 64, 16, 1, 4, 4), _cfg(16, 32, 16, 1, 2, 4), _cfg(16, 128, 32, 4, 8, 3),
-]
+# four inputs per K tile (a dot needs K >= 16). GEMVs for M <= 8, tiles above.
+GEMVS = [_gemv(8, 128, 4, 4, 3), _gemv(16, 64, 4, 4, 3), _gemv(4, 256, 4, 4, 3),
+         _gemv(8, 256, 8, 4, 3)]
+TILES = [_cfg(16, 64, 32, 2, 4, 3), _cfg(16, 64, 16, 4, 4, 3), _cfg(16, 32, 16, 1, 2, 4),
+         _cfg(16, 128, 32, 4, 8, 3)]
+DECODE = GEMVS + TILES
 PREFILL = [_cfg(64, 128, 16, 1, 4, 3), _cfg(128, 128, 16, 1, 8, 3), _cfg(64, 64, 32, 1, 4, 3)]
 # The joint form's GEMV runs along N: wider column blocks.
-QDECODE = [_gemv(128, 64, 4, 4, 3), _gemv(256, 64, 2, 8, 3), _gemv(128, 32, 8, 4, 3),
-           _gemv(64, 64, 8, 2, 4), _gemv(64, 64, 16, 2, 3), _gemv(128, 128, 8, 4, 3)]
-QDECODE += [c for c in DECODE if not c.kwargs.get("GEMV")]
+QGEMVS = [_gemv(128, 32, 8, 4, 3), _gemv(64, 64, 8, 2, 4), _gemv(128, 64, 4, 4, 3),
+          _gemv(64, 64, 16, 2, 3)]
+QDECODE = QGEMVS + TILES
 
 
 def configs(M: int, quant: bool = False) -> list[Config]:
     if M > 16:
         return PREFILL
-    return QDECODE if quant else DECODE
+    if M > 8:
+        return TILES
+    return (QGEMVS if quant else GEMVS) + TILES[:1]
 
 
 def launch(x: Tensor, values: Tensor, meta: Tensor, cfg: Config | None = None,

@@ -1,10 +1,10 @@
 """Choosing a kernel launch configuration: on CUDA, each config of a short fixed list is timed
 once per problem key (GPU time in a CUDA graph with a cold L2: :func:`gpu_time_ms`) and the
-fastest is kept for the process (configs that fail to compile or
-give a wrong-shaped result are skipped); elsewhere (the CPU interpreter) the first config of
-the list runs untimed. ``LLMC_TUNE=0`` turns the timing off (the first config everywhere).
-Nothing is timed while a CUDA graph is being captured: a key first seen then takes the first
-config. ``choices()`` reports what was picked, for the benchmarks."""
+fastest is kept for the process (configs that fail to compile, or whose result differs from
+the first config's by more than rounding, are skipped); elsewhere (the CPU interpreter) the
+first config of the list runs untimed. ``LLMC_TUNE=0`` turns the timing off (the first
+config everywhere). Nothing is timed while a CUDA graph is being captured: a key first seen
+then takes the first config. ``choices()`` reports what was picked, for the benchmarks."""
 
 from __future__ import annotations
 
@@ -33,9 +33,12 @@ class Config:
 def gpu_time_ms(fn: Callable[[], object], reps: int = 20, trials: int = 5) -> float:
     """GPU time of one ``fn()`` in ms, as a model step replayed in a CUDA graph sees it: no
     host launch overhead (which would swamp a kernel of a few microseconds), and a cold L2
-    (each call follows a 256 MB write, whose own time is measured alone and subtracted).
-    The median of ``trials`` replays of ``reps`` calls."""
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    holding clean lines, as after the previous layer's weights (each call follows a read of
+    256 MB, whose own time is measured alone and subtracted; a write there would leave dirty
+    lines whose write-back the timed call would pay). The median of ``trials`` replays of
+    ``reps`` calls."""
+    flush = torch.ones(128 * 2**20, dtype=torch.float16, device="cuda")
+    sink = torch.empty((), dtype=torch.float32, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -47,7 +50,7 @@ def gpu_time_ms(fn: Callable[[], object], reps: int = 20, trials: int = 5) -> fl
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             for _ in range(reps):
-                flush.zero_()
+                torch.sum(flush, dim=0, dtype=torch.float32, out=sink)
                 if with_fn:
                     fn()
         return g
@@ -65,6 +68,14 @@ def gpu_time_ms(fn: Callable[[], object], reps: int = 20, trials: int = 5) -> fl
             ms.append(start.elapsed_time(end))
         diffs.append((ms[0] - ms[1]) / reps)
     return sorted(diffs)[len(diffs) // 2]
+
+
+MISMATCH = 2e-2  # relative max error between two configs' outputs that marks one as wrong
+
+
+def _rel_err(y: Tensor, ref: Tensor) -> float:
+    scale = ref.abs().max().clamp_min(1e-30)
+    return ((y.float() - ref).abs().max() / scale).item()
 
 
 _PICKED: dict[tuple, Config] = {}
@@ -86,13 +97,16 @@ def pick(key: tuple, configs: list[Config], run: Callable[[Config], Tensor],
     if not _timing_on(cuda):
         return run(configs[0])
     times: list[tuple[str, float | str]] = []
-    best, best_ms, shape = None, float("inf"), None
+    best, best_ms, first = None, float("inf"), None
     for c in configs:
         try:
-            y = run(c)  # compiles, and checks that it runs
-            if shape is not None and y.shape != shape:
-                raise RuntimeError(f"output shape {tuple(y.shape)} != {tuple(shape)}")
-            shape = y.shape
+            y = run(c)  # compiles, and checks that it runs and agrees with the first config
+            if first is None:
+                first = y.float()
+            elif y.shape != first.shape:
+                raise RuntimeError(f"output shape {tuple(y.shape)} != {tuple(first.shape)}")
+            elif (err := _rel_err(y, first)) > MISMATCH:
+                raise RuntimeError(f"result differs from the first config's by {err:.2e}")
             ms = gpu_time_ms(lambda c=c: run(c), reps=10, trials=3)
         except Exception as e:  # a config this GPU cannot compile or run: skip it
             times.append((c.describe(), f"failed: {type(e).__name__}: {str(e)[:600]}"))
