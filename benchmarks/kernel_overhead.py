@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,10 +35,7 @@ def main() -> None:
     from llmc.kernels.tune import gpu_time_ms
     from llmc.kernels.wq_matmul import wq_matmul
 
-    sys_path = Path(__file__).parent
-    import sys
-
-    sys.path.insert(0, str(sys_path))
+    sys.path.insert(0, str(Path(__file__).parent))
     from kernels import random_module
 
     @triton.jit

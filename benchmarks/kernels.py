@@ -61,10 +61,6 @@ def bench_host(fn, smoke: bool) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def rel_err(y, ref) -> float:
-    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-
-
 def _rand_int32(shape, g, device):
     import torch
 
@@ -72,27 +68,25 @@ def _rand_int32(shape, g, device):
                          dtype=torch.int64).to(torch.int32)
 
 
-class NoMatmul:
-    """Stands in for a block Linear and launches nothing: returns a zero output of the right
-    shape (one per input shape, made on first use). A model of these measures what a decode
-    step costs besides its block matmuls, the floor under any weight format's speed-up."""
+def no_matmul(K: int, N: int):
+    """A stand-in for a block Linear that launches nothing: it returns a zero output of the
+    right shape (one per input shape, made on first use). A model of these measures what a
+    decode step costs besides its block matmuls, the floor under any weight format's speed-up."""
+    import torch
 
-    def __new__(cls, K: int, N: int, device):
-        import torch
+    class NoMatmul(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.in_features, self.out_features = K, N
+            self.outs = {}
 
-        class _NoMatmul(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.in_features, self.out_features = K, N
-                self.outs = {}
+        def forward(self, x):
+            key = tuple(x.shape[:-1])
+            if key not in self.outs:
+                self.outs[key] = torch.zeros(*key, N, dtype=x.dtype, device=x.device)
+            return self.outs[key]
 
-            def forward(self, x):
-                key = tuple(x.shape[:-1])
-                if key not in self.outs:
-                    self.outs[key] = torch.zeros(*key, N, dtype=x.dtype, device=x.device)
-                return self.outs[key]
-
-        return _NoMatmul()
+    return NoMatmul()
 
 
 def random_module(kind: str, K: int, N: int, device, group: int = 128, seed: int = 0):
@@ -134,6 +128,7 @@ def matmul_row(K: int, N: int, M: int, group: int, device, smoke: bool) -> dict:
         sparse24_quant_matmul,
         sparse24_quant_matmul_ref,
     )
+    from llmc.kernels.tune import rel_err
     from llmc.kernels.wq_matmul import wq_matmul, wq_matmul_ref
 
     g = torch.Generator(device=device).manual_seed(M)
@@ -208,6 +203,7 @@ def gpu_checks(device) -> list[dict]:
     from llmc.kernels import _sparse24_triton as sp
     from llmc.kernels import _wq_triton as wq
     from llmc.kernels.sparse24 import compress_24, sparse24_matmul_ref
+    from llmc.kernels.tune import rel_err
     from llmc.kernels.wq_matmul import wq_matmul_ref
     from llmc.nn import QuantLinear
     from llmc.prune.masks import nm_keep
@@ -273,7 +269,7 @@ def llama(device, smoke: bool, kind: str):
         for i, layer in enumerate(model.model.layers):
             for j, (name, lin) in enumerate(block_linears(layer).items()):
                 parent, _, child = name.rpartition(".")
-                new = (NoMatmul(lin.in_features, lin.out_features, device)
+                new = (no_matmul(lin.in_features, lin.out_features)
                        if kind == "no-matmul" else
                        random_module(kind, lin.in_features, lin.out_features, device,
                                      seed=i * 16 + j))

@@ -100,7 +100,7 @@ def test_wq_matmul_every_tuned_config(M, K, N, bits, gs, act, dtype):
     ref = wq_matmul_ref(x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, bits)
     group = None if act or gs == -1 else gs
     for cfg in DECODE + PREFILL:
-        if dtype == torch.bfloat16 and not cfg.kwargs.get("GEMV") or cfg.kwargs.get("HALF2"):
+        if (dtype == torch.bfloat16 and not cfg.kwargs.get("GEMV")) or cfg.kwargs.get("HALF2"):
             continue  # the interpreter runs no PTX and its tl.dot gives garbage in bf16
             # (benchmarks/kernels.py --checks runs these configs on a GPU)
         close(launch(x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, bits, group, cfg), ref,

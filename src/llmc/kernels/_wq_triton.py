@@ -151,17 +151,19 @@ def _half2_word(w, x04, x15, x26, x37, zlo, zhi):
 
 
 @triton.jit
+def _load_x(x_row, offs_k, K, stride_xk, EVEN: tl.constexpr):
+    """x at inputs ``offs_k`` of one row (bounds-checked unless EVEN)."""
+    if EVEN:
+        return tl.load(x_row + offs_k * stride_xk)
+    return tl.load(x_row + offs_k * stride_xk, mask=offs_k < K, other=0.0)
+
+
+@triton.jit
 def _x_pair(x_row, offs_w, j: tl.constexpr, K, stride_xk, EVEN: tl.constexpr):
     """x / 8 at inputs 8w + j and 8w + j + 4 of word rows ``offs_w``, as the fp16 bits of the
     two in one uint32 (the first in the low half), for :func:`_half2_word`."""
-    lo = offs_w * 8 + j
-    hi = lo + 4
-    if EVEN:
-        a = tl.load(x_row + lo * stride_xk)
-        b = tl.load(x_row + hi * stride_xk)
-    else:
-        a = tl.load(x_row + lo * stride_xk, mask=lo < K, other=0.0)
-        b = tl.load(x_row + hi * stride_xk, mask=hi < K, other=0.0)
+    a = _load_x(x_row, offs_w * 8 + j, K, stride_xk, EVEN)
+    b = _load_x(x_row, offs_w * 8 + j + 4, K, stride_xk, EVEN)
     a = (a.to(tl.float32) * 0.125).to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
     b = (b.to(tl.float32) * 0.125).to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
     return a | (b << 16)
@@ -221,8 +223,6 @@ def _wq_gemv_kernel(
                               BLOCK_W, False)
     for w0 in range(pid_k * BLOCK_W, KW, step):
         offs_w = w0 + tl.arange(0, BLOCK_W)
-        w_ok = offs_w < KW
-        mask = w_ok[:, None] & n_ok[None, :]
         if PREFETCH:  # the next tile's words are in flight while this one is reduced
             qw = qw_next
             qw_next = _load_words(qw_ptr, w0 + step, KW, offs_n, n_ok, stride_qk, stride_qn,
@@ -237,8 +237,9 @@ def _wq_gemv_kernel(
             z = z[None, :]
         elif GROUPS == WORD:
             s, z = _qparams(s_ptr, z_ptr, (offs_w * PER_WORD // GROUP_SIZE)[:, None],
-                            offs_n[None, :], mask, z_shift[None, :], stride_sg, stride_sn,
-                            stride_zg, stride_zn, MAXQ, PER_WORD)
+                            offs_n[None, :], (offs_w < KW)[:, None] & n_ok[None, :],
+                            z_shift[None, :], stride_sg, stride_sn, stride_zg, stride_zn, MAXQ,
+                            PER_WORD)
         part = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
         if HALF2 and GROUPS != ROW:
             zu = z.to(tl.uint32)
@@ -255,11 +256,7 @@ def _wq_gemv_kernel(
                 hw = qw >> (16 * h)  # the upper half's sign bits are masked off below
                 for i in tl.static_range(HALF):
                     offs_k = offs_w * PER_WORD + h * HALF + i
-                    if EVEN:
-                        xj = tl.load(x_row + offs_k * stride_xk).to(tl.float32)
-                    else:
-                        xj = tl.load(x_row + offs_k * stride_xk, mask=offs_k < K,
-                                     other=0.0).to(tl.float32)
+                    xj = _load_x(x_row, offs_k, K, stride_xk, EVEN).to(tl.float32)
                     xsum += xj
                     f = ((hw & (MAXQ << (i * BITS))) | MAGIC).to(tl.float32, bitcast=True)
                     part += (xj * (1.0 / (1 << (i * BITS))))[:, None] * (f - TWO23)
@@ -270,10 +267,7 @@ def _wq_gemv_kernel(
             for j in tl.static_range(PER_WORD):
                 offs_k = offs_w * PER_WORD + j
                 k_ok = offs_k < K
-                if EVEN:
-                    xj = tl.load(x_row + offs_k * stride_xk).to(tl.float32)
-                else:
-                    xj = tl.load(x_row + offs_k * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
+                xj = _load_x(x_row, offs_k, K, stride_xk, EVEN).to(tl.float32)
                 f = _code_plus_2p23(qw, j * BITS, MAXQ)
                 if GROUPS == ROW:
                     g = tl.load(g_ptr + offs_k, mask=k_ok, other=0)

@@ -73,9 +73,10 @@ def gpu_time_ms(fn: Callable[[], object], reps: int = 20, trials: int = 5) -> fl
 MISMATCH = 2e-2  # relative max error between two configs' outputs that marks one as wrong
 
 
-def _rel_err(y: Tensor, ref: Tensor) -> float:
-    scale = ref.abs().max().clamp_min(1e-30)
-    return ((y.float() - ref).abs().max() / scale).item()
+def rel_err(y: Tensor, ref: Tensor) -> float:
+    """``max |y - ref| / max |ref|``, in float32."""
+    y, ref = y.float(), ref.float()
+    return ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 _PICKED: dict[tuple, Config] = {}
@@ -105,7 +106,7 @@ def pick(key: tuple, configs: list[Config], run: Callable[[Config], Tensor],
                 first = y.float()
             elif y.shape != first.shape:
                 raise RuntimeError(f"output shape {tuple(y.shape)} != {tuple(first.shape)}")
-            elif (err := _rel_err(y, first)) > MISMATCH:
+            elif (err := rel_err(y, first)) > MISMATCH:
                 raise RuntimeError(f"result differs from the first config's by {err:.2e}")
             ms = gpu_time_ms(lambda c=c: run(c), reps=10, trials=3)
         except Exception as e:  # a config this GPU cannot compile or run: skip it
