@@ -196,7 +196,8 @@ def matmuls(device, smoke: bool, budget_s: float, results: dict, save, shapes, m
 def gpu_checks(device) -> list[dict]:
     """Every config of the tuner's lists against the ``*_ref`` path on small shapes compiled for
     the GPU: M = 1 on whole tiles and on odd ones (the GEMV's two load paths), the tile configs
-    in bf16 (their 16-bit float codes; the interpreter cannot run a bf16 dot), and the 2:4
+    in bf16 (their 16-bit float codes; the interpreter cannot run a bf16 dot), the
+    swapped-operand configs (their PTX byte pairs, on whole and on odd tiles), and the 2:4
     configs. Relative max error per config, or the failure."""
     import torch
 
@@ -212,10 +213,12 @@ def gpu_checks(device) -> list[dict]:
 
     rows = []
     g = torch.Generator().manual_seed(0)
-    for M, K, N, gs, dtype, cfgs in [(1, 512, 256, 128, torch.float16, wq.GEMV1),
-                                     (1, 520, 72, 64, torch.float16, wq.GEMV1),
-                                     (5, 520, 72, 128, torch.bfloat16, wq.TILES),
-                                     (16, 256, 256, 128, torch.bfloat16, wq.TILES)]:
+    for M, K, N, gs, dtype, cfgs in [(1, 512, 256, 128, torch.float16, wq.GEMV1 + wq.SWAP),
+                                     (1, 520, 72, 64, torch.float16, wq.GEMV1 + wq.SWAP),
+                                     (5, 520, 72, 128, torch.bfloat16, wq.TILES + wq.SWAP),
+                                     (16, 256, 256, 128, torch.bfloat16, wq.TILES + wq.SWAP),
+                                     (16, 1024, 512, 128, torch.float16, wq.SWAP),
+                                     (11, 392, 200, 64, torch.float16, wq.SWAP)]:
         qw = rtn_quantize(torch.randn(N, K, generator=g), QuantScheme(4, gs, False))
         ql = QuantLinear.from_quantized(qw, dtype=dtype).to(device)
         x = torch.randn(M, K, generator=g).to(dtype).to(device)

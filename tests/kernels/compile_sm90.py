@@ -46,6 +46,12 @@ def main() -> dict:
         for t in (first(wq.DECODE, False), wq.PREFILL[0]):
             jobs.append((f"wq tile {t.describe()} groups={groups}", wq._wq_matmul_kernel,
                          dict(BITS=4, GROUPS=groups, MAGIC16=0x6400, **args(t)), wq_ptrs, t))
+    for pairs in (True, False):
+        t = next(c for c in wq.SWAP if c.kwargs["PAIRS"] == pairs)
+        for even in (False, True):
+            jobs.append((f"wq swap pairs={pairs} even={even}", wq._wq_swap_kernel,
+                         dict(BITS=4, GROUPS=0, MAGIC16=0x6400, ASM=int(pairs), EVEN=even,
+                              BLOCK_M=16, **args(t, drop=("SWAP", "PAIRS"))), wq_ptrs, t))
     for quant in (False, True):
         ptrs = {"x_ptr": "*fp16", "v_ptr": "*i32" if quant else "*fp16", "qv_ptr": "*i32",
                 "meta_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "out_ptr": "*fp16"}

@@ -103,8 +103,13 @@ def test_wq_matmul_every_tuned_config(M, K, N, bits, gs, act, dtype):
         if (dtype == torch.bfloat16 and not cfg.kwargs.get("GEMV")) or cfg.kwargs.get("HALF2"):
             continue  # the interpreter runs no PTX and its tl.dot gives garbage in bf16
             # (benchmarks/kernels.py --checks runs these configs on a GPU)
-        close(launch(x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, bits, group, cfg), ref,
-              dtype)
+        args = (x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, bits, group, cfg)
+        if cfg.kwargs.get("SWAP") and not (bits == 4 and group
+                                           and group % (8 * cfg.kwargs["BLOCK_W"]) == 0):
+            with pytest.raises(ValueError, match="swapped-operand"):
+                launch(*args)  # 4-bit codes in groups of whole K tiles only
+            continue
+        close(launch(*args), ref, dtype)
 
 
 @pytest.mark.parametrize("dtype,magic", [(torch.float16, 0x6400), (torch.bfloat16, 0x4300)])
@@ -121,6 +126,56 @@ def test_16_bit_float_codes_are_exact(dtype, magic):
     as16 = lambda v: (v | magic).to(torch.int16).view(dtype)  # noqa: E731
     got = as16(q)[:, None] - as16(q)[None, :]
     assert torch.equal(got.float(), (q[:, None] - q[None, :]).float())
+
+
+def test_swapped_operand_kernel_refuses_what_it_cannot_take():
+    from llmc.kernels._wq_triton import _swap, launch
+
+    ql = packed(64, 256, 4, 128)
+    a = (ql.qweight, ql.scales, ql.qzeros, ql.g_idx, 4)
+    for x, group, cfg in [
+        (torch.randn(2, 256), 128, _swap(128, 16, 4, 4, 3, pairs=False)),  # fp32 x
+        (torch.randn(2, 256).half(), 64, _swap(128, 16, 4, 4, 3)),  # group of half a tile
+        (torch.randn(2, 256).half(), None, _swap(128, 8, 4, 4, 3)),  # g_idx (act order)
+        (torch.randn(2, 256).bfloat16(), 128, _swap(128, 16, 4, 4, 3)),  # PTX pairs in bf16
+    ]:
+        with pytest.raises(ValueError, match="swapped-operand"):
+            launch(x, *a, group, cfg)
+
+
+def test_swapped_operand_byte_pairs_ptx_constants():
+    """The PTX of the swapped-operand kernel's byte pairs, evaluated by the PTX ISA's own
+    definitions of prmt, lop3 and fma.f16x2 (the interpreter runs a Triton transcription of
+    it, so this checks the constants themselves): every byte and zero point gives ``q - z``
+    for both nibbles, exactly."""
+    import inspect
+    import re
+
+    from llmc.kernels import _wq_swap_triton as sw
+
+    src = inspect.getsource(sw._byte_pair_asm.fn)
+    sels = [int(v, 16) for v in re.findall(r'sel: tl.constexpr = "(0x[0-9a-fA-F]+)"', src)]
+    assert len(sels) == 4
+    assert "lop3.b32 t, t, 0x00F0000F, 0x64006400, 0xea" in src and "0x2C003C00" in src
+    v = torch.arange(256, dtype=torch.int64)
+    word = sum(((v + i) % 256) << (8 * i) for i in range(4))  # four different bytes
+    z = torch.arange(16, dtype=torch.int64)
+    zz = (z | 0xE400) | ((z * 16 | 0xD400) << 16)  # as the kernel builds it
+
+    def prmt(a, b, sel):  # PTX prmt default mode: byte i of d is byte sel[4i:4i+4] of {b, a}
+        pool = a | (b << 32)
+        return sum(((pool >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+
+    def halves(v):
+        return [((v >> s) & 0xFFFF).to(torch.int16).view(torch.float16).float() for s in (0, 16)]
+
+    for A, sel in enumerate(sels):
+        t = prmt(word, 0, sel)
+        t = (t & 0x00F0000F) | 0x64006400  # lop3 with 0xea: (a & b) | c
+        (lo, hi), (zlo, zhi) = halves(t), halves(zz)
+        byte = (word >> (8 * A)) & 0xFF
+        for got, q in [(lo[:, None] + zlo, byte & 15), (hi[:, None] / 16 + zhi, byte >> 4)]:
+            assert torch.equal(got, (q[:, None] - z[None, :]).float()), A
 
 
 def test_half2_gemv_refuses_what_it_cannot_take():

@@ -8,6 +8,7 @@ import triton.language as tl
 from torch import Tensor
 
 from llmc.kernels._triton_common import MAGIC, TWO23, _code_plus_2p23, _qparams, _write_out
+from llmc.kernels._wq_swap_triton import _wq_swap_kernel
 from llmc.kernels.tune import Config, atomic_out, finish_out, pick
 
 # How the group of a weight row is found: the whole K tile lies in one group (scales and zero
@@ -294,6 +295,11 @@ def _gemv(bn, bw, split, warps, stages, masked=True, prefetch=True, half2=False)
                        PREFETCH=prefetch, HALF2=half2), warps, stages)
 
 
+def _swap(bn, bw, split, warps, stages, pairs=True) -> Config:
+    return Config(dict(SWAP=True, BLOCK_N=bn, BLOCK_W=bw, SPLIT_K=split, PAIRS=pairs), warps,
+                  stages)
+
+
 # The short fixed lists the tuner times on CUDA (the first of each is the default elsewhere).
 # BLOCK_W words are BLOCK_W * 32 // bits rows of K; a split dot needs BLOCK_W >= 16.
 TILES = [
@@ -311,7 +317,14 @@ GEMV1 = [  # M = 1: CUDA-core GEMVs (masked or shifted codes, with or without pr
     _gemv(128, 8, 8, 4, 3, half2=True), _gemv(64, 8, 8, 2, 3, half2=True),
     _gemv(128, 16, 8, 4, 3, half2=True), _gemv(64, 16, 16, 2, 3, half2=True),
 ]
-DECODE = GEMV1 + TILES  # every decode config (the tests run them all)
+SWAP = [  # M <= 16, 4-bit, groups of whole K tiles: the swapped-operand kernel (BLOCK_N of at
+    # least 32 per warp keeps the weight tile in registers), byte pairs by PTX (fp16) or code
+    # by code (bf16 too)
+    _swap(128, 16, 4, 4, 3), _swap(128, 16, 2, 4, 3), _swap(128, 16, 8, 4, 3),
+    _swap(256, 16, 4, 8, 3), _swap(128, 8, 4, 4, 4), _swap(128, 8, 8, 4, 4),
+    _swap(128, 16, 4, 4, 3, pairs=False), _swap(128, 8, 4, 4, 4, pairs=False),
+]
+DECODE = GEMV1 + TILES + SWAP  # every decode config (the tests run them all)
 PREFILL = [
     _cfg(64, 128, 4, 1, 4, 3, False), _cfg(128, 128, 8, 1, 8, 3, False),
     _cfg(64, 64, 8, 1, 4, 4, False), _cfg(64, 128, 16, 1, 4, 3), _cfg(128, 128, 16, 1, 8, 3),
@@ -320,8 +333,8 @@ PREFILL = [
 
 def configs(M: int) -> list[Config]:
     if M == 1:
-        return GEMV1 + TILES[:2]
-    return TILES if M <= 16 else PREFILL
+        return GEMV1 + TILES[:2] + SWAP
+    return TILES + SWAP if M <= 16 else PREFILL
 
 
 def _groups(K: int, bits: int, group_size: int | None, block_w: int) -> int:
@@ -343,6 +356,16 @@ def _magic16(x: Tensor, bits: int) -> int:
     return 0
 
 
+def _check_swap(x: Tensor, bits: int, group_size: int | None, block_w: int,
+                pairs: bool) -> None:
+    if not (bits == 4 and x.dtype in (torch.float16, torch.bfloat16) and group_size
+            and group_size % (block_w * 8) == 0):
+        raise ValueError("the swapped-operand kernel takes 4-bit codes, fp16 or bf16 x and "
+                         f"groups of whole K tiles ({block_w * 8} rows)")
+    if pairs and x.dtype != torch.float16:
+        raise ValueError("the swapped-operand kernel's byte pairs take fp16 x")
+
+
 def launch(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
            bits: int, group_size: int | None, cfg: Config | None = None) -> Tensor:
     """Check-free launch on a 2-D ``x`` [M, K] (the wrapper checked the shapes). ``cfg``:
@@ -354,11 +377,21 @@ def launch(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Te
     def run(c: Config) -> Tensor:
         kw = dict(c.kwargs)
         gemv = kw.pop("GEMV", False)
+        swap = kw.pop("SWAP", False)
         split = kw.pop("SPLIT_K")
-        if not gemv and kw["SPLIT_DOT"] and kw["BLOCK_W"] < 16:
+        if not gemv and not swap and kw["SPLIT_DOT"] and kw["BLOCK_W"] < 16:
             raise ValueError("a split dot needs BLOCK_W >= 16")
+        if swap:
+            _check_swap(x, bits, group_size, kw["BLOCK_W"], kw["PAIRS"])
         out = atomic_out(M, N, x, split)
-        if gemv:
+        if swap:
+            kw["ASM"] = (1 if x.is_cuda else 2) if kw.pop("PAIRS") else 0
+            kw["BLOCK_M"] = 16
+            kw["EVEN"] = K % (kw["BLOCK_W"] * 8) == 0 and N % kw["BLOCK_N"] == 0
+            grid = (triton.cdiv(M, 16), triton.cdiv(N, kw["BLOCK_N"]), split)
+            kernel = _wq_swap_kernel
+            kw["MAGIC16"] = _magic16(x, bits)
+        elif gemv:
             grid = (triton.cdiv(N, kw["BLOCK_N"]), split, M)
             kernel = _wq_gemv_kernel
             kw["EVEN"] = K % (kw["BLOCK_W"] * 32 // bits) == 0 and N % kw["BLOCK_N"] == 0

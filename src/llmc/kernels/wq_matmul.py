@@ -6,10 +6,13 @@ zero points as they are (not minus one), ``g_idx`` int32 [K] (act order permutes
 kernel dequantizes ``(q - z) * s`` in registers and accumulates in fp32; activations are fp16,
 bf16 or fp32 [M, K], the output has their dtype.
 
-Two launch configurations: decode (M <= 16: one 16-row tile, split-K over the reduction with
-fp32 atomics, so that enough programs stream the weights) and prefill (M > 16: 64-row tiles).
-With trivial groups (``g_idx = k // group_size`` and the K tile inside one group) the scales
-and zeros of a tile are loaded once; act-order ``g_idx`` loads them per row of the tile.
+Decode-sized M (<= 16) runs one of three kernels, whichever the tuner times fastest: a GEMV
+on CUDA cores (M = 1), the tiled kernel with one 16-row tile, or the swapped-operand kernel
+(``out^T = W x^T``, the weight tile kept in registers as the MMA's first operand; 4-bit codes
+in groups of whole K tiles); all split K over the reduction with atomics, so that enough
+programs stream the weights. Prefill (M > 16) runs 64-row tiles. With trivial groups
+(``g_idx = k // group_size`` and the K tile inside one group) the scales and zeros of a tile
+are loaded once; act-order ``g_idx`` loads them per row of the tile.
 """
 
 from __future__ import annotations

@@ -1,0 +1,139 @@
+"""The swapped-operand W4A16 kernel (decode-sized M): ``out^T = W x^T``, so that the
+dequantized weight tile is the MMA's first operand, which Triton keeps in registers (on Hopper,
+``wgmma`` takes it from there; x, the small operand, goes through shared memory). The tile
+kernel of :mod:`llmc.kernels._wq_triton` instead stores every dequantized weight tile to shared
+memory and reads it back in the MMA's layout (a barrier per code position); here the packed
+words are loaded once and dequantized where the MMA reads them.
+
+The trick is the order of K inside a tile. A thread's MMA registers hold pairs of adjacent
+dot positions ``p, p + 1``; the positions are arranged so that each pair is the two codes of
+one byte of a word that the same thread loaded (``_dot_order``), and x is gathered in that
+order (``_dot_rows``): dot position ``p = 32 i + 8 a + 2 t + b`` is code ``2 a + b`` of word
+``4 i + t``, i.e. input row ``8 (4 i + t) + 2 a + b`` of the tile. Imported only where Triton
+is."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from llmc.kernels._triton_common import _qparams, _write_out
+
+
+@triton.jit
+def _byte_pair_asm(qw, zz, A: tl.constexpr):
+    """Codes 2A and 2A + 1 of each word, minus the zero point, as one packed fp16 pair (int32
+    bits) in three instructions (PTX, CUDA only): ``prmt`` puts byte A of the word into both
+    halves, ``lop3`` keeps its low nibble in the low half and its high nibble in the high half
+    under the exponent of 1024 (``1024 + q`` and ``1024 + 16 q``), and one ``fma`` by
+    ``{1, 1/16}`` plus ``zz = {-(1024 + z), -(64 + z)}`` leaves ``q - z`` exactly in each."""
+    if A == 0:
+        sel: tl.constexpr = "0x4040"
+    elif A == 1:
+        sel: tl.constexpr = "0x4141"
+    elif A == 2:
+        sel: tl.constexpr = "0x4242"
+    else:
+        sel: tl.constexpr = "0x4343"
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t, k; prmt.b32 t, $1, 0, " + sel + "; "
+        "lop3.b32 t, t, 0x00F0000F, 0x64006400, 0xea; mov.b32 k, 0x2C003C00; "
+        "fma.rn.f16x2 $0, t, k, $2; }",
+        "=r,r,r", [qw, zz], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _byte_pair(qw, zc, zz, A: tl.constexpr, MAGIC16: tl.constexpr, ASM: tl.constexpr,
+               dtype: tl.constexpr):
+    """Codes 2A and 2A + 1 of each word minus the zero point, in x's dtype, stacked on a new
+    last axis (.., 2). ASM 1: by :func:`_byte_pair_asm` (fp16, CUDA); ASM 2: the same three
+    instructions written as Triton ops (for the interpreter, which runs no PTX); ASM 0: each
+    code on its own as ``(q | MAGIC16) - zc`` read as 16-bit floats (``zc``: ``z | MAGIC16``
+    as such a float)."""
+    if ASM == 1:
+        t = _byte_pair_asm(qw, zz, A)
+        lo = t.to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (t >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    elif ASM == 2:
+        b = (qw >> (8 * A)) & 0xFF  # prmt: byte A into bytes 0 and 2, zeros in 1 and 3
+        t = ((b | (b << 16)) & 0x00F0000F) | 0x64006400  # lop3 0xea: (t & mask) | magic
+        lo = (t.to(tl.int16).to(tl.float16, bitcast=True)
+              + zz.to(tl.int16).to(tl.float16, bitcast=True))  # fma by {1, 1/16} plus zz
+        hi = ((t >> 16).to(tl.int16).to(tl.float16, bitcast=True) * 0.0625
+              + (zz >> 16).to(tl.int16).to(tl.float16, bitcast=True))
+    else:
+        lo = (((qw >> (8 * A)) & 15) | MAGIC16).to(tl.int16).to(dtype, bitcast=True) - zc
+        hi = (((qw >> (8 * A + 4)) & 15) | MAGIC16).to(tl.int16).to(dtype, bitcast=True) - zc
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _dot_order(p0, p1, p2, p3, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The byte pairs of (BLOCK_N, BLOCK_W) words, ``pA`` (.., 2) holding codes 2A, 2A + 1, as
+    one (BLOCK_N, 8 BLOCK_W) tile in dot order (position ``32 i + 8 a + 2 t + b`` is code
+    ``2 a + b`` of word ``4 i + t``)."""
+    q = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # (n, w, b, a0, a1), a = 2 a1 + a0
+    q = tl.reshape(q, (BLOCK_N, BLOCK_W // 4, 4, 2, 2, 2))  # (n, i, t, b, a0, a1)
+    q = tl.permute(q, (0, 1, 5, 4, 2, 3))  # (n, i, a1, a0, t, b)
+    return tl.reshape(q, (BLOCK_N, BLOCK_W * 8))
+
+
+@triton.jit
+def _dot_rows(BLOCK_K: tl.constexpr):
+    """The input row (inside the K tile) of each dot position, as :func:`_dot_order` lays
+    the codes out."""
+    p = tl.arange(0, BLOCK_K)
+    return (p // 32) * 32 + ((p // 2) % 4) * 8 + ((p // 8) % 4) * 2 + p % 2
+
+
+@triton.jit
+def _wq_swap_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+    stride_om, stride_on,
+    GROUP_SIZE,
+    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUPS: tl.constexpr, MAGIC16: tl.constexpr, ASM: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """One (BLOCK_N, BLOCK_M) tile of ``out^T`` over K tiles of BLOCK_W packed 4-bit words
+    (8 BLOCK_W rows of W, inside one group: the launcher checks), split-K over grid axis 2.
+    EVEN: K and N are whole tiles (only the rows of x are bounds-checked). ``g_ptr``, BITS
+    and GROUPS are the tile kernel's arguments, unused here."""
+    BLOCK_K: tl.constexpr = BLOCK_W * 8
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    z_shift = (offs_n % 8) * 4
+    KW = (K + 7) // 8
+    rows = _dot_rows(BLOCK_K)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        s, z = _qparams(s_ptr, z_ptr, k0 // GROUP_SIZE, offs_n, n_ok, z_shift, stride_sg,
+                        stride_sn, stride_zg, stride_zn, 15, 8)
+        zu = z.to(tl.uint32)
+        zz = ((zu | 0xE400) | ((zu * 16 | 0xD400) << 16)).to(tl.int32, bitcast=True)[:, None]
+        zc = (z | MAGIC16).to(tl.int16).to(dtype, bitcast=True)[:, None]
+        offs_w = k0 // 8 + tl.arange(0, BLOCK_W)
+        qw_ptrs = qw_ptr + offs_w[None, :] * stride_qk + offs_n[:, None] * stride_qn
+        if EVEN:
+            qw = tl.load(qw_ptrs)  # (BN, BW)
+        else:
+            qw = tl.load(qw_ptrs, mask=(offs_w < KW)[None, :] & n_ok[:, None], other=0)
+        w = _dot_order(_byte_pair(qw, zc, zz, 0, MAGIC16, ASM, dtype),
+                       _byte_pair(qw, zc, zz, 1, MAGIC16, ASM, dtype),
+                       _byte_pair(qw, zc, zz, 2, MAGIC16, ASM, dtype),
+                       _byte_pair(qw, zc, zz, 3, MAGIC16, ASM, dtype), BLOCK_N, BLOCK_W)
+        offs_k = k0 + rows
+        x_ok = m_ok[None, :] if EVEN else m_ok[None, :] & (offs_k < K)[:, None]
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
+                     mask=x_ok, other=0.0)  # (BK, BM)
+        acc += tl.dot(w, xt) * s[:, None]
+    _write_out(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, acc,
+               m_ok[None, :] & n_ok[:, None], SPLIT_K)
