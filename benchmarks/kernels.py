@@ -33,6 +33,7 @@ import platform
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -193,6 +194,20 @@ def matmuls(device, smoke: bool, budget_s: float, results: dict, save, shapes, m
                 save()
 
 
+def _errors(cfgs, run, ref) -> dict:
+    """The relative max error of ``run(config)`` against ``ref`` for each config, or its
+    failure as text."""
+    from llmc.kernels.tune import rel_err
+
+    out = {}
+    for c in cfgs:
+        try:
+            out[c.describe()] = rel_err(run(c), ref)
+        except Exception as e:
+            out[c.describe()] = f"{type(e).__name__}: {str(e)[:160]}"
+    return out
+
+
 def gpu_checks(device) -> list[dict]:
     """Every config of the tuner's lists against the ``*_ref`` path on small shapes compiled for
     the GPU: M = 1 on whole tiles and on odd ones (the GEMV's two load paths), the tile configs
@@ -204,7 +219,6 @@ def gpu_checks(device) -> list[dict]:
     from llmc.kernels import _sparse24_triton as sp
     from llmc.kernels import _wq_triton as wq
     from llmc.kernels.sparse24 import compress_24, sparse24_matmul_ref
-    from llmc.kernels.tune import rel_err
     from llmc.kernels.wq_matmul import wq_matmul_ref
     from llmc.nn import QuantLinear
     from llmc.prune.masks import nm_keep
@@ -224,26 +238,16 @@ def gpu_checks(device) -> list[dict]:
         x = torch.randn(M, K, generator=g).to(dtype).to(device)
         a = (ql.qweight, ql.scales, ql.qzeros, ql.g_idx, 4)
         ref = wq_matmul_ref(x, *a)
-        errs = {}
-        for c in cfgs:
-            try:
-                errs[c.describe()] = rel_err(wq.launch(x, *a, gs, c), ref)
-            except Exception as e:
-                errs[c.describe()] = f"{type(e).__name__}: {str(e)[:160]}"
+        errs = _errors(cfgs, partial(wq.launch, x, *a, gs), ref)
         rows.append({"kernel": "w", "case": [M, K, N, gs, str(dtype)], "errors": errs})
-    W = torch.randn(40, 192, generator=g)
-    v, meta = compress_24((W * nm_keep(W.abs(), 2, 4)).half())
-    v, meta = v.to(device), meta.to(device)
-    for M in (3, 12):
-        x = torch.randn(M, 192, generator=g).half().to(device)
+    for M, K, N in [(3, 192, 40), (12, 192, 40), (1, 512, 256), (16, 512, 256)]:
+        W = torch.randn(N, K, generator=g)
+        v, meta = compress_24((W * nm_keep(W.abs(), 2, 4)).half())
+        v, meta = v.to(device), meta.to(device)
+        x = torch.randn(M, K, generator=g).half().to(device)
         ref = sparse24_matmul_ref(x, v, meta)
-        errs = {}
-        for c in sp.configs(M):
-            try:
-                errs[c.describe()] = rel_err(sp.launch(x, v, meta, c), ref)
-            except Exception as e:
-                errs[c.describe()] = f"{type(e).__name__}: {str(e)[:160]}"
-        rows.append({"kernel": "2:4", "case": [M, 192, 40], "errors": errs})
+        errs = _errors(sp.configs(M), partial(sp.launch, x, v, meta), ref)
+        rows.append({"kernel": "2:4", "case": [M, K, N], "errors": errs})
     return rows
 
 

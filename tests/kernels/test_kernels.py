@@ -151,7 +151,7 @@ def test_swapped_operand_byte_pairs_ptx_constants():
     import inspect
     import re
 
-    from llmc.kernels import _wq_swap_triton as sw
+    from llmc.kernels import _swap_triton as sw
 
     src = inspect.getsource(sw._byte_pair_asm.fn)
     sels = [int(v, 16) for v in re.findall(r'sel: tl.constexpr = "(0x[0-9a-fA-F]+)"', src)]
@@ -236,12 +236,23 @@ def test_sparse24_matmul_matches_ref(M, N, dtype):
 def test_sparse24_every_tuned_config():
     from llmc.kernels._sparse24_triton import DECODE, PREFILL, launch
 
-    values, meta = compress_24(sparse_weight(40, 192).half())
-    for M in (3, 20):
-        x = torch.randn(M, 192, generator=torch.Generator().manual_seed(4)).half()
-        ref = sparse24_matmul_ref(x, values, meta)
-        for cfg in DECODE + PREFILL:
-            close(launch(x, values, meta, cfg), ref, torch.float16)
+    for N, K, ms in [(40, 192, (3, 20)), (256, 256, (1, 16))]:  # odd tiles, whole tiles
+        values, meta = compress_24(sparse_weight(N, K).half())
+        for M in ms:
+            x = torch.randn(M, K, generator=torch.Generator().manual_seed(4)).half()
+            ref = sparse24_matmul_ref(x, values, meta)
+            for cfg in DECODE + PREFILL:
+                close(launch(x, values, meta, cfg), ref, torch.float16)
+
+
+def test_sparse24_swapped_operand_kernel_refuses_what_it_cannot_take():
+    from llmc.kernels._sparse24_triton import SWAP, launch
+
+    values, meta = compress_24(sparse_weight(40, 192))
+    with pytest.raises(ValueError, match="swapped-operand"):  # fp32 (a dot would be tf32)
+        launch(torch.randn(2, 192), values, meta, SWAP[0])
+    with pytest.raises(ValueError, match="swapped-operand"):  # values of another dtype
+        launch(torch.randn(2, 192).half(), values.bfloat16(), meta, SWAP[0])
 
 
 @pytest.mark.parametrize("gs", [32, -1, 8])

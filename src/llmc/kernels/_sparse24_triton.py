@@ -4,10 +4,12 @@ weights as kept values (fp16/bf16/fp32, or 4-bit codes with group scales and zer
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from llmc.kernels._swap_triton import _sparse24_swap_kernel
 from llmc.kernels._triton_common import TWO23, _code_plus_2p23, _qparams, _write_out
 from llmc.kernels.tune import Config, atomic_out, finish_out, pick
 
@@ -168,13 +170,22 @@ def _gemv(bn, bg, split, warps, stages) -> Config:
     return Config(dict(GEMV=True, BLOCK_N=bn, BLOCK_G=bg, SPLIT_K=split), warps, stages)
 
 
+def _swap(bn, bg, split, warps, stages) -> Config:
+    """The swapped-operand kernel (fp16/bf16 values): BLOCK_N weight rows (at least 32 per
+    warp, which keeps the weight tile in registers) x BLOCK_G groups of four."""
+    return Config(dict(SWAP=True, BLOCK_N=bn, BLOCK_G=bg, SPLIT_K=split), warps, stages)
+
+
 # The tuner's short lists (the first of each is the default off CUDA); BLOCK_G >= 16 groups of
-# four inputs per K tile (a dot needs K >= 16). GEMVs for M <= 8, tiles above.
+# four inputs per K tile (a dot needs K >= 16). GEMVs for M <= 8, tiles above; the
+# swapped-operand configs for every M <= 16.
 GEMVS = [_gemv(8, 128, 4, 4, 3), _gemv(16, 64, 4, 4, 3), _gemv(4, 256, 4, 4, 3),
          _gemv(8, 256, 8, 4, 3)]
 TILES = [_cfg(16, 64, 32, 2, 4, 3), _cfg(16, 64, 16, 4, 4, 3), _cfg(16, 32, 16, 1, 2, 4),
          _cfg(16, 128, 32, 4, 8, 3)]
-DECODE = GEMVS + TILES
+SWAP = [_swap(128, 32, 4, 4, 3), _swap(128, 32, 2, 4, 3), _swap(128, 32, 8, 4, 3),
+        _swap(256, 32, 4, 8, 3), _swap(128, 16, 4, 4, 4)]
+DECODE = GEMVS + TILES + SWAP
 PREFILL = [_cfg(64, 128, 16, 1, 4, 3), _cfg(128, 128, 16, 1, 8, 3), _cfg(64, 64, 32, 1, 4, 3)]
 # The joint form's GEMV runs along N: wider column blocks.
 QGEMVS = [_gemv(128, 32, 8, 4, 3), _gemv(64, 64, 8, 2, 4), _gemv(128, 64, 4, 4, 3),
@@ -185,9 +196,9 @@ QDECODE = QGEMVS + TILES
 def configs(M: int, quant: bool = False) -> list[Config]:
     if M > 16:
         return PREFILL
-    if M > 8:
-        return TILES
-    return (QGEMVS if quant else GEMVS) + TILES[:1]
+    if quant:
+        return TILES if M > 8 else QGEMVS + TILES[:1]
+    return TILES + SWAP if M > 8 else GEMVS + TILES[:1] + SWAP
 
 
 def launch(x: Tensor, values: Tensor, meta: Tensor, cfg: Config | None = None,
@@ -213,8 +224,23 @@ def launch(x: Tensor, values: Tensor, meta: Tensor, cfg: Config | None = None,
     def run(c: Config) -> Tensor:
         kw = dict(c.kwargs)
         split = kw.pop("SPLIT_K")
-        out = atomic_out(M, N, x, split)
         opts = {"num_warps": c.num_warps, "num_stages": c.num_stages}
+        if kw.pop("SWAP", False):
+            if quant is not None or x.dtype not in (torch.float16, torch.bfloat16) \
+                    or values.dtype != x.dtype or values.stride(1) != 1:
+                raise ValueError("the swapped-operand 2:4 kernel takes fp16 or bf16 values "
+                                 "[N, K/2] (contiguous rows) of x's dtype")
+            out = atomic_out(M, N, x, split)
+            v32 = values.view(torch.int32)  # a group's two kept values in one word
+            m8 = meta.view(torch.uint8)  # a pair of groups' four positions in one byte
+            grid = (triton.cdiv(M, 16), triton.cdiv(N, kw["BLOCK_N"]), split)
+            _sparse24_swap_kernel[grid](
+                x, v32, m8, out, M, N, K, x.stride(0), x.stride(1), v32.stride(0),
+                v32.stride(1), m8.stride(0), m8.stride(1), out.stride(0), out.stride(1), BLOCK_M=16,
+                SPLIT_K=split, EVEN=K % (4 * kw["BLOCK_G"]) == 0 and N % kw["BLOCK_N"] == 0,
+                **opts, **kw)
+            return finish_out(out, x)
+        out = atomic_out(M, N, x, split)
         if kw.pop("GEMV", False):
             grid = (triton.cdiv(N, kw["BLOCK_N"]), split, M)
             if quant is None:

@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from llmc.kernels._swap_triton import _wq_swap_kernel
 from llmc.kernels._triton_common import MAGIC, TWO23, _code_plus_2p23, _qparams, _write_out
-from llmc.kernels._wq_swap_triton import _wq_swap_kernel
 from llmc.kernels.tune import Config, atomic_out, finish_out, pick
 
 # How the group of a weight row is found: the whole K tile lies in one group (scales and zero

@@ -1,16 +1,23 @@
-"""The swapped-operand W4A16 kernel (decode-sized M): ``out^T = W x^T``, so that the
-dequantized weight tile is the MMA's first operand, which Triton keeps in registers (on Hopper,
-``wgmma`` takes it from there; x, the small operand, goes through shared memory). The tile
-kernel of :mod:`llmc.kernels._wq_triton` instead stores every dequantized weight tile to shared
-memory and reads it back in the MMA's layout (a barrier per code position); here the packed
-words are loaded once and dequantized where the MMA reads them.
+"""Swapped-operand kernels for decode-sized M: ``out^T = W x^T``, so that the weight tile,
+expanded from its compressed form, is the MMA's first operand, which Triton keeps in registers
+(on Hopper, ``wgmma`` takes it from there; x, the small operand, goes through shared memory).
+The tiled kernels of :mod:`llmc.kernels._wq_triton` and :mod:`llmc.kernels._sparse24_triton`
+instead store every expanded weight tile to shared memory and read it back in the MMA's layout
+(a barrier per code position); here the compressed words are loaded once and expanded where
+the MMA reads them.
 
-The trick is the order of K inside a tile. A thread's MMA registers hold pairs of adjacent
-dot positions ``p, p + 1``; the positions are arranged so that each pair is the two codes of
-one byte of a word that the same thread loaded (``_dot_order``), and x is gathered in that
-order (``_dot_rows``): dot position ``p = 32 i + 8 a + 2 t + b`` is code ``2 a + b`` of word
-``4 i + t``, i.e. input row ``8 (4 i + t) + 2 a + b`` of the tile. Imported only where Triton
-is."""
+The trick is the order of K inside a tile. A thread's MMA registers hold pairs of adjacent dot
+positions ``p, p + 1``; the positions are arranged so that each pair comes from one word that
+the same thread loaded, and x is gathered in that order:
+
+- W4A16 (``_wq_swap_kernel``): dot position ``p = 32 i + 8 a + 2 t + b`` is code ``2 a + b``
+  (byte ``a``) of word ``4 i + t``, input row ``8 (4 i + t) + 2 a + b`` of the tile.
+- 2:4 (``_sparse24_swap_kernel``): the same order, with a pair of groups of four (eight
+  inputs, two 32-bit words of kept values, one byte of positions) in the place of a word: dot
+  position ``p = 32 i + 8 a + 2 t + b`` is entry ``2 (a % 2) + b`` of group
+  ``2 (4 i + t) + a // 2``, the same input row.
+
+Imported only where Triton is."""
 
 from __future__ import annotations
 
@@ -135,5 +142,73 @@ def _wq_swap_kernel(
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
                      mask=x_ok, other=0.0)  # (BK, BM)
         acc += tl.dot(w, xt) * s[:, None]
+    _write_out(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, acc,
+               m_ok[None, :] & n_ok[:, None], SPLIT_K)
+
+
+@triton.jit
+def _expand24(vals, nib, dtype: tl.constexpr):
+    """A group of four from its two kept 16-bit values (``vals``, the first in the low half)
+    and their 2-bit positions (the low 4 bits of ``nib``): entries (0, 1) and (2, 3), each
+    stacked on a new last axis (.., 2). The four entries are built as the 16-bit lanes of one
+    64-bit word, value i shifted to lane p_i."""
+    nib = nib.to(tl.uint64)
+    vals = vals.to(tl.uint32, bitcast=True).to(tl.uint64)
+    dense = (vals & 0xFFFF) << ((nib << 4) & 0x30) | (vals >> 16) << ((nib << 2) & 0x30)
+    lo = dense.to(tl.uint32)
+    hi = (dense >> 32).to(tl.uint32)
+    return (tl.join(lo.to(tl.uint16).to(dtype, bitcast=True),
+                    (lo >> 16).to(tl.uint16).to(dtype, bitcast=True)),
+            tl.join(hi.to(tl.uint16).to(dtype, bitcast=True),
+                    (hi >> 16).to(tl.uint16).to(dtype, bitcast=True)))
+
+
+@triton.jit
+def _sparse24_swap_kernel(
+    x_ptr, v_ptr, meta_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_vn, stride_vg, stride_mn, stride_mk, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
+):
+    """One (BLOCK_N, BLOCK_M) tile of ``out^T`` over K tiles of BLOCK_G groups of four, for
+    16-bit values [N, K/2] read as int32 [N, K/4] (a group's two kept values in one word, the
+    first in the low half) and meta [N, K/32] read as bytes [N, K/8] (a pair of groups'
+    positions in one byte; a load per thread, not a word shared by four); split-K over grid
+    axis 2. EVEN: K and N are whole tiles (only the rows of x are bounds-checked)."""
+    BLOCK_K: tl.constexpr = BLOCK_G * 4
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    G4 = K // 4
+    rows = _dot_rows(BLOCK_K)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for g0 in range(pid_k * BLOCK_G, G4, BLOCK_G * SPLIT_K):
+        offs_w = g0 // 2 + tl.arange(0, BLOCK_G // 2)  # pairs of groups: 8 inputs each
+        v_ptrs = v_ptr + offs_n[:, None] * stride_vn + (2 * offs_w)[None, :] * stride_vg
+        m_ptrs = meta_ptr + offs_n[:, None] * stride_mn + offs_w[None, :] * stride_mk
+        if EVEN:
+            va = tl.load(v_ptrs)  # (BN, BG / 2): the even groups' kept values
+            vb = tl.load(v_ptrs + stride_vg)  # the odd groups'
+            word = tl.load(m_ptrs)
+        else:
+            ok = n_ok[:, None] & (2 * offs_w < G4)[None, :]
+            va = tl.load(v_ptrs, mask=ok, other=0)
+            vb = tl.load(v_ptrs + stride_vg, mask=ok, other=0)
+            word = tl.load(m_ptrs, mask=ok, other=0)
+        nib = word.to(tl.int32)  # the two groups' positions, 4 bits each
+        a0, a1 = _expand24(va, nib, dtype)
+        b0, b1 = _expand24(vb, nib >> 4, dtype)
+        w = _dot_order(a0, a1, b0, b1, BLOCK_N, BLOCK_G // 2)
+        offs_k = g0 * 4 + rows
+        x_ok = m_ok[None, :] if EVEN else m_ok[None, :] & (offs_k < K)[:, None]
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
+                     mask=x_ok, other=0.0)  # (BK, BM)
+        acc += tl.dot(w, xt)
     _write_out(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, acc,
                m_ok[None, :] & n_ok[:, None], SPLIT_K)
