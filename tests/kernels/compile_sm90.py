@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import warnings
@@ -14,21 +13,16 @@ def main() -> dict:
     os.environ.pop("TRITON_INTERPRET", None)
     warnings.filterwarnings("ignore")
     try:
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
+        import triton  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
     except ImportError as e:
         return {"skip": f"Triton cannot compile ahead of time here: {e}"}
     from llmc.kernels import _sparse24_triton as sp
     from llmc.kernels import _wq_triton as wq
+    from llmc.kernels.aot import compile_for
 
     def build(fn, constexprs, pointers, cfg):
-        names = list(inspect.signature(fn.fn).parameters)
-        sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
-        src = ASTSource(fn=fn, signature=sig,
-                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
-        triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        compile_for(fn, constexprs, pointers, cfg.num_warps, cfg.num_stages)
 
     def first(configs, gemv):
         return next(c for c in configs if bool(c.kwargs.get("GEMV")) == gemv)
