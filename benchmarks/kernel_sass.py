@@ -49,20 +49,22 @@ def jobs():
         out.append((name, wq._wq_gemv_kernel,
                     dict(BITS=4, GROUPS=wq._groups(K, 4, GROUP, c["BLOCK_W"]), EVEN=True, **c),
                     wq_ptrs, cfg, 1, wq_ints(1), c["BLOCK_W"] * 8 * c["BLOCK_N"]))
-    for cfg in wq.TILES[:3]:
+    for cfg, M in [(wq.TILES[0], 16), (wq.TILES[1], 16), (wq.TILES[2], 16),
+                   (wq.PREFILL[3], 256)]:
         c = kw(cfg)
         out.append(("W4 tiled", wq._wq_matmul_kernel,
                     dict(BITS=4, GROUPS=wq._groups(K, 4, GROUP, c["BLOCK_W"]), MAGIC16=0x6400,
-                         **c), wq_ptrs, cfg, 16, wq_ints(16), c["BLOCK_W"] * 8 * c["BLOCK_N"]))
+                         **c), wq_ptrs, cfg, M, wq_ints(M), c["BLOCK_W"] * 8 * c["BLOCK_N"]))
     for cfg, ms, dtype in [(wq.SWAP[0], (16, 1), "fp16"), (wq.SWAP[4], (16,), "fp16"),
-                           (wq.SWAP[6], (16,), "fp16"), (wq.SWAP[6], (16,), "bf16")]:
+                           (wq.SWAP[6], (16,), "fp16"), (wq.SWAP[6], (16,), "bf16"),
+                           (wq.PREFILL[5], (256,), "fp16")]:
         c = kw(cfg, "SWAP", "PAIRS")
         pairs = cfg.kwargs["PAIRS"]
         for M in ms:
             out.append((f"W4 swapped operand, {'PTX byte pairs' if pairs else 'code by code'}, "
                         f"{dtype}", wq._wq_swap_kernel,
                         dict(BITS=4, GROUPS=0, MAGIC16=0x6400 if dtype == "fp16" else 0x4300,
-                             ASM=int(pairs), EVEN=True, BLOCK_M=16, **c),
+                             ASM=int(pairs), EVEN=True, **c),
                         {**wq_ptrs, "x_ptr": f"*{dtype}", "s_ptr": f"*{dtype}",
                          "out_ptr": f"*{dtype}"}, cfg, M, wq_ints(M),
                         c["BLOCK_W"] * 8 * c["BLOCK_N"]))

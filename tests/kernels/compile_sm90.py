@@ -45,7 +45,7 @@ def main() -> dict:
         for even in (False, True):
             jobs.append((f"wq swap pairs={pairs} even={even}", wq._wq_swap_kernel,
                          dict(BITS=4, GROUPS=0, MAGIC16=0x6400, ASM=int(pairs), EVEN=even,
-                              BLOCK_M=16, **args(t, drop=("SWAP", "PAIRS"))), wq_ptrs, t))
+                              **args(t, drop=("SWAP", "PAIRS"))), wq_ptrs, t))
     for quant in (False, True):
         ptrs = {"x_ptr": "*fp16", "v_ptr": "*i32" if quant else "*fp16", "qv_ptr": "*i32",
                 "meta_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "out_ptr": "*fp16"}

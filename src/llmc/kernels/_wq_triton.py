@@ -295,9 +295,9 @@ def _gemv(bn, bw, split, warps, stages, masked=True, prefetch=True, half2=False)
                        PREFETCH=prefetch, HALF2=half2), warps, stages)
 
 
-def _swap(bn, bw, split, warps, stages, pairs=True) -> Config:
-    return Config(dict(SWAP=True, BLOCK_N=bn, BLOCK_W=bw, SPLIT_K=split, PAIRS=pairs), warps,
-                  stages)
+def _swap(bn, bw, split, warps, stages, pairs=True, bm=16) -> Config:
+    return Config(dict(SWAP=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, SPLIT_K=split,
+                       PAIRS=pairs), warps, stages)
 
 
 # The short fixed lists the tuner times on CUDA (the first of each is the default elsewhere).
@@ -328,6 +328,10 @@ DECODE = GEMV1 + TILES + SWAP  # every decode config (the tests run them all)
 PREFILL = [
     _cfg(64, 128, 4, 1, 4, 3, False), _cfg(128, 128, 8, 1, 8, 3, False),
     _cfg(64, 64, 8, 1, 4, 4, False), _cfg(64, 128, 16, 1, 4, 3), _cfg(128, 128, 16, 1, 8, 3),
+    # the swapped-operand kernel with 32 or 64 rows of x per tile (the MMA's N)
+    _swap(128, 16, 1, 4, 3, bm=64), _swap(128, 16, 2, 4, 3, bm=64), _swap(128, 16, 1, 4, 3, bm=32),
+    _swap(256, 16, 1, 8, 3, bm=64), _swap(128, 8, 1, 4, 4, bm=64),
+    _swap(128, 16, 1, 4, 3, pairs=False, bm=64),
 ]
 
 
@@ -386,9 +390,8 @@ def launch(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Te
         out = atomic_out(M, N, x, split)
         if swap:
             kw["ASM"] = (1 if x.is_cuda else 2) if kw.pop("PAIRS") else 0
-            kw["BLOCK_M"] = 16
             kw["EVEN"] = K % (kw["BLOCK_W"] * 8) == 0 and N % kw["BLOCK_N"] == 0
-            grid = (triton.cdiv(M, 16), triton.cdiv(N, kw["BLOCK_N"]), split)
+            grid = (triton.cdiv(M, kw["BLOCK_M"]), triton.cdiv(N, kw["BLOCK_N"]), split)
             kernel = _wq_swap_kernel
             kw["MAGIC16"] = _magic16(x, bits)
         elif gemv:
