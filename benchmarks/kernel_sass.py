@@ -44,7 +44,7 @@ def jobs():
 
     out = []
     for name, cfg in [("W4 GEMV, fp32 (the tuner's reference)", wq.GEMV1[0]),
-                      ("W4 GEMV, half2 PTX", wq.GEMV1[10])]:
+                      ("W4 GEMV, half2 PTX", next(c for c in wq.GEMV1 if c.kwargs["HALF2"]))]:
         c = kw(cfg, "GEMV")
         out.append((name, wq._wq_gemv_kernel,
                     dict(BITS=4, GROUPS=wq._groups(K, 4, GROUP, c["BLOCK_W"]), EVEN=True, **c),

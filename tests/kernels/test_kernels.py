@@ -188,6 +188,22 @@ def test_half2_gemv_refuses_what_it_cannot_take():
                _gemv(64, 16, 8, 2, 4, half2=True))
 
 
+def test_tuner_lists_per_dtype():
+    """The tuner times, for each dtype, only the configs that can take it and suit it, and
+    always the list's first (the reference every other config is checked against)."""
+    from llmc.kernels._wq_triton import configs
+
+    for M in (1, 4, 64):
+        full = configs(M)
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            some = configs(M, dtype)
+            assert some[0] == full[0] and all(c in full for c in some)
+        fp16, bf16 = configs(M, torch.float16), configs(M, torch.bfloat16)
+        assert not any(c.kwargs.get("HALF2") or c.kwargs.get("PAIRS") for c in bf16)
+        assert not any(c.kwargs.get("SWAP") and not c.kwargs.get("PAIRS") for c in fp16)
+        assert any(c.kwargs.get("SWAP") for c in fp16) and any(c.kwargs.get("SWAP") for c in bf16)
+
+
 def test_tuner_off_cuda_takes_the_first_config_and_reports_nothing():
     from llmc.kernels import tune
     from llmc.kernels._wq_triton import DECODE

@@ -307,15 +307,14 @@ TILES = [
     _cfg(16, 64, 8, 4, 4, 4, False), _cfg(16, 128, 16, 8, 8, 3), _cfg(16, 64, 16, 8, 4, 4),
 ]
 GEMV1 = [  # M = 1: CUDA-core GEMVs (masked or shifted codes, with or without prefetch, fp32
-    # or packed fp16 arithmetic); the first is the tuner's reference and the default off CUDA
+    # or packed fp16 arithmetic); the first is the tuner's reference and the default off CUDA.
+    # The others are those that came within a few percent of the best on some shape on an H200
     _gemv(128, 16, 4, 4, 3, masked=False, prefetch=False),
-    _gemv(128, 16, 4, 4, 3), _gemv(64, 16, 8, 2, 4), _gemv(128, 8, 8, 4, 3),
-    _gemv(64, 8, 8, 2, 3), _gemv(128, 16, 8, 4, 3), _gemv(128, 16, 4, 4, 3, prefetch=False),
-    _gemv(128, 8, 8, 4, 3, prefetch=False), _gemv(128, 16, 4, 4, 3, masked=False),
+    _gemv(128, 16, 4, 4, 3), _gemv(64, 16, 8, 2, 4), _gemv(128, 16, 8, 4, 3),
     _gemv(64, 16, 8, 2, 4, masked=False, prefetch=False),
     _gemv(128, 16, 4, 4, 3, half2=True), _gemv(64, 16, 8, 2, 4, half2=True),
-    _gemv(128, 8, 8, 4, 3, half2=True), _gemv(64, 8, 8, 2, 3, half2=True),
-    _gemv(128, 16, 8, 4, 3, half2=True), _gemv(64, 16, 16, 2, 3, half2=True),
+    _gemv(64, 8, 8, 2, 3, half2=True), _gemv(128, 16, 8, 4, 3, half2=True),
+    _gemv(64, 16, 16, 2, 3, half2=True),
 ]
 SWAP = [  # M <= 16, 4-bit, groups of whole K tiles: the swapped-operand kernel (BLOCK_N of at
     # least 32 per warp keeps the weight tile in registers), byte pairs by PTX (fp16) or code
@@ -335,10 +334,23 @@ PREFILL = [
 ]
 
 
-def configs(M: int) -> list[Config]:
+def configs(M: int, dtype: torch.dtype | None = None) -> list[Config]:
+    """The tuner's list for M rows of x; with ``dtype``, without the configs that are for
+    another dtype (PTX forms for fp16 only; the swapped-operand kernel's code-by-code form for
+    bf16, since its byte pairs do better in fp16)."""
     if M == 1:
-        return GEMV1 + TILES[:2] + SWAP
-    return TILES + SWAP if M <= 16 else PREFILL
+        out = GEMV1 + TILES[:2] + SWAP
+    else:
+        out = TILES + SWAP if M <= 16 else PREFILL
+    return out if dtype is None else [c for c in out if _for_dtype(c, dtype)]
+
+
+def _for_dtype(c: Config, dtype: torch.dtype) -> bool:
+    if c.kwargs.get("HALF2") or c.kwargs.get("PAIRS"):
+        return dtype == torch.float16
+    if c.kwargs.get("SWAP"):
+        return dtype == torch.bfloat16
+    return True
 
 
 def _groups(K: int, bits: int, group_size: int | None, block_w: int) -> int:
@@ -419,4 +431,4 @@ def launch(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Te
     if cfg is not None:
         return run(cfg)
     key = ("wq", M, K, N, bits, group_size, x.dtype)
-    return pick(key, configs(M), run, x.is_cuda)
+    return pick(key, configs(M, x.dtype), run, x.is_cuda)
