@@ -284,13 +284,18 @@ def llama(device, smoke: bool, kind: str):
     return model.eval()
 
 
-def decode(device, smoke: bool, kind: str, tokens: int = 128) -> dict:
+def decode(device, smoke: bool, kind: str, tokens: int = 128, compiled: bool = False) -> dict:
     """Greedy decode of ``tokens`` tokens: one step captured in a CUDA graph (eager on CPU, or
-    where capture fails: the row says so)."""
+    where capture fails: the row says so). ``compiled``: the model's forward through
+    ``torch.compile`` first (inductor fuses the norms, rotary and residual glue; each llmc
+    module stays one custom op)."""
     import torch
     from transformers import StaticCache
 
     model = llama(device, smoke, kind)
+    if compiled:
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward, dynamic=False)
     n = 4 if smoke else tokens
     cache = StaticCache(config=model.config, max_cache_len=n + 8)
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -303,7 +308,7 @@ def decode(device, smoke: bool, kind: str, tokens: int = 128) -> dict:
         ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
         pos.add_(1)
 
-    out = {"kind": kind, "mode": "eager"}
+    out = {"kind": kind, "mode": "eager", "compiled": compiled}
     run = step
     if device.type == "cuda":
         side = torch.cuda.Stream()
@@ -317,6 +322,8 @@ def decode(device, smoke: bool, kind: str, tokens: int = 128) -> dict:
             with torch.cuda.graph(graph):
                 step()
             run, out["mode"] = graph.replay, "cuda graph"
+            if compiled:
+                out["mode"] = "torch.compile + cuda graph"
         except Exception as e:
             out["graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             torch.cuda.synchronize()
@@ -325,6 +332,13 @@ def decode(device, smoke: bool, kind: str, tokens: int = 128) -> dict:
     ids.zero_()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    elif compiled:
+        out["mode"] = "torch.compile"
+        run()  # compile outside the timing (twice: the empty cache, then the filled one)
+        run()
+        cache.reset()
+        pos.zero_()
+        ids.zero_()
     t = time.perf_counter()
     for _ in range(n):
         run()
@@ -361,11 +375,12 @@ def write(results: dict, out_dir: Path, name: str) -> None:
                      f"{r['fp16_ms'] * 1e3:.1f} | {cell(r, 'w4a16')} | {cell(r, 'sparse24')} | "
                      f"{cell(r, 'sparse24w4')} | {cell(r, 'semi')} | {eager} |")
     d = [r for r in results["decode"] if "tokens_per_s" in r]
-    dense = next((r for r in d if r["kind"] == "dense"), None)
     if d:
         lines += ["", "| decode (7B-shaped llama, fp16) | block weights GB | tokens/s | x dense "
-                  "| mode |", "|---|---|---|---|---|"]
+                  "(same mode) | mode |", "|---|---|---|---|---|"]
         for r in d:
+            dense = next((q for q in d if q["kind"] == "dense"
+                          and q.get("compiled") == r.get("compiled")), None)
             ratio = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}" if dense else ""
             lines.append(f"| {r['kind']} | {r['block_weight_gb']:.2f} | "
                          f"{r['tokens_per_s']:.1f} | {ratio} | {r['mode']} |")
@@ -392,6 +407,9 @@ def main() -> None:
                     help="Group sizes (2:4 rows come with the first)")
     ap.add_argument("--decode", nargs="*", default=DECODE_KINDS, choices=DECODE_KINDS,
                     help="Decode rows to run (default: all four)")
+    ap.add_argument("--compile", nargs="*", default=[], choices=DECODE_KINDS,
+                    help="Decode rows to run again with torch.compile around the model's "
+                         "forward (compiling takes a minute or more each)")
     ap.add_argument("--checks", action="store_true",
                     help="Also run every tuner config against *_ref on small odd shapes")
     args = ap.parse_args()
@@ -433,11 +451,13 @@ def main() -> None:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     matmuls(device, args.smoke, args.budget, results, save, shapes, args.ms, args.groups)
     if not args.no_decode:
-        for kind in args.decode:
+        for kind, compiled in ([(k, False) for k in args.decode]
+                               + [(k, True) for k in args.compile]):
             try:
-                row = decode(device, args.smoke, kind)
+                row = decode(device, args.smoke, kind, compiled=compiled)
             except Exception as e:
-                row = {"kind": kind, "error": f"{type(e).__name__}: {e}"[:400]}
+                row = {"kind": kind, "compiled": compiled,
+                       "error": f"{type(e).__name__}: {e}"[:400]}
                 traceback.print_exc()
             results["decode"].append(row)
             print(json.dumps(row), flush=True)

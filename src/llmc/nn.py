@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from llmc.kernels import use_triton
+from llmc.kernels import ops, use_triton
 from llmc.kernels.sparse24 import (
     compress_24,
     compress_24_codes,
@@ -69,9 +69,14 @@ class QuantLinear(nn.Module):
         m.qzeros.copy_(pack_cols(qw.zeros.t().contiguous().to(torch.int32), qw.bits))
         m.scales.copy_(qw.scales.t())
         m.g_idx.copy_(qw.g_idx)
+        m._trivial = m.trivial_groups
         if bias is not None:
             m.bias.copy_(bias)
         return m
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.__dict__.pop("_trivial", None)  # a new g_idx: checked again on the next call
 
     def quantized(self) -> QuantizedWeight:
         """The integer form (codes [N, K], qparams [N, G]), exactly as packed."""
@@ -98,6 +103,12 @@ class QuantLinear(nn.Module):
         """The kernel computes in the scales' dtype (fp16 by default) with fp32 accumulation;
         the ``*_ref`` path in fp32. The output has x's dtype."""
         if self.bits in KERNEL_BITS and use_triton(x.device.type):
+            if ops.compiling():  # one opaque op; g_idx unchecked while tracing: the general path
+                trivial = getattr(self, "_trivial", False) and self.group_size != -1
+                y = ops.wq_matmul_op(x.to(self.scales.dtype), self.qweight, self.scales,
+                                     self.qzeros, self.g_idx, self.bits,
+                                     self.group_size if trivial else 0)
+                return _finish(y, self.bias, x)
             if not hasattr(self, "_trivial"):
                 self._trivial = self.trivial_groups
             gs = self.group_size if self._trivial and self.group_size != -1 else None
@@ -167,7 +178,8 @@ class SparseLinear(nn.Module):
         if h.is_cuda and rows > self.LARGE_M and (w := self._semi_structured()) is not None:
             y = torch.nn.functional.linear(h.reshape(rows, -1), w).reshape(*h.shape[:-1], -1)
         elif use_triton(x.device.type):
-            y = sparse24_matmul(h, self.values, self.meta)
+            mm = ops.sparse24_matmul_op if ops.compiling() else sparse24_matmul
+            y = mm(h, self.values, self.meta)
         else:
             y = sparse24_matmul_ref(x.float(), self.values, self.meta)
         return _finish(y, self.bias, x)
@@ -238,8 +250,9 @@ class SparseQuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if use_triton(x.device.type):
-            y = sparse24_quant_matmul(x.to(self.scales.dtype), self.qvalues, self.meta,
-                                      self.scales, self.qzeros, self.group_size)
+            mm = ops.sparse24_quant_matmul_op if ops.compiling() else sparse24_quant_matmul
+            y = mm(x.to(self.scales.dtype), self.qvalues, self.meta, self.scales, self.qzeros,
+                   self.group_size)
         else:
             y = x.float() @ self.dequantize().t()
         return _finish(y, self.bias, x)

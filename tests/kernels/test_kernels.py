@@ -294,3 +294,22 @@ def test_sparse24_quant_matmul_matches_ref(M, gs):
     quant = (ql.scales, ql.qzeros, K if gs == -1 else gs)
     for cfg in (QDECODE if M <= 16 else PREFILL):
         close(launch(x, qvalues, meta, cfg, quant), ref, torch.float16)
+
+
+def test_modules_compile_to_one_op_per_call():
+    """``torch.compile(fullgraph=True)`` traces each compressed module as one custom op (no
+    graph break at the launcher) and gives the eager result; an act-order ``g_idx`` takes the
+    general path. The shapes allow the kernels' every-row and whole-tile paths."""
+    from llmc.nn import SparseLinear, SparseQuantLinear
+
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(7)).half()
+    W = sparse_weight(64, 256)
+    qw = rtn_quantize(W, QuantScheme(4, 128, False))
+    qw.q = torch.where(W != 0, qw.q, qw.zeros.gather(1, qw.g_idx.long()[None].expand(64, -1))
+                       .to(qw.q.dtype))
+    modules = [packed(64, 256, 4, 128), packed(64, 256, 4, 128, act_order=True),
+               SparseLinear.from_dense(W.half()), SparseQuantLinear.from_quantized(qw)]
+    for m in modules:
+        eager = m(x)
+        torch._dynamo.reset()
+        close(torch.compile(m, fullgraph=True, backend="eager")(x), eager, torch.float16)

@@ -7,12 +7,15 @@ import functools
 import importlib.util
 import os
 
+import torch
+
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once, does not trace it
 def use_triton(device_type: str) -> bool:
     """The Triton kernels run on CUDA, or anywhere under ``TRITON_INTERPRET=1``."""
     if not triton_available():
