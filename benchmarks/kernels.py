@@ -240,14 +240,16 @@ def gpu_checks(device) -> list[dict]:
         ref = wq_matmul_ref(x, *a)
         errs = _errors(cfgs, partial(wq.launch, x, *a, gs), ref)
         rows.append({"kernel": "w", "case": [M, K, N, gs, str(dtype)], "errors": errs})
-    for M, K, N in [(3, 192, 40), (12, 192, 40), (1, 512, 256), (16, 512, 256)]:
+    for M, K, N, dtype in [(3, 192, 40, torch.float16), (12, 192, 40, torch.float16),
+                           (1, 512, 256, torch.float16), (16, 512, 256, torch.float16),
+                           (5, 512, 256, torch.bfloat16)]:
         W = torch.randn(N, K, generator=g)
-        v, meta = compress_24((W * nm_keep(W.abs(), 2, 4)).half())
+        v, meta = compress_24((W * nm_keep(W.abs(), 2, 4)).to(dtype))
         v, meta = v.to(device), meta.to(device)
-        x = torch.randn(M, K, generator=g).half().to(device)
+        x = torch.randn(M, K, generator=g).to(dtype).to(device)
         ref = sparse24_matmul_ref(x, v, meta)
         errs = _errors(sp.configs(M), partial(sp.launch, x, v, meta), ref)
-        rows.append({"kernel": "2:4", "case": [M, K, N], "errors": errs})
+        rows.append({"kernel": "2:4", "case": [M, K, N, str(dtype)], "errors": errs})
     return rows
 
 

@@ -46,6 +46,23 @@ def test_quant_linear_keeps_act_order_g_idx():
     torch.testing.assert_close(ql.dequantize(), qw.dequantize())
 
 
+def test_quant_linear_tracks_whether_its_groups_are_trivial():
+    """The kernels' one-load-per-tile path needs ``g_idx = k // group_size``; the module
+    re-checks after an in-place change or a load of g_idx, and not otherwise."""
+    qw = rtn_quantize(torch.randn(16, 64, generator=torch.Generator().manual_seed(0)),
+                      QuantScheme(4, 32, False))
+    m = QuantLinear.from_quantized(qw)
+    assert m._check_groups() and QuantLinear(64, 16, 4, 32)._check_groups()
+    torch.nn.Sequential(m).load_state_dict({}, strict=False)  # no g_idx: no change
+    assert m._trivial
+    m.g_idx.copy_(m.g_idx.flip(0))  # act order, in place
+    assert not m._check_groups()
+    m.load_state_dict({**m.state_dict(), "g_idx": torch.arange(64, dtype=torch.int32) // 32})
+    assert m._trivial and m._check_groups()
+    with torch.device("meta"):
+        assert not QuantLinear(64, 16, 4, 32)._check_groups()  # unknown: the general path
+
+
 def test_sparse_linear_matches_dense():
     g = torch.Generator().manual_seed(2)
     W = torch.randn(24, 64, generator=g)

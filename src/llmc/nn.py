@@ -59,6 +59,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", scheme.default_g_idx(in_features).to(kw["device"]))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias
                              else None)
+        self._check_groups()
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None,
@@ -69,14 +70,25 @@ class QuantLinear(nn.Module):
         m.qzeros.copy_(pack_cols(qw.zeros.t().contiguous().to(torch.int32), qw.bits))
         m.scales.copy_(qw.scales.t())
         m.g_idx.copy_(qw.g_idx)
-        m._trivial = m.trivial_groups
+        m._check_groups()
         if bias is not None:
             m.bias.copy_(bias)
         return m
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self.__dict__.pop("_trivial", None)  # a new g_idx: checked again on the next call
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "g_idx" in state_dict:
+            self._check_groups()
+
+    def _check_groups(self) -> bool:
+        """:attr:`trivial_groups`, cached per g_idx tensor and version (an in-place change
+        or a move is seen on the next eager call; a g_idx on the meta device counts as not
+        trivial). ``torch.compile`` reads the cached answer: it cannot trace the check."""
+        key = (self.g_idx.data_ptr(), self.g_idx._version)
+        if self.__dict__.get("_trivial_key") != key:
+            trivial = self.g_idx.device.type != "meta" and self.trivial_groups
+            self._trivial_key, self._trivial = key, trivial
+        return self._trivial
 
     def quantized(self) -> QuantizedWeight:
         """The integer form (codes [N, K], qparams [N, G]), exactly as packed."""
@@ -103,17 +115,12 @@ class QuantLinear(nn.Module):
         """The kernel computes in the scales' dtype (fp16 by default) with fp32 accumulation;
         the ``*_ref`` path in fp32. The output has x's dtype."""
         if self.bits in KERNEL_BITS and use_triton(x.device.type):
-            if ops.compiling():  # one opaque op; g_idx unchecked while tracing: the general path
-                trivial = getattr(self, "_trivial", False) and self.group_size != -1
-                y = ops.wq_matmul_op(x.to(self.scales.dtype), self.qweight, self.scales,
-                                     self.qzeros, self.g_idx, self.bits,
-                                     self.group_size if trivial else 0)
-                return _finish(y, self.bias, x)
-            if not hasattr(self, "_trivial"):
-                self._trivial = self.trivial_groups
-            gs = self.group_size if self._trivial and self.group_size != -1 else None
-            y = wq_matmul(x.to(self.scales.dtype), self.qweight, self.scales, self.qzeros,
-                          self.g_idx, self.bits, gs)
+            compiling = torch.compiler.is_compiling()  # then one opaque op per call
+            trivial = self._trivial if compiling else self._check_groups()
+            gs = self.group_size if trivial and self.group_size != -1 else 0  # 0: use g_idx
+            mm = ops.wq_matmul_op if compiling else wq_matmul
+            y = mm(x.to(self.scales.dtype), self.qweight, self.scales, self.qzeros, self.g_idx,
+                   self.bits, gs)
         else:
             y = x.float() @ self.dequantize().t()
         return _finish(y, self.bias, x)
@@ -178,7 +185,7 @@ class SparseLinear(nn.Module):
         if h.is_cuda and rows > self.LARGE_M and (w := self._semi_structured()) is not None:
             y = torch.nn.functional.linear(h.reshape(rows, -1), w).reshape(*h.shape[:-1], -1)
         elif use_triton(x.device.type):
-            mm = ops.sparse24_matmul_op if ops.compiling() else sparse24_matmul
+            mm = ops.sparse24_matmul_op if torch.compiler.is_compiling() else sparse24_matmul
             y = mm(h, self.values, self.meta)
         else:
             y = sparse24_matmul_ref(x.float(), self.values, self.meta)
@@ -250,7 +257,8 @@ class SparseQuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if use_triton(x.device.type):
-            mm = ops.sparse24_quant_matmul_op if ops.compiling() else sparse24_quant_matmul
+            mm = (ops.sparse24_quant_matmul_op if torch.compiler.is_compiling()
+                  else sparse24_quant_matmul)
             y = mm(x.to(self.scales.dtype), self.qvalues, self.meta, self.scales, self.qzeros,
                    self.group_size)
         else:

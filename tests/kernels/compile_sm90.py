@@ -53,11 +53,11 @@ def main() -> dict:
         jobs.append((f"2:4 tile quant={quant}", sp._sparse24_matmul_kernel,
                      dict(QUANT=quant, **args(t)), ptrs, t))
     t = sp.SWAP[0]
-    for even in (False, True):
-        jobs.append((f"2:4 swap even={even}", sp._sparse24_swap_kernel,
+    for even, dt in ((False, "fp16"), (True, "fp16"), (False, "bf16")):
+        jobs.append((f"2:4 swap even={even} {dt}", sp._sparse24_swap_kernel,
                      dict(BLOCK_M=16, EVEN=even, **args(t, drop=("SWAP",))),
-                     {"x_ptr": "*fp16", "v_ptr": "*i32", "meta_ptr": "*u8", "out_ptr": "*fp16"},
-                     t))
+                     {"x_ptr": f"*{dt}", "v_ptr": "*i32", "meta_ptr": "*u8",
+                      "out_ptr": f"*{dt}"}, t))
     g = first(sp.DECODE, True)
     jobs.append(("2:4 gemv", sp._sparse24_gemv_kernel, args(g), {**ptrs, "v_ptr": "*fp16"}, g))
     g = first(sp.QDECODE, True)

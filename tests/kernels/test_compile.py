@@ -39,11 +39,12 @@ def test_kernel_instruction_report_runs(tmp_path):
     script = Path(__file__).parents[2] / "benchmarks" / "kernel_sass.py"
     run = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=900)
-    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr:
-        pytest.skip("no ptxas")
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads((tmp_path / "kernel_sass.json").read_text())["rows"]
-    assert rows and all("error" not in r for r in rows), [r for r in rows if "error" in r]
+    errors = [r["error"] for r in rows if "error" in r]
+    if errors and len(errors) == len(rows) and all("ptxas" in e.lower() for e in errors):
+        pytest.skip(f"no ptxas: {errors[0]}")
+    assert rows and not errors, errors
     assert all(r["loop_instructions"] > 0 for r in rows)
     swapped = [r for r in rows if "swapped" in r["kernel"]]
     assert swapped and all(r["HGMMA"] > 0 for r in swapped)  # the weight tile feeds wgmma

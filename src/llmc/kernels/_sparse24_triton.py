@@ -11,7 +11,7 @@ from torch import Tensor
 
 from llmc.kernels._swap_triton import _sparse24_swap_kernel
 from llmc.kernels._triton_common import TWO23, _code_plus_2p23, _qparams, _write_out
-from llmc.kernels.tune import Config, atomic_out, finish_out, pick
+from llmc.kernels.tune import Config, atomic_out, finish_out, pick, swap_enabled
 
 
 @triton.jit
@@ -198,7 +198,8 @@ def configs(M: int, quant: bool = False) -> list[Config]:
         return PREFILL
     if quant:
         return TILES if M > 8 else QGEMVS + TILES[:1]
-    return TILES + SWAP if M > 8 else GEMVS + TILES[:1] + SWAP
+    swap = SWAP if swap_enabled() else []
+    return TILES + swap if M > 8 else GEMVS + TILES[:1] + swap
 
 
 def launch(x: Tensor, values: Tensor, meta: Tensor, cfg: Config | None = None,
@@ -227,9 +228,12 @@ def launch(x: Tensor, values: Tensor, meta: Tensor, cfg: Config | None = None,
         opts = {"num_warps": c.num_warps, "num_stages": c.num_stages}
         if kw.pop("SWAP", False):
             if quant is not None or x.dtype not in (torch.float16, torch.bfloat16) \
-                    or values.dtype != x.dtype or values.stride(1) != 1:
+                    or values.dtype != x.dtype or values.stride(1) != 1 \
+                    or values.stride(0) % 2 or values.storage_offset() % 2 \
+                    or meta.stride(1) != 1:
                 raise ValueError("the swapped-operand 2:4 kernel takes fp16 or bf16 values "
-                                 "[N, K/2] (contiguous rows) of x's dtype")
+                                 "[N, K/2] of x's dtype and meta [N, K/32], each row "
+                                 "contiguous and the values' rows 4-byte aligned")
             out = atomic_out(M, N, x, split)
             v32 = values.view(torch.int32)  # a group's two kept values in one word
             m8 = meta.view(torch.uint8)  # a pair of groups' four positions in one byte

@@ -1,14 +1,16 @@
-"""Swapped-operand kernels for decode-sized M: ``out^T = W x^T``, so that the weight tile,
+"""Swapped-operand kernels: ``out^T = W x^T``, so that the weight tile,
 expanded from its compressed form, is the MMA's first operand, which Triton keeps in registers
 (on Hopper, ``wgmma`` takes it from there; x, the small operand, goes through shared memory).
 The tiled kernels of :mod:`llmc.kernels._wq_triton` and :mod:`llmc.kernels._sparse24_triton`
 instead store every expanded weight tile to shared memory and read it back in the MMA's layout
-(a barrier per code position); here the compressed words are loaded once and expanded where
-the MMA reads them.
+(a barrier per code position). Here the compressed words come in through the software
+pipeline's shared-memory buffers like any load, and are expanded in the registers the MMA
+reads: the expanded tile never goes to shared memory. Used for decode-sized M (a 16-row tile
+of x) and, W4A16, for prefill (32 or 64 rows).
 
 The trick is the order of K inside a tile. A thread's MMA registers hold pairs of adjacent dot
 positions ``p, p + 1``; the positions are arranged so that each pair comes from one word that
-the same thread loaded, and x is gathered in that order:
+the same thread reads, and x is gathered in that order:
 
 - W4A16 (``_wq_swap_kernel``): dot position ``p = 32 i + 8 a + 2 t + b`` is code ``2 a + b``
   (byte ``a``) of word ``4 i + t``, input row ``8 (4 i + t) + 2 a + b`` of the tile.
@@ -30,10 +32,11 @@ from llmc.kernels._triton_common import _qparams, _write_out
 @triton.jit
 def _byte_pair_asm(qw, zz, A: tl.constexpr):
     """Codes 2A and 2A + 1 of each word, minus the zero point, as one packed fp16 pair (int32
-    bits) in three instructions (PTX, CUDA only): ``prmt`` puts byte A of the word into both
-    halves, ``lop3`` keeps its low nibble in the low half and its high nibble in the high half
-    under the exponent of 1024 (``1024 + q`` and ``1024 + 16 q``), and one ``fma`` by
-    ``{1, 1/16}`` plus ``zz = {-(1024 + z), -(64 + z)}`` leaves ``q - z`` exactly in each."""
+    bits) in three instructions plus a constant (PTX, CUDA only): ``prmt`` puts byte A of the
+    word into both halves, ``lop3`` keeps its low nibble in the low half and its high nibble
+    in the high half under the exponent of 1024 (``1024 + q`` and ``1024 + 16 q``), and one
+    ``fma`` by ``{1, 1/16}`` plus ``zz = {-(1024 + z), -(64 + z)}`` leaves ``q - z`` exactly
+    in each."""
     if A == 0:
         sel: tl.constexpr = "0x4040"
     elif A == 1:
@@ -94,6 +97,16 @@ def _dot_rows(BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _times_x(w, x_ptr, offs_m, m_ok, offs_k, K, stride_xm, stride_xk, EVEN: tl.constexpr):
+    """``w @ x^T`` for a (BN, BK) weight tile in dot order: x gathered at input rows
+    ``offs_k`` (BK,) of the rows ``offs_m`` (bounds-checked along K unless EVEN)."""
+    x_ok = m_ok[None, :] if EVEN else m_ok[None, :] & (offs_k < K)[:, None]
+    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
+                 mask=x_ok, other=0.0)  # (BK, BM)
+    return tl.dot(w, xt)
+
+
+@triton.jit
 def _wq_swap_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
     M, N, K,
@@ -137,11 +150,8 @@ def _wq_swap_kernel(
                        _byte_pair(qw, zc, zz, 1, MAGIC16, ASM, dtype),
                        _byte_pair(qw, zc, zz, 2, MAGIC16, ASM, dtype),
                        _byte_pair(qw, zc, zz, 3, MAGIC16, ASM, dtype), BLOCK_N, BLOCK_W)
-        offs_k = k0 + rows
-        x_ok = m_ok[None, :] if EVEN else m_ok[None, :] & (offs_k < K)[:, None]
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
-                     mask=x_ok, other=0.0)  # (BK, BM)
-        acc += tl.dot(w, xt) * s[:, None]
+        acc += _times_x(w, x_ptr, offs_m, m_ok, k0 + rows, K, stride_xm, stride_xk,
+                        EVEN) * s[:, None]
     _write_out(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, acc,
                m_ok[None, :] & n_ok[:, None], SPLIT_K)
 
@@ -205,10 +215,6 @@ def _sparse24_swap_kernel(
         a0, a1 = _expand24(va, nib, dtype)
         b0, b1 = _expand24(vb, nib >> 4, dtype)
         w = _dot_order(a0, a1, b0, b1, BLOCK_N, BLOCK_G // 2)
-        offs_k = g0 * 4 + rows
-        x_ok = m_ok[None, :] if EVEN else m_ok[None, :] & (offs_k < K)[:, None]
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
-                     mask=x_ok, other=0.0)  # (BK, BM)
-        acc += tl.dot(w, xt)
+        acc += _times_x(w, x_ptr, offs_m, m_ok, g0 * 4 + rows, K, stride_xm, stride_xk, EVEN)
     _write_out(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, acc,
                m_ok[None, :] & n_ok[:, None], SPLIT_K)

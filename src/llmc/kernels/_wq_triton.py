@@ -9,7 +9,7 @@ from torch import Tensor
 
 from llmc.kernels._swap_triton import _wq_swap_kernel
 from llmc.kernels._triton_common import MAGIC, TWO23, _code_plus_2p23, _qparams, _write_out
-from llmc.kernels.tune import Config, atomic_out, finish_out, pick
+from llmc.kernels.tune import Config, atomic_out, finish_out, pick, swap_enabled
 
 # How the group of a weight row is found: the whole K tile lies in one group (scales and zero
 # points loaded once per tile and applied after the dot); the rows of one packed word share a
@@ -337,11 +337,14 @@ PREFILL = [
 def configs(M: int, dtype: torch.dtype | None = None) -> list[Config]:
     """The tuner's list for M rows of x; with ``dtype``, without the configs that are for
     another dtype (PTX forms for fp16 only; the swapped-operand kernel's code-by-code form for
-    bf16, since its byte pairs do better in fp16)."""
+    bf16, since its byte pairs do better in fp16). ``LLMC_SWAP=0`` leaves the
+    swapped-operand configs out."""
     if M == 1:
         out = GEMV1 + TILES[:2] + SWAP
     else:
         out = TILES + SWAP if M <= 16 else PREFILL
+    if not swap_enabled():
+        out = [c for c in out if not c.kwargs.get("SWAP")]
     return out if dtype is None else [c for c in out if _for_dtype(c, dtype)]
 
 
@@ -395,29 +398,28 @@ def launch(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Te
         gemv = kw.pop("GEMV", False)
         swap = kw.pop("SWAP", False)
         split = kw.pop("SPLIT_K")
-        if not gemv and not swap and kw["SPLIT_DOT"] and kw["BLOCK_W"] < 16:
-            raise ValueError("a split dot needs BLOCK_W >= 16")
         if swap:
             _check_swap(x, bits, group_size, kw["BLOCK_W"], kw["PAIRS"])
-        out = atomic_out(M, N, x, split)
-        if swap:
             kw["ASM"] = (1 if x.is_cuda else 2) if kw.pop("PAIRS") else 0
             kw["EVEN"] = K % (kw["BLOCK_W"] * 8) == 0 and N % kw["BLOCK_N"] == 0
-            grid = (triton.cdiv(M, kw["BLOCK_M"]), triton.cdiv(N, kw["BLOCK_N"]), split)
             kernel = _wq_swap_kernel
-            kw["MAGIC16"] = _magic16(x, bits)
         elif gemv:
-            grid = (triton.cdiv(N, kw["BLOCK_N"]), split, M)
-            kernel = _wq_gemv_kernel
-            kw["EVEN"] = K % (kw["BLOCK_W"] * 32 // bits) == 0 and N % kw["BLOCK_N"] == 0
             if kw["HALF2"] and not (x.is_cuda and x.dtype == torch.float16 and bits == 4
                                     and group_size and group_size % 8 == 0):
                 raise ValueError("the half2 GEMV takes 4-bit codes, fp16 x on CUDA and groups "
                                  "of whole words")
+            kw["EVEN"] = K % (kw["BLOCK_W"] * 32 // bits) == 0 and N % kw["BLOCK_N"] == 0
+            kernel = _wq_gemv_kernel
+        else:
+            if kw["SPLIT_DOT"] and kw["BLOCK_W"] < 16:
+                raise ValueError("a split dot needs BLOCK_W >= 16")
+            kernel = _wq_matmul_kernel
+        if gemv:
+            grid = (triton.cdiv(N, kw["BLOCK_N"]), split, M)
         else:
             grid = (triton.cdiv(M, kw["BLOCK_M"]), triton.cdiv(N, kw["BLOCK_N"]), split)
-            kernel = _wq_matmul_kernel
             kw["MAGIC16"] = _magic16(x, bits)
+        out = atomic_out(M, N, x, split)
         kernel[grid](
             x, qweight, scales, qzeros, g_idx, out, M, N, K,
             x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),

@@ -46,8 +46,3 @@ def sparse24_quant_matmul_op(x: Tensor, qvalues: Tensor, meta: Tensor, scales: T
 @sparse24_quant_matmul_op.register_fake
 def _(x, qvalues, meta, scales, qzeros, group_size):
     return x.new_empty(*x.shape[:-1], meta.shape[1])
-
-
-def compiling() -> bool:
-    """Whether the caller is being traced by ``torch.compile``."""
-    return torch.compiler.is_compiling()

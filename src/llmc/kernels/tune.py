@@ -128,6 +128,12 @@ def choices() -> dict[str, dict]:
             for k in _PICKED}
 
 
+def swap_enabled() -> bool:
+    """``LLMC_SWAP=0`` leaves the swapped-operand kernels out of the tuner's lists (a switch
+    for a GPU on which they misbehave)."""
+    return os.environ.get("LLMC_SWAP", "1") != "0"
+
+
 # fp16 outputs take split-K partial sums by fp16 atomics (no fp32 buffer and cast launch);
 # other dtypes accumulate in an fp32 buffer.
 FP16_ATOMICS = os.environ.get("LLMC_FP16_ATOMICS", "1") != "0"

@@ -10,7 +10,8 @@ Decode-sized M (<= 16) runs one of three kernels, whichever the tuner times fast
 on CUDA cores (M = 1), the tiled kernel with one 16-row tile, or the swapped-operand kernel
 (``out^T = W x^T``, the weight tile kept in registers as the MMA's first operand; 4-bit codes
 in groups of whole K tiles); all split K over the reduction with atomics, so that enough
-programs stream the weights. Prefill (M > 16) runs 64-row tiles. With trivial groups
+programs stream the weights. Prefill (M > 16) runs 64- or 128-row tiles, or the
+swapped-operand kernel with 32 or 64 rows of x per tile. With trivial groups
 (``g_idx = k // group_size`` and the K tile inside one group) the scales and zeros of a tile
 are loaded once; act-order ``g_idx`` loads them per row of the tile.
 """
