@@ -90,6 +90,28 @@ def jobs():
                     cfg, 16, dict(M=16, stride_vn=K // 4, stride_vg=1, stride_mn=K // 8,
                                   stride_mk=1, **sp_ints),
                     cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_G"] * 4))
+    ints = dict(M=16, stride_qw=N, stride_qn=1, stride_sg=N, stride_sn=1, stride_zg=N // 8,
+                stride_zn=1, GROUP_SIZE=GROUP, **sp_ints)
+    qptrs = {"x_ptr": "*fp16", "qv_ptr": "*i32", "v_ptr": "*i32", "meta_ptr": "*i32",
+             "s_ptr": "*fp16", "z_ptr": "*i32", "out_ptr": "*fp16"}
+    cfg = sp.QGEMVS[0]
+    out.append(("2:4 + INT4 GEMV", sp._sparse24q_gemv_kernel,
+                dict(BLOCK_N=cfg.kwargs["BLOCK_N"], BLOCK_W=cfg.kwargs["BLOCK_G"] // 4,
+                     SPLIT_K=cfg.kwargs["SPLIT_K"], WORD_GROUPS=True), qptrs, cfg, 1,
+                dict(stride_mk=N, stride_mn=1, **{**ints, "M": 1}),
+                cfg.kwargs["BLOCK_G"] * 4 * cfg.kwargs["BLOCK_N"]))
+    cfg = sp.TILES[0]
+    out.append(("2:4 + INT4 tiled", sp._sparse24_matmul_kernel, dict(QUANT=True, **kw(cfg)),
+                qptrs, cfg, 16,
+                dict(stride_vs=N, stride_vn=1, stride_mn=1, stride_mk=N,
+                     **{k: v for k, v in ints.items() if k not in ("stride_qw", "stride_qn")}),
+                cfg.kwargs["BLOCK_G"] * 4 * cfg.kwargs["BLOCK_N"]))
+    cfg = sp.QSWAP[0]
+    c = kw(cfg, "SWAP")
+    out.append(("2:4 + INT4 swapped operand", sp._sparse24q_swap_kernel,
+                dict(BLOCK_M=16, EVEN=True, MAGIC16=0x6400, **c), {**qptrs, "meta_ptr": "*i16"},
+                cfg, 16, dict(stride_mr=2 * N, stride_mc=1, **ints),
+                c["BLOCK_W"] * 16 * c["BLOCK_N"]))
     return out
 
 

@@ -213,12 +213,16 @@ def gpu_checks(device) -> list[dict]:
     the GPU: M = 1 on whole tiles and on odd ones (the GEMV's two load paths), the tile configs
     in bf16 (their 16-bit float codes; the interpreter cannot run a bf16 dot), the
     swapped-operand configs (their PTX byte pairs, on whole and on odd tiles), and the 2:4
-    configs. Relative max error per config, or the failure."""
+    and 2:4 + INT4 configs. Relative max error per config, or the failure."""
     import torch
 
     from llmc.kernels import _sparse24_triton as sp
     from llmc.kernels import _wq_triton as wq
-    from llmc.kernels.sparse24 import compress_24, sparse24_matmul_ref
+    from llmc.kernels.sparse24 import (
+        compress_24,
+        sparse24_matmul_ref,
+        sparse24_quant_matmul_ref,
+    )
     from llmc.kernels.wq_matmul import wq_matmul_ref
     from llmc.nn import QuantLinear
     from llmc.prune.masks import nm_keep
@@ -250,6 +254,13 @@ def gpu_checks(device) -> list[dict]:
         ref = sparse24_matmul_ref(x, v, meta)
         errs = _errors(sp.configs(M), partial(sp.launch, x, v, meta), ref)
         rows.append({"kernel": "2:4", "case": [M, K, N, str(dtype)], "errors": errs})
+    for M, K, N in [(1, 512, 256), (16, 512, 256), (5, 384, 136)]:
+        m = random_module("2:4+w4g128", K, N, device, seed=M)
+        x = torch.randn(M, K, generator=g).half().to(device)
+        ref = sparse24_quant_matmul_ref(x, m.qvalues, m.meta, m.scales, m.qzeros, 128)
+        run = partial(sp.launch, x, m.qvalues, m.meta, quant=(m.scales, m.qzeros, 128))
+        rows.append({"kernel": "2:4+w4", "case": [M, K, N],
+                     "errors": _errors(sp.configs(M, quant=True), run, ref)})
     return rows
 
 

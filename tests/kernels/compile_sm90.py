@@ -58,6 +58,12 @@ def main() -> dict:
                      dict(BLOCK_M=16, EVEN=even, **args(t, drop=("SWAP",))),
                      {"x_ptr": f"*{dt}", "v_ptr": "*i32", "meta_ptr": "*u8",
                       "out_ptr": f"*{dt}"}, t))
+    t = sp.QSWAP[0]
+    for even in (False, True):
+        jobs.append((f"2:4+int4 swap even={even}", sp._sparse24q_swap_kernel,
+                     dict(BLOCK_M=16, EVEN=even, MAGIC16=0x6400, **args(t, drop=("SWAP",))),
+                     {"x_ptr": "*fp16", "qv_ptr": "*i32", "meta_ptr": "*i16", "s_ptr": "*fp16",
+                      "z_ptr": "*i32", "out_ptr": "*fp16"}, t))
     g = first(sp.DECODE, True)
     jobs.append(("2:4 gemv", sp._sparse24_gemv_kernel, args(g), {**ptrs, "v_ptr": "*fp16"}, g))
     g = first(sp.QDECODE, True)

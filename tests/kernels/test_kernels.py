@@ -293,7 +293,35 @@ def test_sparse24_quant_matmul_matches_ref(M, gs):
           torch.float16)
     quant = (ql.scales, ql.qzeros, K if gs == -1 else gs)
     for cfg in (QDECODE if M <= 16 else PREFILL):
+        if cfg.kwargs.get("SWAP") and quant[2] % (16 * cfg.kwargs["BLOCK_W"]):
+            with pytest.raises(ValueError, match="swapped-operand"):
+                launch(x, qvalues, meta, cfg, quant)  # groups narrower than its K tile
+            continue
         close(launch(x, qvalues, meta, cfg, quant), ref, torch.float16)
+
+
+@pytest.mark.parametrize("M,N,K,gs", [(1, 256, 256, 128), (16, 136, 384, 64),
+                                      (3, 128, 256, -1), (2, 72, 512, 128)])
+def test_sparse24_quant_swapped_operand_kernel(M, N, K, gs):
+    """The joint form's swapped-operand configs on whole and odd tiles (the shapes of
+    ``test_sparse24_quant_matmul_matches_ref`` have groups narrower than their K tiles)."""
+    from llmc.kernels._sparse24_triton import QSWAP, launch
+
+    W = sparse_weight(N, K, seed=gs % 7)
+    qw = rtn_quantize(W, QuantScheme(4, gs, False))
+    ql = QuantLinear.from_quantized(qw)
+    z = qw.zeros.gather(1, qw.g_idx.long()[None].expand(N, -1))
+    qvalues, meta = compress_24_codes(torch.where(W != 0, qw.q.long(), z.long()),
+                                      torch.where(W != 0, qw.dequantize(), torch.zeros(())))
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(6)).half()
+    ref = sparse24_quant_matmul_ref(x, qvalues, meta, ql.scales, ql.qzeros, gs)
+    quant = (ql.scales, ql.qzeros, K if gs == -1 else gs)
+    ran = 0
+    for cfg in QSWAP:
+        if quant[2] % (16 * cfg.kwargs["BLOCK_W"]) == 0:
+            close(launch(x, qvalues, meta, cfg, quant), ref, torch.float16)
+            ran += 1
+    assert ran
 
 
 def test_modules_compile_to_one_op_per_call():

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from llmc.kernels._swap_triton import _sparse24_swap_kernel
+from llmc.kernels._swap_triton import _sparse24_swap_kernel, _sparse24q_swap_kernel
 from llmc.kernels._triton_common import TWO23, _code_plus_2p23, _qparams, _write_out
 from llmc.kernels.tune import Config, atomic_out, finish_out, pick, swap_enabled
 
@@ -185,21 +185,23 @@ TILES = [_cfg(16, 64, 32, 2, 4, 3), _cfg(16, 64, 16, 4, 4, 3), _cfg(16, 32, 16, 
          _cfg(16, 128, 32, 4, 8, 3)]
 SWAP = [_swap(128, 32, 4, 4, 3), _swap(128, 32, 2, 4, 3), _swap(128, 32, 8, 4, 3),
         _swap(256, 32, 4, 8, 3), _swap(128, 16, 4, 4, 4)]
+# The joint form's swapped-operand kernel: BLOCK_W words of codes (16 inputs each) per K tile.
+QSWAP = [Config(dict(SWAP=True, BLOCK_N=bn, BLOCK_W=bw, SPLIT_K=split), warps, stages)
+         for bn, bw, split, warps, stages in [(128, 8, 4, 4, 3), (128, 8, 2, 4, 3),
+                                              (128, 8, 8, 4, 3), (128, 4, 4, 4, 4)]]
 DECODE = GEMVS + TILES + SWAP
 PREFILL = [_cfg(64, 128, 16, 1, 4, 3), _cfg(128, 128, 16, 1, 8, 3), _cfg(64, 64, 32, 1, 4, 3)]
 # The joint form's GEMV runs along N: wider column blocks.
 QGEMVS = [_gemv(128, 32, 8, 4, 3), _gemv(64, 64, 8, 2, 4), _gemv(128, 64, 4, 4, 3),
           _gemv(64, 64, 16, 2, 3)]
-QDECODE = QGEMVS + TILES
+QDECODE = QGEMVS + TILES + QSWAP
 
 
 def configs(M: int, quant: bool = False) -> list[Config]:
     if M > 16:
         return PREFILL
-    if quant:
-        return TILES if M > 8 else QGEMVS + TILES[:1]
-    swap = SWAP if swap_enabled() else []
-    return TILES + swap if M > 8 else GEMVS + TILES[:1] + swap
+    swap = (QSWAP if quant else SWAP) if swap_enabled() else []
+    return TILES + swap if M > 8 else (QGEMVS if quant else GEMVS) + TILES[:1] + swap
 
 
 def launch(x: Tensor, values: Tensor, meta: Tensor, cfg: Config | None = None,
@@ -226,8 +228,24 @@ def launch(x: Tensor, values: Tensor, meta: Tensor, cfg: Config | None = None,
         kw = dict(c.kwargs)
         split = kw.pop("SPLIT_K")
         opts = {"num_warps": c.num_warps, "num_stages": c.num_stages}
-        if kw.pop("SWAP", False):
-            if quant is not None or x.dtype not in (torch.float16, torch.bfloat16) \
+        swap = kw.pop("SWAP", False)
+        if swap and quant is not None:
+            if "BLOCK_W" not in kw or x.dtype not in (torch.float16, torch.bfloat16) \
+                    or group_size % (16 * kw["BLOCK_W"]) or meta.stride(1) != 1:
+                raise ValueError("the swapped-operand joint 2:4 + INT4 kernel takes fp16 or "
+                                 "bf16 x, groups of whole K tiles and meta rows contiguous")
+            out = atomic_out(M, N, x, split)
+            m16 = meta.view(torch.int16)  # a word's four groups' positions in one half
+            grid = (triton.cdiv(M, 16), triton.cdiv(N, kw["BLOCK_N"]), split)
+            _sparse24q_swap_kernel[grid](
+                x, values, m16, s, z, out, M, N, K, x.stride(0), x.stride(1), *vs,
+                m16.stride(0), m16.stride(1), *qs, out.stride(0), out.stride(1), group_size,
+                BLOCK_M=16, SPLIT_K=split,
+                MAGIC16=0x6400 if x.dtype == torch.float16 else 0x4300,
+                EVEN=K % (16 * kw["BLOCK_W"]) == 0 and N % kw["BLOCK_N"] == 0, **opts, **kw)
+            return finish_out(out, x)
+        if swap:
+            if "BLOCK_G" not in kw or x.dtype not in (torch.float16, torch.bfloat16) \
                     or values.dtype != x.dtype or values.stride(1) != 1 \
                     or values.stride(0) % 2 or values.storage_offset() % 2 \
                     or meta.stride(1) != 1:
@@ -240,9 +258,9 @@ def launch(x: Tensor, values: Tensor, meta: Tensor, cfg: Config | None = None,
             grid = (triton.cdiv(M, 16), triton.cdiv(N, kw["BLOCK_N"]), split)
             _sparse24_swap_kernel[grid](
                 x, v32, m8, out, M, N, K, x.stride(0), x.stride(1), v32.stride(0),
-                v32.stride(1), m8.stride(0), m8.stride(1), out.stride(0), out.stride(1), BLOCK_M=16,
-                SPLIT_K=split, EVEN=K % (4 * kw["BLOCK_G"]) == 0 and N % kw["BLOCK_N"] == 0,
-                **opts, **kw)
+                v32.stride(1), m8.stride(0), m8.stride(1), out.stride(0), out.stride(1),
+                BLOCK_M=16, SPLIT_K=split,
+                EVEN=K % (4 * kw["BLOCK_G"]) == 0 and N % kw["BLOCK_N"] == 0, **opts, **kw)
             return finish_out(out, x)
         out = atomic_out(M, N, x, split)
         if kw.pop("GEMV", False):

@@ -18,6 +18,9 @@ the same thread reads, and x is gathered in that order:
   inputs, two 32-bit words of kept values, one byte of positions) in the place of a word: dot
   position ``p = 32 i + 8 a + 2 t + b`` is entry ``2 (a % 2) + b`` of group
   ``2 (4 i + t) + a // 2``, the same input row.
+- 2:4 + INT4 (``_sparse24q_swap_kernel``): a word of eight kept 4-bit codes covers four groups
+  of four (sixteen inputs), so it gives eight pairs: ``p = 64 i + 8 a + 2 t + b`` is entry
+  ``2 a + b`` of word ``4 i + t``'s sixteen, input row ``16 (4 i + t) + 2 a + b``.
 
 Imported only where Triton is."""
 
@@ -216,5 +219,92 @@ def _sparse24_swap_kernel(
         b0, b1 = _expand24(vb, nib >> 4, dtype)
         w = _dot_order(a0, a1, b0, b1, BLOCK_N, BLOCK_G // 2)
         acc += _times_x(w, x_ptr, offs_m, m_ok, g0 * 4 + rows, K, stride_xm, stride_xk, EVEN)
+    _write_out(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, acc,
+               m_ok[None, :] & n_ok[:, None], SPLIT_K)
+
+
+@triton.jit
+def _dot_order8(p0, p1, p2, p3, p4, p5, p6, p7, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Eight pairs per word (``pA`` (.., 2): entries 2A, 2A + 1 of the word's sixteen inputs)
+    of (BLOCK_N, BLOCK_W) words as one (BLOCK_N, 16 BLOCK_W) tile in dot order (position
+    ``64 i + 8 a + 2 t + b`` is entry ``2 a + b`` of word ``4 i + t``)."""
+    q = tl.join(tl.join(tl.join(p0, p1), tl.join(p2, p3)),
+                tl.join(tl.join(p4, p5), tl.join(p6, p7)))  # (n, w, b, a0, a1, a2)
+    q = tl.reshape(q, (BLOCK_N, BLOCK_W // 4, 4, 2, 2, 2, 2))  # (n, i, t, b, a0, a1, a2)
+    q = tl.permute(q, (0, 1, 6, 5, 4, 2, 3))  # (n, i, a2, a1, a0, t, b)
+    return tl.reshape(q, (BLOCK_N, BLOCK_W * 16))
+
+
+@triton.jit
+def _dot_rows16(BLOCK_K: tl.constexpr):
+    """The input row (inside the K tile) of each dot position, as :func:`_dot_order8` lays
+    the entries out."""
+    p = tl.arange(0, BLOCK_K)
+    return (p // 64) * 64 + ((p // 2) % 4) * 16 + ((p // 8) % 8) * 2 + p % 2
+
+
+@triton.jit
+def _kept_pair(qw, zc, nib, G: tl.constexpr, MAGIC16: tl.constexpr, dtype: tl.constexpr):
+    """Group G (of four in each word) of the joint form: its two kept 4-bit codes (slots 2G
+    and 2G + 1 of the word) minus the zero point as 16-bit floats, placed at their positions
+    (``nib``'s bits 4G..4G+3) by :func:`_expand24`: entries (0, 1) and (2, 3)."""
+    d0 = (((qw >> (8 * G)) & 15) | MAGIC16).to(tl.int16).to(dtype, bitcast=True) - zc
+    d1 = (((qw >> (8 * G + 4)) & 15) | MAGIC16).to(tl.int16).to(dtype, bitcast=True) - zc
+    vals = (d0.to(tl.uint16, bitcast=True).to(tl.uint32)
+            | (d1.to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
+    return _expand24(vals, nib >> (4 * G), dtype)
+
+
+@triton.jit
+def _sparse24q_swap_kernel(
+    x_ptr, qv_ptr, meta_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_qw, stride_qn, stride_mr, stride_mc, stride_sg, stride_sn,
+    stride_zg, stride_zn, stride_om, stride_on,
+    GROUP_SIZE,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN: tl.constexpr, MAGIC16: tl.constexpr,
+):
+    """The joint 2:4 + INT4 form: one (BLOCK_N, BLOCK_M) tile of ``out^T`` over K tiles of
+    BLOCK_W words of ``qvalues`` [K/16, N] (eight kept 4-bit codes, four groups of four, 16
+    inputs each; the K tile inside one quantization group: the launcher checks), with meta
+    [K/32, N] read as int16 [K/32, 2N] (a word's four groups' positions in one half, which
+    each thread reads for itself); split-K over grid axis 2."""
+    BLOCK_K: tl.constexpr = BLOCK_W * 16
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    z_shift = (offs_n % 8) * 4
+    KW = K // 16
+    rows = _dot_rows16(BLOCK_K)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        s, z = _qparams(s_ptr, z_ptr, k0 // GROUP_SIZE, offs_n, n_ok, z_shift, stride_sg,
+                        stride_sn, stride_zg, stride_zn, 15, 8)
+        zc = (z | MAGIC16).to(tl.int16).to(dtype, bitcast=True)[:, None]
+        offs_w = k0 // 16 + tl.arange(0, BLOCK_W)
+        q_ptrs = qv_ptr + offs_w[None, :] * stride_qw + offs_n[:, None] * stride_qn
+        m_ptrs = (meta_ptr + (offs_w // 2)[None, :] * stride_mr
+                  + (2 * offs_n[:, None] + (offs_w % 2)[None, :]) * stride_mc)
+        if EVEN:
+            qw = tl.load(q_ptrs)  # (BN, BW)
+            mh = tl.load(m_ptrs)
+        else:
+            ok = n_ok[:, None] & (offs_w < KW)[None, :]
+            qw = tl.load(q_ptrs, mask=ok, other=0)
+            mh = tl.load(m_ptrs, mask=ok, other=0)
+        nib = mh.to(tl.int32) & 0xFFFF
+        a0, a1 = _kept_pair(qw, zc, nib, 0, MAGIC16, dtype)
+        b0, b1 = _kept_pair(qw, zc, nib, 1, MAGIC16, dtype)
+        c0, c1 = _kept_pair(qw, zc, nib, 2, MAGIC16, dtype)
+        d0, d1 = _kept_pair(qw, zc, nib, 3, MAGIC16, dtype)
+        w = _dot_order8(a0, a1, b0, b1, c0, c1, d0, d1, BLOCK_N, BLOCK_W)
+        acc += _times_x(w, x_ptr, offs_m, m_ok, k0 + rows, K, stride_xm, stride_xk,
+                        EVEN) * s[:, None]
     _write_out(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, acc,
                m_ok[None, :] & n_ok[:, None], SPLIT_K)
