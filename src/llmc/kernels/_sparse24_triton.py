@@ -10,7 +10,7 @@ import triton.language as tl
 from torch import Tensor
 
 from llmc.kernels._swap_triton import _sparse24_swap_kernel, _sparse24q_swap_kernel
-from llmc.kernels._triton_common import TWO23, _code_plus_2p23, _qparams, _write_out
+from llmc.kernels._triton_common import TWO23, _code_plus_2p23, _qparams, _tile, _write_out
 from llmc.kernels.tune import Config, atomic_out, finish_out, pick, swap_enabled
 
 
@@ -31,13 +31,7 @@ def _sparse24_matmul_kernel(
     Values: QUANT=False, ``v`` [slots, N] by strides (the [N, K/2] values tensor); QUANT=True,
     4-bit codes packed 8 per int32 along the slots, ``v`` [K/16, N], dequantized as
     ``(q - z) * s`` with the group of input column ``k`` being ``k // GROUP_SIZE``."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok, pid_k = _tile(M, N, BLOCK_M, BLOCK_N)
     G4 = K // 4  # groups of four inputs (K is a multiple of 32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g0 in range(pid_k * BLOCK_G, G4, BLOCK_G * SPLIT_K):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from llmc.kernels._triton_common import _qparams, _write_out
+from llmc.kernels._triton_common import _qparams, _tile, _write_out
 
 
 @triton.jit
@@ -125,13 +125,7 @@ def _wq_swap_kernel(
     EVEN: K and N are whole tiles (only the rows of x are bounds-checked). ``g_ptr``, BITS
     and GROUPS are the tile kernel's arguments, unused here."""
     BLOCK_K: tl.constexpr = BLOCK_W * 8
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok, pid_k = _tile(M, N, BLOCK_M, BLOCK_N)
     z_shift = (offs_n % 8) * 4
     KW = (K + 7) // 8
     rows = _dot_rows(BLOCK_K)
@@ -190,13 +184,7 @@ def _sparse24_swap_kernel(
     positions in one byte; a load per thread, not a word shared by four); split-K over grid
     axis 2. EVEN: K and N are whole tiles (only the rows of x are bounds-checked)."""
     BLOCK_K: tl.constexpr = BLOCK_G * 4
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok, pid_k = _tile(M, N, BLOCK_M, BLOCK_N)
     G4 = K // 4
     rows = _dot_rows(BLOCK_K)
     dtype = x_ptr.dtype.element_ty
@@ -271,13 +259,7 @@ def _sparse24q_swap_kernel(
     [K/32, N] read as int16 [K/32, 2N] (a word's four groups' positions in one half, which
     each thread reads for itself); split-K over grid axis 2."""
     BLOCK_K: tl.constexpr = BLOCK_W * 16
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok, pid_k = _tile(M, N, BLOCK_M, BLOCK_N)
     z_shift = (offs_n % 8) * 4
     KW = K // 16
     rows = _dot_rows16(BLOCK_K)

@@ -29,6 +29,15 @@ def _code_plus_2p23(word, shift, MAXQ: tl.constexpr):
 
 
 @triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tiled program's rows of x and columns of the output (grid axes 0 and 1), their
+    bounds, and its split-K index (axis 2)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N, tl.program_id(2)
+
+
+@triton.jit
 def _write_out(out, vals, mask, SPLIT_K: tl.constexpr):
     """Store ``vals`` at the pointers ``out``; with split-K, add them atomically (the buffer
     was zeroed)."""

@@ -8,7 +8,7 @@ import triton.language as tl
 from torch import Tensor
 
 from llmc.kernels._swap_triton import _wq_swap_kernel
-from llmc.kernels._triton_common import MAGIC, TWO23, _code_plus_2p23, _qparams, _write_out
+from llmc.kernels._triton_common import MAGIC, TWO23, _code_plus_2p23, _qparams, _tile, _write_out
 from llmc.kernels.tune import Config, atomic_out, finish_out, pick, swap_enabled
 
 # How the group of a weight row is found: the whole K tile lies in one group (scales and zero
@@ -40,13 +40,7 @@ def _wq_matmul_kernel(
     PER_WORD: tl.constexpr = 32 // BITS
     MAXQ: tl.constexpr = (1 << BITS) - 1
     BLOCK_K: tl.constexpr = BLOCK_W * PER_WORD
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok, pid_k = _tile(M, N, BLOCK_M, BLOCK_N)
     z_shift = (offs_n % PER_WORD) * BITS
     KW = (K + PER_WORD - 1) // PER_WORD
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
