@@ -56,6 +56,14 @@ def _byte_pair_asm(qw, zz, A: tl.constexpr):
 
 
 @triton.jit
+def _code_minus_z(qw, shift, zc, MAGIC16: tl.constexpr, dtype: tl.constexpr):
+    """``q - z`` in x's 16-bit dtype for the 4-bit code at bit ``shift`` of each word, as
+    ``(q | MAGIC16) - zc`` read as 16-bit floats (``zc``: ``z | MAGIC16`` as such a float;
+    exact)."""
+    return (((qw >> shift) & 15) | MAGIC16).to(tl.int16).to(dtype, bitcast=True) - zc
+
+
+@triton.jit
 def _byte_pair(qw, zc, zz, A: tl.constexpr, MAGIC16: tl.constexpr, ASM: tl.constexpr,
                dtype: tl.constexpr):
     """Codes 2A and 2A + 1 of each word minus the zero point, in x's dtype, stacked on a new
@@ -75,8 +83,8 @@ def _byte_pair(qw, zc, zz, A: tl.constexpr, MAGIC16: tl.constexpr, ASM: tl.const
         hi = ((t >> 16).to(tl.int16).to(tl.float16, bitcast=True) * 0.0625
               + (zz >> 16).to(tl.int16).to(tl.float16, bitcast=True))
     else:
-        lo = (((qw >> (8 * A)) & 15) | MAGIC16).to(tl.int16).to(dtype, bitcast=True) - zc
-        hi = (((qw >> (8 * A + 4)) & 15) | MAGIC16).to(tl.int16).to(dtype, bitcast=True) - zc
+        lo = _code_minus_z(qw, 8 * A, zc, MAGIC16, dtype)
+        hi = _code_minus_z(qw, 8 * A + 4, zc, MAGIC16, dtype)
     return tl.join(lo, hi)
 
 
@@ -92,11 +100,13 @@ def _dot_order(p0, p1, p2, p3, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
-def _dot_rows(BLOCK_K: tl.constexpr):
-    """The input row (inside the K tile) of each dot position, as :func:`_dot_order` lays
-    the codes out."""
+def _dot_rows(BLOCK_K: tl.constexpr, PAIRS: tl.constexpr):
+    """The input row (inside the K tile) of each dot position, as :func:`_dot_order` (4
+    pairs per word) or :func:`_dot_order8` (8) lay the entries out: position
+    ``8 PAIRS i + 8 a + 2 t + b`` is row ``2 PAIRS (4 i + t) + 2 a + b``."""
     p = tl.arange(0, BLOCK_K)
-    return (p // 32) * 32 + ((p // 2) % 4) * 8 + ((p // 8) % 4) * 2 + p % 2
+    return ((p // (8 * PAIRS)) * (8 * PAIRS) + ((p // 2) % 4) * (2 * PAIRS)
+            + ((p // 8) % PAIRS) * 2 + p % 2)
 
 
 @triton.jit
@@ -128,7 +138,7 @@ def _wq_swap_kernel(
     offs_m, offs_n, m_ok, n_ok, pid_k = _tile(M, N, BLOCK_M, BLOCK_N)
     z_shift = (offs_n % 8) * 4
     KW = (K + 7) // 8
-    rows = _dot_rows(BLOCK_K)
+    rows = _dot_rows(BLOCK_K, 4)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
@@ -186,7 +196,7 @@ def _sparse24_swap_kernel(
     BLOCK_K: tl.constexpr = BLOCK_G * 4
     offs_m, offs_n, m_ok, n_ok, pid_k = _tile(M, N, BLOCK_M, BLOCK_N)
     G4 = K // 4
-    rows = _dot_rows(BLOCK_K)
+    rows = _dot_rows(BLOCK_K, 4)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for g0 in range(pid_k * BLOCK_G, G4, BLOCK_G * SPLIT_K):
@@ -224,20 +234,12 @@ def _dot_order8(p0, p1, p2, p3, p4, p5, p6, p7, BLOCK_N: tl.constexpr, BLOCK_W: 
 
 
 @triton.jit
-def _dot_rows16(BLOCK_K: tl.constexpr):
-    """The input row (inside the K tile) of each dot position, as :func:`_dot_order8` lays
-    the entries out."""
-    p = tl.arange(0, BLOCK_K)
-    return (p // 64) * 64 + ((p // 2) % 4) * 16 + ((p // 8) % 8) * 2 + p % 2
-
-
-@triton.jit
 def _kept_pair(qw, zc, nib, G: tl.constexpr, MAGIC16: tl.constexpr, dtype: tl.constexpr):
     """Group G (of four in each word) of the joint form: its two kept 4-bit codes (slots 2G
     and 2G + 1 of the word) minus the zero point as 16-bit floats, placed at their positions
     (``nib``'s bits 4G..4G+3) by :func:`_expand24`: entries (0, 1) and (2, 3)."""
-    d0 = (((qw >> (8 * G)) & 15) | MAGIC16).to(tl.int16).to(dtype, bitcast=True) - zc
-    d1 = (((qw >> (8 * G + 4)) & 15) | MAGIC16).to(tl.int16).to(dtype, bitcast=True) - zc
+    d0 = _code_minus_z(qw, 8 * G, zc, MAGIC16, dtype)
+    d1 = _code_minus_z(qw, 8 * G + 4, zc, MAGIC16, dtype)
     vals = (d0.to(tl.uint16, bitcast=True).to(tl.uint32)
             | (d1.to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
     return _expand24(vals, nib >> (4 * G), dtype)
@@ -262,7 +264,7 @@ def _sparse24q_swap_kernel(
     offs_m, offs_n, m_ok, n_ok, pid_k = _tile(M, N, BLOCK_M, BLOCK_N)
     z_shift = (offs_n % 8) * 4
     KW = K // 16
-    rows = _dot_rows16(BLOCK_K)
+    rows = _dot_rows(BLOCK_K, 8)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
