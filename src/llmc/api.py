@@ -1,22 +1,39 @@
-"""The public functions: ``compress``, ``evaluate``, ``save``, ``load``."""
+"""The public functions: ``compress``, ``plan``, ``distill``, ``evaluate``, ``save``, ``load``.
+
+``compress(model, recipe)`` compresses a resident model in place. ``compress("path-or-id",
+recipe, out=...)`` streams the checkpoint instead: the model is read block by block from disk
+(safetensors or GGUF), compressed on the chosen device and written block by block to ``out``,
+so a model larger than the machine's memory compresses, and a killed run resumes
+(``resume=True``). ``plan`` gives the memory, disk and time such a run needs, from the config
+alone.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from llmc.calibration import CalibrationConfig, calibration_windows, heldout_windows
+from llmc.calibration import CalibrationConfig, calibration_windows, heldout_windows, load_rows
+from llmc.engine import Engine, EngineOptions, WalkReport
+from llmc.engine.blocks import LazyBlocks, ResidentBlocks
+from llmc.engine.config import resolve_device
+from llmc.engine.memory import memory_budget, parse_bytes, rss_bytes
+from llmc.engine.plan import Plan, Shape, Work, make_plan
+from llmc.engine.stream import StreamingCheckpoint, partial_dir
 from llmc.eval.perplexity import evaluate_text
-from llmc.models import get_adapter, load_model
+from llmc.models import get_adapter, load_config, load_model, load_tokenizer, resolve
 from llmc.recipe import Recipe
-from llmc.walker import LayerWalker, WalkReport
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +46,8 @@ class CompressionReport:
     """What ``compress`` did: per-layer relative output error (and sparsity, when pruned), time
     per block, what each block transform chose (AWQ: per pair the exponent and the losses),
     what a planning pass chose (OWL: per block the outlier ratio and sparsity), what each
-    distill step did (held-out KL before and at the best step, its history), totals."""
+    distill step did (held-out KL before and at the best step, its history), how the engine ran
+    (device, cache placement, lockstep mode, resumed block) and its plan, totals."""
 
     recipe: dict[str, Any]
     layers: list[dict[str, Any]] = field(default_factory=list)
@@ -40,9 +58,24 @@ class CompressionReport:
     seconds: float = 0.0
     capture_seconds: float = 0.0
     calibration: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_walk(cls, recipe: Recipe, walk: WalkReport, **kw: Any) -> CompressionReport:
+        return cls(recipe=recipe.to_dict(), layers=[asdict(r) for r in walk.layers],
+                   blocks=walk.blocks, transforms=walk.transforms, plans=walk.plans,
+                   capture_seconds=walk.capture_seconds, engine=walk.engine, **kw)
+
+
+def _llmc_version() -> str:
+    try:
+        return version("llmc")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _windows(
@@ -72,20 +105,99 @@ def _windows(
     return calibration_windows(tokenizer, config), held, asdict(config)
 
 
+def _steps(recipe: Recipe) -> tuple[list, list]:
+    """(walk steps, whole-model steps) as ``(index, Step, compressor)``."""
+    steps = [(i, s, s.compressor()) for i, s in enumerate(recipe.steps)]
+    post = [st for st in steps if getattr(st[2], "post_walk", False)]
+    return [st for st in steps if st not in post], post
+
+
+def _calibration_shape(recipe: Recipe, calibration: Any) -> tuple[int, int]:
+    if isinstance(calibration, Tensor):
+        return int(calibration.shape[0]), int(calibration.shape[1])
+    cal = calibration if isinstance(calibration, CalibrationConfig) else recipe.calibration
+    return cal.samples, cal.seqlen
+
+
+def _make_plan(model: nn.Module, adapter: Any, recipe: Recipe, steps: list, *,
+               calibration: Any, device: torch.device, mode: str, cache: str, lockstep: str,
+               max_memory: str | int | None, stored_bytes: int, save_bytes: int,
+               out: Path | None, offload_dir: Path | None, probe: bool,
+               max_shard_bytes: int = 2_000_000_000) -> Plan:
+    samples, seqlen = _calibration_shape(recipe, calibration)
+    shape = Shape.of(model, adapter, lambda n: any(s.selects(n) for _, s, _ in steps))
+    if max_memory is not None:
+        budget = (parse_bytes(max_memory), "--max-memory")
+    else:
+        budget = memory_budget()
+    return make_plan(
+        shape, Work.of(steps), samples=samples, seqlen=seqlen,
+        batch_size=recipe.walker.batch_size, walker_dtype=recipe.walker.torch_dtype,
+        device=device, mode=mode, cache=cache, lockstep=lockstep, baseline=rss_bytes(),
+        budget=budget, stored_bytes=stored_bytes, save_bytes=save_bytes,
+        out_parent=out.parent if out is not None else None, offload_dir=offload_dir,
+        probe=probe, max_shard_bytes=max_shard_bytes,
+    )
+
+
 def compress(
-    model: nn.Module,
+    model: nn.Module | str | Path,
     recipe: Recipe | dict | str | Path,
     *,
     tokenizer: Any = None,
     calibration: Tensor | CalibrationConfig | None = None,
     progress: bool = True,
-) -> tuple[nn.Module, CompressionReport]:
-    """Compress ``model`` in place with ``recipe`` and return it with a report.
+    device: str | torch.device | None = None,
+    out: str | Path | None = None,
+    format: str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    max_memory: str | int | None = None,
+    offload_dir: str | Path | None = None,
+    cache: str = "auto",
+    lockstep: str = "auto",
+    trust_remote_code: bool = False,
+    max_shard_bytes: int = 2_000_000_000,
+) -> tuple[Any, CompressionReport]:
+    """Compress a model with ``recipe``.
+
+    ``model`` an ``nn.Module``: compressed in place on ``device`` (default: where it is; each
+    block visits the device for its turn), returned with a report.
+
+    ``model`` a name (HF directory or id, ``.gguf`` file, demo name): streamed from disk block
+    by block into the checkpoint ``out`` (``format``: gptq, awq or compressed-tensors; default
+    awq after a 4-bit awq step, else gptq), never held whole in memory; returns
+    ``(Path(out), report)``. The plan's peak memory must fit ``max_memory`` (default: what the
+    machine, or its cgroup, has free); ``resume`` continues a killed run into the same ``out``.
 
     ``calibration`` is a token-id tensor [samples, seqlen], a ``CalibrationConfig``, or None
-    for the recipe's own ``calibration`` section (read with ``tokenizer``).
+    for the recipe's own ``calibration`` section (read with ``tokenizer``; a streamed model's
+    own tokenizer by default). ``cache`` (``auto``, ``ram``, ``disk``) and ``lockstep``
+    (``auto``, ``lockstep``, ``replay``) override the plan's choices. A streamed output of at
+    most ``max_shard_bytes`` is one ``model.safetensors``; a larger one keeps a shard per block.
     """
-    recipe = Recipe.coerce(recipe)
+    if isinstance(model, (str, Path)):
+        if out is None:
+            raise ValueError("compress(<model name>, ...) streams to a checkpoint: pass out=...")
+        return _compress_stream(
+            str(model), Recipe.coerce(recipe), Path(out), tokenizer=tokenizer,
+            calibration=calibration, progress=progress, device=device, fmt=format,
+            overwrite=overwrite, resume=resume, max_memory=max_memory,
+            offload_dir=None if offload_dir is None else Path(offload_dir), cache=cache,
+            lockstep=lockstep, trust_remote_code=trust_remote_code,
+            max_shard_bytes=max_shard_bytes)
+    if out is not None or resume:
+        raise ValueError("out= and resume= stream a checkpoint from disk: pass the model's name "
+                         "or path, or call llmc.save() after compressing a resident model")
+    return _compress_resident(model, Recipe.coerce(recipe), tokenizer=tokenizer,
+                              calibration=calibration, progress=progress, device=device,
+                              cache=cache, lockstep=lockstep, max_memory=max_memory,
+                              offload_dir=offload_dir)
+
+
+def _compress_resident(model: nn.Module, recipe: Recipe, *, tokenizer: Any, calibration: Any,
+                       progress: bool, device: Any, cache: str, lockstep: str,
+                       max_memory: Any, offload_dir: Any) -> tuple[nn.Module, CompressionReport]:
     adapter = get_adapter(model.config)
     recipe.check_model(model.config)
     dtypes = {p.dtype for b in adapter.get_blocks(model) for p in b.parameters()}
@@ -96,9 +208,9 @@ def compress(
             "model with dtype=torch.float32 (block forwards still run in the walker's dtype)"
         )
     model.eval()
-    steps = [(i, s, s.compressor()) for i, s in enumerate(recipe.steps)]
-    walk_steps = [st for st in steps if not getattr(st[2], "post_walk", False)]
-    post_steps = [st for st in steps if getattr(st[2], "post_walk", False)]
+    home = next(model.parameters()).device
+    dev = home if device is None else resolve_device(device)
+    walk_steps, post_steps = _steps(recipe)
     windows, held, calib_info = None, None, {}
     if recipe.needs_calibration:
         n_held = max((s.config.heldout for _, s, _ in post_steps), default=0)  # logit mode
@@ -111,26 +223,219 @@ def compress(
         from llmc.distill import snapshot_teacher
 
         teacher = snapshot_teacher(model)
-    walk = LayerWalker(model, adapter, walk_steps, recipe.walker, progress=progress).run(
-        windows) if walk_steps else WalkReport()
+    walk, plan = WalkReport(), None
+    if walk_steps:
+        plan = _make_plan(model, adapter, recipe, walk_steps, calibration=windows, device=dev,
+                          mode="in-memory", cache=cache, lockstep=lockstep,
+                          max_memory=max_memory, stored_bytes=0, save_bytes=4, out=None,
+                          offload_dir=None, probe=False)
+        with tempfile.TemporaryDirectory(prefix="llmc-cache-") as tmp:
+            options = EngineOptions(dev, plan.cache, Path(offload_dir or tmp),
+                                    plan.lockstep if plan.lockstep != "n/a" else "lockstep")
+            engine = Engine(ResidentBlocks(model, adapter, dev), adapter, walk_steps,
+                            recipe.walker, options, progress=progress)
+            walk = engine.run(windows)
     distilled = []
     for idx, step, comp in post_steps:
         record = comp.run(model, teacher, windows, held, step, progress=progress)
         distilled.append({"step": idx, "method": step.method, **record})
     del teacher
-    report = CompressionReport(
-        recipe=recipe.to_dict(),
-        layers=[asdict(r) for r in walk.layers],
-        blocks=walk.blocks,
-        transforms=walk.transforms,
-        plans=walk.plans,
-        distill=distilled,
-        seconds=time.perf_counter() - t,
-        capture_seconds=walk.capture_seconds,
-        calibration=calib_info,
-    )
+    report = CompressionReport.from_walk(recipe, walk, distill=distilled,
+                                         seconds=time.perf_counter() - t, calibration=calib_info,
+                                         plan=plan.to_dict() if plan else None)
     model.llmc_recipe = recipe
     return model, report
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a directory; remove it or choose another path")
+
+
+def _prepare_stream(model_name: str, recipe: Recipe, fmt: str | None, trust_remote_code: bool,
+                    calibration: Any = None):
+    """Every check that needs no weights; returns (source, config, lazy model, adapter,
+    format)."""
+    from llmc.formats.checkpoint import check_writable, default_format, quant_method
+    from llmc.models.lazy import open_lazy
+
+    if Path(model_name).is_dir() and quant_method(Path(model_name)):
+        raise ValueError(f"{model_name} is already {quant_method(Path(model_name))}-quantized; "
+                         "compress the original model")
+    fmt = fmt or default_format(recipe)
+    check_writable(recipe, fmt)
+    src = resolve(model_name)
+    config = load_config(model_name, trust_remote_code)
+    adapter = get_adapter(config)
+    lazy = open_lazy(src, config, trust_remote_code)
+    recipe.check_model(config, divisible_groups=fmt if fmt in ("awq", "compressed-tensors")
+                       else None, skeleton=lazy.model)
+    recipe.check_seqlen(config, _calibration_shape(recipe, calibration)[1])
+    cal = recipe.calibration
+    if recipe.needs_calibration and not isinstance(calibration, Tensor):
+        load_rows(cal.dataset, cal.split, text_column=cal.text_column)  # a missing file fails now
+    return src, config, lazy, adapter, fmt
+
+
+def plan(
+    model: str | Path,
+    recipe: Recipe | dict | str | Path,
+    *,
+    out: str | Path | None = None,
+    device: str | torch.device | None = "auto",
+    format: str | None = None,
+    max_memory: str | int | None = None,
+    offload_dir: str | Path | None = None,
+    cache: str = "auto",
+    lockstep: str = "auto",
+    trust_remote_code: bool = False,
+) -> Plan:
+    """The plan of ``compress(model, recipe, out=...)``: peak RAM and device memory per phase,
+    disk for the output and the offload, an estimated time, and the cache placement and
+    lockstep mode it picks; from the model's config alone (nothing is read but file headers)."""
+    recipe = Recipe.coerce(recipe)
+    dev = resolve_device(device)
+    _, _, lazy, adapter, _ = _prepare_stream(str(model), recipe, format, trust_remote_code)
+    walk_steps, post_steps = _steps(recipe)
+    return _make_plan(lazy.model, adapter, recipe, walk_steps + post_steps,
+                      calibration=None, device=dev,
+                      mode="resident" if post_steps else "stream", cache=cache,
+                      lockstep=lockstep, max_memory=max_memory,
+                      stored_bytes=lazy.bytes_on_disk(), save_bytes=lazy.save_dtype.itemsize,
+                      out=Path(out) if out is not None else Path.cwd() / "out",
+                      offload_dir=Path(offload_dir) if offload_dir else None, probe=True)
+
+
+def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: Any,
+                     calibration: Any, progress: bool, device: Any, fmt: str | None,
+                     overwrite: bool, resume: bool, max_memory: Any, offload_dir: Path | None,
+                     cache: str, lockstep: str, trust_remote_code: bool,
+                     max_shard_bytes: int) -> tuple[Path, CompressionReport]:
+    from llmc.formats.checkpoint import recipe_act_order, recipe_quantizes
+    from llmc.formats.packer import Packer
+
+    _check_output(out, overwrite)
+    dev = resolve_device(device)
+    src, config, lazy, adapter, fmt = _prepare_stream(model_name, recipe, fmt, trust_remote_code,
+                                                      calibration)
+    walk_steps, post_steps = _steps(recipe)
+    if post_steps:
+        if resume:
+            raise ValueError("--resume: a recipe with a logit distill step trains the whole "
+                             "model after the walk, which cannot resume; run it without "
+                             "--resume")
+        return _compress_whole(model_name, recipe, out, calibration=calibration,
+                               tokenizer=tokenizer, progress=progress, device=dev, fmt=fmt,
+                               overwrite=overwrite, max_memory=max_memory, lazy=lazy,
+                               adapter=adapter, trust_remote_code=trust_remote_code)
+    the_plan = _make_plan(lazy.model, adapter, recipe, walk_steps, calibration=calibration,
+                          device=dev, mode="stream", cache=cache, lockstep=lockstep,
+                          max_memory=max_memory, stored_bytes=lazy.bytes_on_disk(),
+                          save_bytes=lazy.save_dtype.itemsize, out=out, offload_dir=offload_dir,
+                          probe=False, max_shard_bytes=max_shard_bytes)
+    the_plan.check()
+    log.info("%s", the_plan.render())
+    if tokenizer is None:
+        try:
+            tokenizer = load_tokenizer(src, trust_remote_code)
+        except (OSError, ValueError) as e:
+            if recipe.needs_calibration and not isinstance(calibration, Tensor):
+                raise ValueError(f"cannot load the tokenizer of '{model_name}': {e}") from None
+            tokenizer = None
+    windows, calib_info = None, {}
+    if recipe.needs_calibration:
+        windows, _, calib_info = _windows(tokenizer, calibration, recipe)
+        recipe.check_seqlen(config, windows.shape[1])
+    fingerprint = {
+        "model": lazy.fingerprint(), "recipe": recipe.to_dict(), "format": fmt,
+        "llmc": _llmc_version(),
+        "calibration": None if windows is None else {
+            "shape": list(windows.shape),
+            "sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()},
+    }
+    skeleton = lazy.model
+    block_lin = [f"{adapter.blocks}.{b}.{n}" for b, blk in enumerate(adapter.get_blocks(skeleton))
+                 for n, m in blk.named_modules() if isinstance(m, nn.Linear)]
+    packer = Packer(fmt, config,
+                    linears=[n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)],
+                    block_linears=block_lin, groups=adapter.groups,
+                    blocks_prefix=adapter.blocks + ".", quantizing=recipe_quantizes(recipe),
+                    act_order=recipe_act_order(recipe), save_dtype=lazy.save_dtype,
+                    model_class=type(skeleton).__name__)
+    partial = partial_dir(out)
+    checkpoint = StreamingCheckpoint(partial, lazy, packer, adapter.blocks + ".",
+                                     len(adapter.get_blocks(skeleton)), fingerprint, resume,
+                                     max_shard_bytes)
+    cache_dir = checkpoint.cache_dir if offload_dir is None else (
+        offload_dir / f"llmc-{hashlib.sha256(str(partial.resolve()).encode()).hexdigest()[:12]}")
+    t = time.perf_counter()
+    try:
+        options = EngineOptions(dev, the_plan.cache, cache_dir,
+                                the_plan.lockstep if the_plan.lockstep != "n/a" else "lockstep")
+        engine = Engine(LazyBlocks(lazy, adapter, dev), adapter, walk_steps, recipe.walker,
+                        options, checkpoint=checkpoint, progress=progress)
+        walk = engine.run(windows)
+        checkpoint.finish()
+        report = CompressionReport.from_walk(recipe, walk, seconds=time.perf_counter() - t,
+                                             calibration=calib_info, plan=the_plan.to_dict())
+        _write_extras(partial, tokenizer, recipe, report)
+        from llmc.formats.io import move_into_place
+
+        if offload_dir is not None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        move_into_place(partial, out)
+    except BaseException:
+        if not checkpoint.has_state:
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            log.warning("stopped; %s keeps the finished blocks: rerun the same command with "
+                        "--resume to continue, or remove it", partial)
+        raise
+    log.info("wrote %s", out)
+    return out, report
+
+
+def _write_extras(directory: Path, tokenizer: Any, recipe: Recipe | None,
+                  report: CompressionReport | dict | None) -> None:
+    from llmc.formats.io import save_json
+
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if recipe is not None:
+        (directory / RECIPE_FILE).write_text(recipe.to_yaml())
+    if report is not None:
+        save_json(directory / REPORT_FILE,
+                  report.to_dict() if hasattr(report, "to_dict") else report)
+
+
+def _compress_whole(model_name: str, recipe: Recipe, out: Path, *, calibration: Any,
+                    tokenizer: Any, progress: bool, device: torch.device, fmt: str,
+                    overwrite: bool, max_memory: Any, lazy: Any, adapter: Any,
+                    trust_remote_code: bool) -> tuple[Path, CompressionReport]:
+    """A recipe with a whole-model step (logit distillation): the model is loaded whole, if the
+    plan says it fits, compressed in memory and saved."""
+    walk_steps, post_steps = _steps(recipe)
+    the_plan = _make_plan(lazy.model, adapter, recipe, walk_steps + post_steps,
+                          calibration=calibration, device=device, mode="resident",
+                          cache="ram", lockstep="auto", max_memory=max_memory,
+                          stored_bytes=lazy.bytes_on_disk(),
+                          save_bytes=lazy.save_dtype.itemsize, out=out, offload_dir=None,
+                          probe=False)
+    try:
+        the_plan.check()
+    except ValueError as e:
+        raise ValueError(f"logit distillation needs the whole model (and its teacher) in "
+                         f"memory: {e}") from None
+    model, tok = load_model(model_name, trust_remote_code=trust_remote_code)
+    model, report = _compress_resident(model, recipe, tokenizer=tokenizer or tok,
+                                       calibration=calibration, progress=progress,
+                                       device=device, cache="auto", lockstep="auto",
+                                       max_memory=max_memory, offload_dir=None)
+    report.plan = the_plan.to_dict()
+    save(model, out, tokenizer=tokenizer or tok, report=report, overwrite=overwrite, format=fmt)
+    return out, report
 
 
 def distill(
@@ -182,24 +487,20 @@ def save(
     overwrite: bool = False,
     format: str | None = None,
 ) -> Path:
-    """Write ``model`` to ``out``: the HF GPTQ or AWQ layout (``format``; default: awq after a
-    4-bit awq recipe, else gptq) when it holds quantized Linears, a dense safetensors
-    checkpoint otherwise; plus the tokenizer, ``recipe.yaml`` and the report. Written to a
-    temporary directory and moved into place when complete."""
+    """Write ``model`` to ``out``: the HF GPTQ, AWQ or compressed-tensors layout (``format``;
+    default: awq after a 4-bit awq recipe, else gptq) when it holds quantized Linears, a dense
+    safetensors checkpoint otherwise (unquantized tensors in ``model.config.dtype``); plus the
+    tokenizer, ``recipe.yaml`` and the report. Written to a temporary directory and moved into
+    place when complete."""
     from llmc.formats.checkpoint import default_format, write_model
-    from llmc.formats.io import atomic_output_dir, save_json
+    from llmc.formats.io import atomic_output_dir
 
     out = Path(out)
     recipe = getattr(model, "llmc_recipe", None)
     fmt = format or default_format(recipe)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_model(model, tmp, fmt=fmt)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if recipe is not None:
-            (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
-        if report is not None:
-            save_json(tmp / REPORT_FILE, report.to_dict() if hasattr(report, "to_dict") else report)
+        _write_extras(tmp, tokenizer, recipe, report)
     log.info("wrote %s", out)
     return out
 

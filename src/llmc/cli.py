@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from llmc.calibration import CalibrationConfig
-from llmc.walker import DTYPES, WalkerConfig
+from llmc.engine.config import DTYPES, WalkerConfig
 
 log = logging.getLogger("llmc")
 
@@ -53,6 +53,37 @@ def calibration_options(f):
     return f
 
 
+def engine_options(f):
+    """--device, --max-memory, --offload-dir, --cache, --lockstep, --resume, --dry-run, --json:
+    how the compressing commands stream a model through the engine."""
+    opts = [
+        click.option("--device", default="auto", show_default=True,
+                     help="Where blocks are compressed: auto (the first CUDA device, else the "
+                          "CPU), cpu, cuda or cuda:N"),
+        click.option("--max-memory", default=None,
+                     help="RAM the run may use, e.g. 48GiB [default: what the machine, or its "
+                          "cgroup, has free]; the plan refuses to start past it"),
+        click.option("--offload-dir", type=click.Path(path_type=Path), default=None,
+                     help="Directory for the activation cache when the plan puts it on disk "
+                          "[default: inside the output's temporary directory]"),
+        click.option("--cache", "cache_place", type=click.Choice(["auto", "ram", "disk"]),
+                     default="auto", show_default=True,
+                     help="Where the activation cache lives (auto: the plan chooses)"),
+        click.option("--lockstep", type=click.Choice(["auto", "lockstep", "replay"]),
+                     default="auto", show_default=True,
+                     help="True-sequential groups: one pass with every chunk paused at each "
+                          "group, or a replay pass per group (auto: the plan chooses)"),
+        click.option("--resume", is_flag=True,
+                     help="Continue an interrupted run into the same output"),
+        click.option("--dry-run", is_flag=True,
+                     help="Print the plan (memory, disk, time) and stop before any weight loads"),
+        click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def _errors(f):
     """Bad input exits non-zero with a one-line reason, never a traceback."""
 
@@ -65,7 +96,7 @@ def _errors(f):
                 str(e).splitlines()[0] if str(e) else type(e).__name__
             ) from None
         except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
+            click.echo("interrupted; the output was not written", err=True)
             sys.exit(130)
 
     return wrapper
@@ -83,30 +114,23 @@ def _with_overrides(recipe, opts: dict[str, Any]):
 
 
 def _run(model_name: str, recipe, opts: dict[str, Any]) -> None:
-    """Validate everything that needs no weights, then load, compress and save."""
+    """Plan (or with --dry-run only print the plan), then stream the model through the
+    engine into the output."""
     from llmc import api
-    from llmc.calibration import load_rows
-    from llmc.formats.checkpoint import check_writable, default_format, quant_method
-    from llmc.models import load_config, load_model
 
-    out: Path = opts["output"]
-    if out.exists() and not opts["overwrite"] and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    if Path(model_name).is_dir() and quant_method(Path(model_name)):
-        raise ValueError(f"{model_name} is already {quant_method(Path(model_name))}-quantized; "
-                         "compress the original model")
-    fmt = opts["fmt"] or default_format(recipe)
-    check_writable(recipe, fmt)
-    config = load_config(model_name, opts["trust_remote_code"])
-    recipe.check_model(config, divisible_groups=fmt if fmt in ("awq", "compressed-tensors")
-                       else None)
-    recipe.check_seqlen(config)
-    cal = recipe.calibration
-    if recipe.needs_calibration:  # a missing data file fails before the model loads
-        load_rows(cal.dataset, cal.split, text_column=cal.text_column)
-    model, tok = load_model(model_name, trust_remote_code=opts["trust_remote_code"])
-    model, report = api.compress(model, recipe, tokenizer=tok, progress=not opts["quiet"])
-    api.save(model, out, tokenizer=tok, report=report, overwrite=opts["overwrite"], format=fmt)
+    common = {"device": opts["device"], "format": opts["fmt"],
+              "max_memory": opts["max_memory"], "offload_dir": opts["offload_dir"],
+              "cache": opts["cache_place"], "lockstep": opts["lockstep"],
+              "trust_remote_code": opts["trust_remote_code"]}
+    if opts["dry_run"]:
+        plan = api.plan(model_name, recipe, out=opts["output"], **common)
+        click.echo(json.dumps(plan.to_dict(), indent=2) if opts["as_json"] else plan.render())
+        if not plan.fits():
+            raise click.ClickException("this run would be refused: " + "; ".join(plan.problems()))
+        return
+    out, report = api.compress(model_name, recipe, out=opts["output"],
+                               overwrite=opts["overwrite"], resume=opts["resume"],
+                               progress=not opts["quiet"], **common)
     click.echo(f"compressed in {report.seconds:.1f} s; wrote {out}", err=True)
 
 
@@ -135,6 +159,7 @@ def cli() -> None:
               help="Search each group's clipping range [default: on for gptq and awq, off for "
                    "rtn; with awq+gptq, GPTQ's search]")
 @calibration_options
+@engine_options
 @_errors
 def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, act_order: str,
              damp: float, clip: bool | None, **opts: Any) -> None:
@@ -178,6 +203,7 @@ def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, act
 @click.option("--sym/--asym", default=True, show_default=True,
               help="With --bits: symmetric or asymmetric")
 @calibration_options
+@engine_options
 @_errors
 def prune(model: str, method: str, sparsity: float, pattern: str | None, scope: str | None,
           owl: bool, bits: int | None, group_size: int, sym: bool, **opts: Any) -> None:
@@ -206,6 +232,7 @@ def prune(model: str, method: str, sparsity: float, pattern: str | None, scope: 
 @click.option("--recipe", "recipe_path", required=True, type=click.Path(path_type=Path),
               help="Recipe YAML file")
 @calibration_options
+@engine_options
 @_errors
 def compress(model: str, recipe_path: Path, **opts: Any) -> None:
     """Compress MODEL with the steps of a recipe file and write the result to -o."""

@@ -1,4 +1,5 @@
-"""The plug-in interface of Linear compressors and the registry of methods.
+"""The Linear compressors and the registry of methods (the plug-in kinds are in
+:mod:`llmc.interfaces`).
 
 A method is a frozen config dataclass plus a thin class that creates statistics objects
 (``new_stats``) and compresses one weight (``compress``). Linears that read the same input
@@ -10,14 +11,14 @@ walk get that mask and keep its zeros exactly zero.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from torch import Tensor
 
 from llmc.distill.train import Distill, DistillConfig
+from llmc.interfaces import CompressResult, Stats
 from llmc.prune.masks import PruneArgs
-from llmc.prune.owl import owl_plan
+from llmc.prune.owl import block_sparsity, owl_plan
 from llmc.prune.sparsegpt import SparseGPTConfig
 from llmc.prune.wanda import ColumnNormStats, MagnitudeConfig, WandaConfig, wanda_scores
 from llmc.quant.awq import AWQ, AWQConfig
@@ -25,51 +26,6 @@ from llmc.quant.gptq import GPTQConfig, HessianStats, PruneRule, gptq_quantize, 
 from llmc.quant.rtn import RTNConfig, rtn_quantize
 from llmc.quant.scheme import QuantizedWeight, output_error
 from llmc.registry import Registry
-
-
-@dataclass
-class CompressResult:
-    """The new dense weight [N, K] (fp32), its integer form when quantized, its keep mask when
-    pruned, and the relative layer-output error ``tr(dW H dW^T) / tr(W H W^T)`` when a Hessian
-    is known."""
-
-    weight: Tensor
-    quant: QuantizedWeight | None = None
-    error: float | None = None
-    seconds: float = 0.0
-    info: dict[str, Any] = field(default_factory=dict)
-    mask: Tensor | None = None
-
-
-class Stats(Protocol):
-    def add_batch(self, inp: Tensor) -> None: ...
-
-
-class LinearCompressor(Protocol):
-    needs_calibration: bool
-    sequential: bool
-    stats_kind: str | None
-
-    def new_stats(self, in_features: int) -> Stats | None: ...
-
-    def compress(self, name: str, weight: Tensor, stats: Stats | None,
-                 mask: Tensor | None = None) -> CompressResult:
-        """``mask``: the keep mask of an earlier pruning step (its zeros must stay zero)."""
-        ...
-
-
-class BlockTransform(Protocol):
-    """A step that rewrites a whole block from its cached inputs (AWQ's scales): ``transform``
-    gets the walker's :class:`~llmc.walker.BlockContext` and the step, changes the block's
-    float32 weights (the function it computes may change only as the method intends) and
-    returns a JSON-able record for the report. ``check_model`` refuses an architecture or
-    config before anything loads."""
-
-    needs_calibration: bool
-
-    def check_model(self, config: Any, adapter: Any) -> None: ...
-
-    def transform(self, ctx: Any, step: Any) -> dict[str, Any]: ...
 
 
 class RTN:
@@ -137,11 +93,14 @@ class _Pruner:
         self.config = config
         self.block_sparsity: dict[str, float] = {}
 
-    def plan(self, walker: Any, hidden: Tensor, block_args: list, step: Any) -> dict[str, Any]:
+    def plan(self, passes: Any, step: Any) -> dict[str, Any]:
         if not self.config.owl:
             return {}
-        self.block_sparsity, record = owl_plan(walker, hidden, block_args, step, self.config)
+        self.block_sparsity, record = owl_plan(passes, step, self.config)
         return record
+
+    def restore_plan(self, passes: Any, record: dict[str, Any]) -> None:
+        self.block_sparsity = block_sparsity(passes, record)
 
     def sparsity_of_block(self, name: str) -> float | None:
         for prefix, ratio in self.block_sparsity.items():

@@ -18,7 +18,7 @@ import yaml
 from llmc.calibration import CalibrationConfig
 from llmc.compressors import METHODS, QUANTIZERS
 from llmc.registry import build_dataclass, matches
-from llmc.walker import WalkerConfig
+from llmc.engine.config import WalkerConfig
 
 DEFAULT_TARGETS = ("re:.*",)
 DEFAULT_IGNORE = ("lm_head",)
@@ -228,19 +228,22 @@ class Recipe:
                 f"use at most {max_pos}"
             )
 
-    def check_model(self, config, divisible_groups: str | None = None) -> None:
+    def check_model(self, config, divisible_groups: str | None = None,
+                    skeleton: Any = None) -> None:
         """Shape checks from the model config alone (weights stay on disk): every step targets
         at least one Linear of the blocks, and no group is wider than a targeted layer. With
         ``divisible_groups`` (the name of a checkpoint format whose engines need it), every
-        group size must divide the width of every Linear it quantizes."""
+        group size must divide the width of every Linear it quantizes. ``skeleton``: the model
+        already built on the meta device, if there is one."""
         import torch
         from transformers import AutoModelForCausalLM
 
         from llmc.models import get_adapter
 
         adapter = get_adapter(config)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+        if skeleton is None:
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(config)
         linears = {}
         for b, block in enumerate(adapter.get_blocks(skeleton)):
             for n, m in block.named_modules():

@@ -20,39 +20,38 @@ from torch import Tensor
 
 from llmc.distill.constraints import Best, trained
 from llmc.distill.losses import relative_mse
+from llmc.interfaces import BlockContext
 from llmc.models import block_linears
-from llmc.walker import _cast, first_tensor
 
 
-def distill_block(ctx: Any, step: Any, config: Any) -> dict[str, Any]:
-    """Train ``ctx.block`` (float32, compressed) on ``ctx.inputs`` towards the teacher's
-    outputs; leaves the block's outputs on ``ctx.inputs`` in ``ctx.hidden``."""
+def distill_block(ctx: BlockContext, step: Any, config: Any) -> dict[str, Any]:
+    """Train ``ctx.block`` (float32, compressed) on the block's inputs towards the teacher's
+    outputs; writes the block's outputs on those inputs to the cache, and the teacher's outputs
+    to ``ctx.teacher_cache``."""
     t0 = time.perf_counter()
-    block, bs, dev = ctx.block, ctx.batch_size, ctx.device
-    S = ctx.inputs.shape[0]
+    block, bs = ctx.block, ctx.batch_size
+    S = ctx.n_windows
     chunks = list(range(ctx.n_chunks))
     n_held = min(len(chunks) - 1, -(-config.heldout // bs))
     if n_held < 1:
         raise ValueError(f"block-wise distillation needs at least two chunks of {bs} calibration "
                          f"windows (one held out); got {S} windows")
     held, train = chunks[-n_held:], [c for c in chunks[:-n_held] if (c + 1) * bs <= S]
-    args32 = {n: _cast(a, torch.float32, dev) for n, a in ctx.args.items()}
+    args32 = ctx.args_as(torch.float32)
+    teacher_cache = ctx.teacher_cache
     # The teacher's outputs on its own inputs: the targets, and the next block's teacher inputs.
     with torch.no_grad():
         teacher = ctx.teacher.float()
         for c in chunks:
-            x = ctx.teacher_hidden[c * bs : (c + 1) * bs]
-            a, kw = args32[x.shape[0]]
-            y = first_tensor(teacher(x.to(dev, torch.float32), *a, **kw))
-            ctx.teacher_hidden[c * bs : c * bs + x.shape[0]] = y.to("cpu", x.dtype)
-    targets = ctx.teacher_hidden
+            x = teacher_cache.read(c).to(ctx.device, torch.float32)
+            teacher_cache.write(c, ctx.run(teacher, c, x, args32))
 
     def loss_of(c: int, grad: bool) -> Tensor:
-        x = ctx.inputs[c * bs : (c + 1) * bs]
-        a, kw = args32[x.shape[0]]
+        x = ctx.inputs(c, torch.float32)
         with torch.set_grad_enabled(grad):
-            out = first_tensor(block(x.to(dev, torch.float32), *a, **kw))
-            return relative_mse(out, targets[c * bs : c * bs + x.shape[0]].to(dev, torch.float32))
+            out = ctx.run(block, c, x, args32)
+            target = teacher_cache.read_output(c).to(ctx.device, torch.float32)
+            return relative_mse(out, target)
 
     def heldout_loss() -> float:
         return sum(loss_of(c, False).item() for c in held) / len(held)
@@ -78,13 +77,7 @@ def distill_block(ctx: Any, step: Any, config: Any) -> dict[str, Any]:
                     best.offer(h, i)
             best.restore()
     # The block's outputs on its inputs, in the walker's forward dtype, for the next block.
-    fwd = ctx.forward_copy()
-    with torch.no_grad():
-        for c in chunks:
-            x = ctx.inputs[c * bs : (c + 1) * bs]
-            a, kw = ctx.args[x.shape[0]]
-            y = first_tensor(fwd(x.to(dev), *a, **kw))
-            ctx.hidden[c * bs : c * bs + x.shape[0]] = y.to("cpu", ctx.hidden.dtype)
+    ctx.forward(ctx.forward_copy(), store=True)
     return {"mode": "block", "layers": kinds, "heldout_start": history[0]["heldout"],
             "heldout_best": best.score, "best_step": best.step, "history": history,
             "train_windows": len(train) * bs, "heldout_windows": S - held[0] * bs,

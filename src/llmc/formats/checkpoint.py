@@ -13,33 +13,20 @@ import torch
 from torch import Tensor, nn
 
 from llmc.formats.awq import read_awq_tensors
-from llmc.formats.gptq import (
-    choose_checkpoint_format,
-    quantization_config,
-    read_gptq_tensors,
-    write_gptq_checkpoint,
+from llmc.formats.gptq import read_gptq_tensors
+from llmc.formats.io import read_checkpoint_tensors, save_json, save_sharded_safetensors
+from llmc.formats.packer import (
+    CT_DYNAMIC,
+    FORMATS,
+    SPARSITY_KEY,
+    Packer,
 )
-from llmc.formats.io import (
-    plain_tensors,
-    read_checkpoint_tensors,
-    save_json,
-    save_sharded_safetensors,
-)
-from llmc.prune.masks import is_nm
 
 log = logging.getLogger(__name__)
 
 
-def _act_order(model: nn.Module) -> str:
-    """``dynamic`` when a quantized Linear's ``g_idx`` is not ``k // group_size``; else the
-    act_order of the recipe step that quantized the model ("none" when unknown)."""
-    for m in model.modules():
-        st = getattr(m, "llmc_quant", None)
-        if st is not None and not torch.equal(
-                st.g_idx.long(), torch.arange(st.g_idx.numel()) // (
-                    st.group_size if st.group_size != -1 else st.g_idx.numel())):
-            return "dynamic"
-    recipe = getattr(model, "llmc_recipe", None)
+def recipe_act_order(recipe: Any) -> str:
+    """The GPTQ column order of the last recipe step that sets one ("none" when none does)."""
     orders = [getattr(s.config, "act_order", None) for s in getattr(recipe, "steps", ())]
     orders = [o for o in orders if o is not None]
     return orders[-1] if orders else "none"
@@ -68,53 +55,6 @@ def check_gptq_writable(recipe: Any) -> None:
         )
 
 
-def _modules_in_block(model: nn.Module, quant: dict[str, nn.Module]) -> list[list[str]] | None:
-    """GPTQModel's ``modules_in_block_to_quantize`` when only some block Linears are quantized
-    (engines then keep the others dense); None when all are."""
-    from llmc.models import block_linears, get_adapter
-
-    adapter = get_adapter(model.config)
-    prefix = adapter.blocks + "."
-    rel = {n[len(prefix):].split(".", 1)[1] for n in quant if n.startswith(prefix)}
-    if rel == set(block_linears(adapter.get_blocks(model)[0])):
-        return None
-    return [[n for n in g if n in rel] for g in adapter.groups if any(n in rel for n in g)]
-
-
-SPARSITY_KEY = "llmc_sparsity"
-
-
-def sparsity_record(model: nn.Module) -> dict[str, Any] | None:
-    """What pruning left in the model, for ``config.json``: the structure(s), the fraction of
-    zeros the masks set over the pruned Linears, their count; the zeros are stored in the
-    weights (dense)."""
-    pruned = [m for m in model.modules() if getattr(m, "llmc_sparsity", None)]
-    if not pruned:
-        return getattr(model.config, SPARSITY_KEY, None)  # read from a pruned checkpoint
-    total = sum(m.weight.numel() for m in pruned)
-    zeros = sum(m.llmc_sparsity["sparsity"] * m.weight.numel() for m in pruned)
-    return {
-        "structure": ", ".join(sorted({m.llmc_sparsity["structure"] for m in pruned})),
-        "sparsity": round(zeros / total, 6),
-        "pruned_layers": len(pruned),
-        "storage": "dense",
-    }
-
-
-def _config_dict(model: nn.Module) -> dict[str, Any]:
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config.pop(SPARSITY_KEY, None)
-    record = sparsity_record(model)
-    if record is not None:
-        config[SPARSITY_KEY] = record
-    config["architectures"] = [type(model).__name__]
-    return config
-
-
-FORMATS = ("gptq", "awq", "compressed-tensors")
-
-
 def default_format(recipe: Any) -> str:
     """``awq`` for a recipe whose quantization follows an ``awq`` step at 4 bits, else
     ``gptq``."""
@@ -136,7 +76,7 @@ def check_writable(recipe: Any, fmt: str) -> None:
                              "llmc writes compressed-tensors checkpoints with one")
         for i, step in enumerate(recipe.steps):
             if getattr(step.config, "act_order", None) == "dynamic":
-                raise ValueError(_CT_DYNAMIC.format(where=f"steps[{i}].args.act_order: "))
+                raise ValueError(CT_DYNAMIC.format(where=f"steps[{i}].args.act_order: "))
         return
     check_gptq_writable(recipe)
     if fmt == "awq":
@@ -153,101 +93,61 @@ def check_writable(recipe: Any, fmt: str) -> None:
                 )
 
 
-def _unquantized_block_linears(model: nn.Module, quant: dict[str, nn.Module]) -> list[str] | None:
-    from llmc.models import get_adapter
+def recipe_quantizes(recipe: Any) -> bool:
+    """Whether a recipe quantizes any Linear (every step targets at least one)."""
+    return any(getattr(s.config, "scheme", None) is not None for s in getattr(recipe, "steps", ()))
+
+
+def model_packer(model: nn.Module, fmt: str) -> Packer:
+    """The :class:`~llmc.formats.packer.Packer` of a resident compressed ``model``."""
+    from llmc.models import get_adapter, stored_dtype
 
     adapter = get_adapter(model.config)
-    names = [f"{adapter.blocks}.{b}.{n}" for b, block in enumerate(adapter.get_blocks(model))
-             for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-    rest = [n for n in names if n not in quant]
-    return rest or None
+    block_lin = [f"{adapter.blocks}.{b}.{n}" for b, blk in enumerate(adapter.get_blocks(model))
+                 for n, m in blk.named_modules() if isinstance(m, nn.Linear)]
+    return Packer(
+        fmt, model.config,
+        linears=[n for n, m in model.named_modules() if isinstance(m, nn.Linear)],
+        block_linears=block_lin, groups=adapter.groups, blocks_prefix=adapter.blocks + ".",
+        quantizing=any(getattr(m, "llmc_quant", None) is not None for m in model.modules()),
+        act_order=recipe_act_order(getattr(model, "llmc_recipe", None)),
+        save_dtype=stored_dtype(getattr(model.config, "dtype", None)),
+        model_class=type(model).__name__,
+        sparsity=getattr(model.config, SPARSITY_KEY, None),
+    )
+
+
+def block_piece(block: nn.Module, prefix: str) -> tuple[dict[str, nn.Module], dict[str, Tensor]]:
+    """(modules, state) of one block under its full name ``prefix`` (no trailing dot)."""
+    modules = {f"{prefix}.{n}" if n else prefix: m for n, m in block.named_modules()}
+    state = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+    return modules, state
 
 
 def write_model(
     model: nn.Module, out_dir: Path, max_shard_bytes: int = 2_000_000_000, fmt: str = "gptq"
 ) -> None:
     """Write ``model``'s tensors and ``config.json`` into ``out_dir`` (an empty directory): the
-    ``fmt`` layout (gptq or awq) when it holds quantized Linears, dense safetensors otherwise."""
-    quant = {n: m for n, m in model.named_modules() if getattr(m, "llmc_quant", None) is not None}
-    config = _config_dict(model)
-    state = {k: v for k, v in model.state_dict().items()
-             if k.rsplit(".", 1)[0] not in quant}
-    if fmt == "compressed-tensors":
-        _write_ct(model, out_dir, quant, state, config, max_shard_bytes)
-        return
-    if not quant:
-        save_sharded_safetensors(out_dir, plain_tensors(state, config), max_shard_bytes)
-        save_json(out_dir / "config.json", config)
-        return
-    quantized = {n: (m.llmc_quant.codes(m.weight, n), m.bias) for n, m in quant.items()}
-    qws = [qw for qw, _ in quantized.values()]
-    schemes = {(q.bits, q.group_size, q.sym) for q in qws}
-    if len(schemes) > 1:
-        raise ValueError(
-            f"the model mixes quantization schemes {sorted(schemes)}; one {fmt.upper()} "
-            "checkpoint holds one (bits, group_size, sym)"
-        )
-    bits, group_size, sym = schemes.pop()
-    if fmt == "awq":
-        from llmc.formats.awq import awq_quantization_config, write_awq_checkpoint
-
-        qconfig = awq_quantization_config(group_size, _unquantized_block_linears(model, quant))
-        write_awq_checkpoint(out_dir, state, quantized, config, qconfig, max_shard_bytes)
-        return
-    if fmt != "gptq":
-        raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    act_order = _act_order(model)
-    qconfig = quantization_config(
-        bits, group_size, sym, desc_act=act_order != "none",
-        static_groups=act_order == "static", checkpoint_format=choose_checkpoint_format(qws),
-        modules_in_block_to_quantize=_modules_in_block(model, quant),
-    )
-    write_gptq_checkpoint(out_dir, state, quantized, config, qconfig, max_shard_bytes)
-
-
-_CT_DYNAMIC = ("{where}dynamic act-order needs a g_idx, which compressed-tensors no longer loads "
-               "(0.20 dropped actorder 'group'); use static act-order, or --format gptq")
-
-
-def _write_ct(model: nn.Module, out_dir: Path, quant: dict[str, nn.Module],
-              state: dict[str, Tensor], config: dict[str, Any], max_shard_bytes: int) -> None:
-    """compressed-tensors: quantized Linears pack-quantized; unquantized 2:4 block Linears as
-    bitmasks; with neither, plain safetensors."""
-    from llmc.formats.compressed_tensors import (
-        ct_quantization_config,
-        sparsity_config,
-        write_ct_checkpoint,
-    )
+    ``fmt`` layout when it holds quantized Linears (or, for compressed-tensors, 2:4 weights),
+    dense safetensors otherwise; packed block by block as the streaming writer packs them."""
     from llmc.models import get_adapter
 
+    packer = model_packer(model, fmt)
     adapter = get_adapter(model.config)
-    block_lin = {f"{adapter.blocks}.{b}.{n}": m for b, blk in enumerate(adapter.get_blocks(model))
-                 for n, m in blk.named_modules() if isinstance(m, nn.Linear)}
-    sparse = {n: m for n, m in block_lin.items() if is_nm(m.weight, 2, 4)}
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not quant and not sparse:
-        save_sharded_safetensors(out_dir, plain_tensors(state, config), max_shard_bytes)
-        save_json(out_dir / "config.json", config)
-        return
-    quantized = {n: (m.llmc_quant.codes(m.weight, n), m.bias) for n, m in quant.items()}
-    schemes = {(q.bits, q.group_size, q.sym) for q, _ in quantized.values()}
-    if len(schemes) > 1:
-        raise ValueError(f"the model mixes quantization schemes {sorted(schemes)}; llmc writes "
-                         "compressed-tensors checkpoints with one")
-    scheme = schemes.pop() if schemes else None
-    sp = None
-    if sparse:
-        total = sum(m.weight.numel() for m in sparse.values())
-        zeros = sum(int((m.weight == 0).sum()) for m in sparse.values())
-        sp = sparsity_config("dense" if quant else "sparse-24-bitmask", round(zeros / total, 6),
-                             [n for n in linears if n not in sparse])
-    act_order = _act_order(model)
-    if quant and act_order == "dynamic":
-        raise ValueError(_CT_DYNAMIC.format(where=""))
-    qconfig = ct_quantization_config(scheme, act_order, [n for n in linears if n not in quant],
-                                     sp)
-    bitmasks = {} if quant else {n: m.weight.data for n, m in sparse.items()}
-    write_ct_checkpoint(out_dir, state, quantized, bitmasks, config, qconfig, max_shard_bytes)
+    tensors: dict[str, Tensor] = {}
+    in_blocks: set[str] = set()
+    for b, block in enumerate(adapter.get_blocks(model)):
+        modules, state = block_piece(block, f"{adapter.blocks}.{b}")
+        tensors.update(packer.pack(modules, state))
+        in_blocks |= set(state)
+    rest = {k: v for k, v in model.state_dict().items() if k not in in_blocks}
+    outside = {n: m for n, m in model.named_modules() if not n.startswith(adapter.blocks + ".")}
+    tensors.update(packer.pack(outside, rest))
+    if packer.v1_linears():
+        tensors = packer.rewrite(tensors, packer.v1_linears())
+    config = packer.finish()
+    save_sharded_safetensors(out_dir, tensors, max_shard_bytes)
+    save_json(out_dir / "config.json", config)
 
 
 def quant_method(path: Path) -> str | None:

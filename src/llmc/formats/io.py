@@ -18,8 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from llmc.core.safetensors import SafetensorsFile, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +66,13 @@ def atomic_output_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
     try:
         yield tmp
-        _move_into_place(tmp, path)
+        move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _move_into_place(tmp: Path, path: Path) -> None:
+def move_into_place(tmp: Path, path: Path) -> None:
     """Rename ``tmp`` to ``path``; an existing ``path`` is set aside first and deleted last."""
     old = None
     if path.exists():
@@ -111,8 +112,8 @@ def save_sharded_safetensors(
     ``max_shard_bytes``, to ``model-0000i-of-0000n.safetensors`` plus
     ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``).
 
-    Tensors must not share storage (safetensors refuses it); a tensor larger than
-    ``max_shard_bytes`` gets a shard of its own. Returns the file names written.
+    A tensor larger than ``max_shard_bytes`` gets a shard of its own. Returns the file names
+    written.
     """
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes: {max_shard_bytes} must be positive")
@@ -123,18 +124,18 @@ def save_sharded_safetensors(
         if shards[-1] and size + n > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][name] = t.detach().cpu().contiguous()
+        shards[-1][name] = t
         size += n
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / SINGLE_FILE), metadata=meta)
+        write_file(out_dir / SINGLE_FILE, shards[0], metadata=meta)
         return [SINGLE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for fname, shard in zip(names, shards):
-        save_file(shard, str(out_dir / fname), metadata=meta)
+        write_file(out_dir / fname, shard, metadata=meta)
         weight_map.update({k: fname for k in shard})
     total = sum(tensor_nbytes(t) for t in tensors.values())
     save_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -154,7 +155,8 @@ def read_checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         raise ValueError(f"{path} holds no .safetensors files; point to a checkpoint directory")
     tensors: dict[str, Tensor] = {}
     for fname in files:
-        tensors.update(load_file(str(path / fname)))
+        f = SafetensorsFile(path / fname)
+        tensors.update({k: f.read(k) for k in f.keys()})
     return tensors
 
 

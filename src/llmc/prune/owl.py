@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llmc.interfaces import ModelPass
 from llmc.models import block_linears
 from llmc.prune.masks import PruneArgs
 from llmc.prune.wanda import ColumnNormStats, wanda_scores
@@ -38,7 +39,7 @@ def owl_sparsities(ratios: list[float], target: float, lam: float) -> list[float
     return [min(max(1 - float(x), 0.0), 0.99) for x in density]
 
 
-def owl_plan(walker: Any, hidden: Tensor, block_args: list, step: Any,
+def owl_plan(passes: ModelPass, step: Any,
              config: PruneArgs) -> tuple[dict[str, float], dict[str, Any]]:
     """Outlier ratios of every block from a pass through the uncompressed model; returns
     ``{block prefix: sparsity}`` and a record for the report."""
@@ -62,9 +63,14 @@ def owl_plan(walker: Any, hidden: Tensor, block_args: list, step: Any,
 
         return done
 
-    ratios = walker.dense_pass(hidden, block_args, visit, desc="OWL outlier ratios")
+    ratios = passes.dense_pass(visit, desc="OWL outlier ratios")
     sparsities = owl_sparsities(ratios, config.sparsity, config.owl_lambda)
-    prefixes = [f"{walker.adapter.blocks}.{b}." for b in range(len(ratios))]
     record = {"owl": {"outlier_ratio": ratios, "block_sparsity": sparsities,
                       "lambda": config.owl_lambda, "m": config.owl_m}}
-    return dict(zip(prefixes, sparsities)), record
+    return block_sparsity(passes, record), record
+
+
+def block_sparsity(passes: ModelPass, record: dict[str, Any]) -> dict[str, float]:
+    """``{block prefix: sparsity}`` from a plan's record (a resumed run reads it back)."""
+    ratios = record["owl"]["block_sparsity"]
+    return {passes.prefix(b): r for b, r in enumerate(ratios)}

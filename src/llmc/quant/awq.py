@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llmc.core.tree import first_tensor, map_tensors
 from llmc.quant.gptq import GPTQConfig, HessianStats, gptq_quantize
 from llmc.quant.scheme import QuantScheme, fake_quantize, grouped_qparams, qparams_from_range
-from llmc.walker import first_tensor, map_tensors, replaced_forward
 
 SEARCH_QUANTIZERS = ("rtn", "gptq")
 GPTQ_SEARCH_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -270,10 +270,11 @@ def clip_weight(
         w = W[:, a:b]
         Hg = H[a:b, a:b].float()
         amax = w.abs().amax(dim=1)
-        best = torch.full((N,), float("inf"))
-        best_i = torch.zeros(N, dtype=torch.long)
+        best = torch.full((N,), float("inf"), device=W.device)
+        best_i = torch.zeros(N, dtype=torch.long, device=W.device)
 
-        tries = [torch.full((N,), i, dtype=torch.long) for i in range(0, steps, stride)]
+        tries = [torch.full((N,), i, dtype=torch.long, device=W.device)
+                 for i in range(0, steps, stride)]
         for fine in (False, True):
             if fine:  # the neighbours of each row's best coarse step
                 tries = [(best_i + d).clamp(0, steps - 1) for k in range(1, stride)
@@ -371,7 +372,7 @@ class AWQ:
             return {}
         t0 = time.perf_counter()
         fwd = ctx.forward_copy()
-        windows = search_windows(ctx.hidden.shape[0], c.search_samples, c.seed)
+        windows = search_windows(ctx.n_windows, c.search_samples, c.seed)
         bs = ctx.batch_size
         rows_of = {}  # chunk -> rows of its search windows
         for w in windows:
@@ -379,9 +380,9 @@ class AWQ:
         rows_of = {ch: torch.tensor(r) for ch, r in rows_of.items()}
         # Token-wise statistics (each pair's input Hessian, the MLP search) use as many tokens
         # as the search windows hold, drawn at random from every chunk.
-        per_chunk = -(-c.search_samples * ctx.hidden.shape[1] // ctx.n_chunks)
+        per_chunk = -(-c.search_samples * ctx.seqlen // ctx.n_chunks)
         gen = torch.Generator().manual_seed(c.seed)
-        sel_of = {ch: torch.randperm(min(bs, ctx.hidden.shape[0] - ch * bs) * ctx.hidden.shape[1],
+        sel_of = {ch: torch.randperm(ctx.chunk_windows(ch) * ctx.seqlen,
                                      generator=gen)[:per_chunk].sort().values
                   for ch in range(ctx.n_chunks)}
         current = [-1]
@@ -410,7 +411,7 @@ class AWQ:
                     return
                 rows = rows_of.get(current[0])
                 if rows is not None:
-                    n = min(bs, ctx.hidden.shape[0] - current[0] * bs)  # the chunk's windows
+                    n = ctx.chunk_windows(current[0])
                     calls[name].append([_rows(args, rows, n), _rows(kwargs, rows, n), None])
 
             def post(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -431,7 +432,7 @@ class AWQ:
         tail = fwd.get_submodule(ctx.adapter.tail) if ctx.adapter.tail else None
         # Only the tail's inputs matter in this pass, not its outputs: skip its matmul.
         try:
-            with replaced_forward(tail, lambda x: torch.zeros((), dtype=x.dtype)):
+            with ctx.replaced_forward(tail, lambda x: torch.zeros((), dtype=x.dtype)):
                 ctx.forward(fwd, before=lambda i: current.__setitem__(0, i))
         finally:
             for h in handles:

@@ -1,0 +1,1 @@
+"""Tensors only: helpers that know nothing of models, methods or formats."""

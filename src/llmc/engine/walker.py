@@ -1,0 +1,482 @@
+"""The walk: compress a model one decoder block at a time on cached calibration inputs.
+
+1. Capture: run the calibration windows through the embeddings with every block replaced by a
+   recorder, keeping block 0's inputs (the activation cache) and each block's other arguments.
+2. Per block: the block comes onto the compute device (float32 masters); hooks on the targeted
+   Linears feed each method's statistics (one object per group of Linears that read the same
+   input); the methods compress; the block's outputs on the compressed weights become the next
+   block's inputs; the block goes to the checkpoint writer (when streaming) and leaves the
+   device.
+
+True-sequential methods (GPTQ by default) compress q/k/v, then o, then gate/up, then down,
+each from inputs that already went through the compressed earlier Linears. In ``lockstep``
+mode the walk gets that in ONE forward pass per block: each chunk of calibration windows runs
+as a greenlet (a paused call stack); at the first Linear of a group, each chunk adds its inputs
+to the group's statistics and pauses; once all chunks are in, the group is compressed and the
+chunks go on, now through the compressed weights. Every paused chunk keeps its intermediates
+alive meanwhile; ``replay`` mode instead runs one pass per group, each chunk stopping at that
+group's input, then one output pass: more compute, one chunk's intermediates at a time, the same
+tensors. Methods that want statistics of the uncompressed block get a statistics pass, then an
+output pass.
+
+Block transforms (AWQ, block-wise distillation) run before the Linear steps that follow them in
+the recipe: they get a :class:`~llmc.interfaces.BlockContext`, run their own passes and rewrite
+the block's float32 weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmc.core.tree import cast_floats
+from llmc.engine.blocks import move_block
+from llmc.engine.cache import ActivationCache
+from llmc.engine.capture import capture
+from llmc.engine.config import WalkerConfig
+from llmc.engine.lockstep import Lockstep, Reached
+from llmc.engine.memory import release_memory
+from llmc.interfaces import BlockArgs, BlockContext
+from llmc.models.adapters import Adapter, block_linears
+
+log = logging.getLogger(__name__)
+
+LOCKSTEP_MODES = ("lockstep", "replay")
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    step: int
+    method: str
+    shape: tuple[int, int]
+    error: float | None
+    seconds: float
+    sparsity: float | None = None  # fraction of the weight a pruning step's mask zeroes
+
+
+@dataclass
+class WalkReport:
+    layers: list[LayerRecord] = field(default_factory=list)
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    transforms: list[dict[str, Any]] = field(default_factory=list)
+    plans: list[dict[str, Any]] = field(default_factory=list)
+    capture_seconds: float = 0.0
+    engine: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineOptions:
+    """Where the walk runs: the compute ``device``; the activation cache in ``cache`` (``ram``
+    or ``disk``, files in ``offload_dir``); true-sequential groups in ``lockstep`` or
+    ``replay`` mode."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache: str = "ram"
+    offload_dir: Any = None
+    lockstep: str = "lockstep"
+
+    def __post_init__(self) -> None:
+        if self.lockstep not in LOCKSTEP_MODES:
+            raise ValueError(f"lockstep: {self.lockstep!r} is not one of {LOCKSTEP_MODES}")
+
+
+def _drop_masks(block: nn.Module) -> None:
+    """Pruning masks live for one block's steps (a bool per weight would otherwise stay for
+    the whole model); the zeros themselves stay in the weights."""
+    for m in block.modules():
+        if hasattr(m, "llmc_mask"):
+            del m.llmc_mask
+
+
+class Engine:
+    """Walks the blocks of ``blocks`` (a block store), compressing the Linears each step
+    selects. ``steps`` are ``(index, Step, compressor)`` in recipe order. ``checkpoint``, when
+    given, takes each finished block (:meth:`block_done`) and the state at every block
+    boundary (:meth:`boundary`), and says where a resumed run starts (``resume_point``)."""
+
+    def __init__(self, blocks: Any, adapter: Adapter, steps: list[tuple[int, Any, Any]],
+                 config: WalkerConfig, options: EngineOptions | None = None,
+                 checkpoint: Any = None, progress: bool = True) -> None:
+        self.blocks = blocks
+        self.adapter = adapter
+        self.steps = steps
+        self.config = config
+        self.options = options or EngineOptions()
+        self.device = torch.device(self.options.device)
+        self.checkpoint = checkpoint
+        self.progress = progress
+        self.report = WalkReport()
+        self._load_seconds = 0.0
+        self.report.engine = {"device": str(self.device), "cache": self.options.cache,
+                              "lockstep": self.options.lockstep,
+                              "streaming": bool(getattr(blocks, "lazy", False))}
+
+    # -- helpers -----------------------------------------------------------------------------
+    def prefix(self, b: int) -> str:
+        return f"{self.adapter.blocks}.{b}."
+
+    def _bar(self, items, desc: str = "Compressing blocks", initial: int = 0):
+        if not self.progress:
+            return items
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, unit="block", initial=initial,
+                    total=initial + len(items))
+
+    def _cache(self, S: int, T: int, name: str) -> ActivationCache:
+        hidden = self.blocks.model.config.get_text_config().hidden_size
+        return ActivationCache(S, T, hidden, self.config.torch_dtype, self.config.batch_size,
+                               self.options.cache, self.options.offload_dir, name,
+                               pin=self.device.type == "cuda" and self.options.cache == "ram")
+
+    def _context(self, b: int, block: nn.Module, cache: ActivationCache,
+                 args: BlockArgs) -> BlockContext:
+        dtype = self.config.torch_dtype
+        return BlockContext(
+            b, block, self.prefix(b), self.adapter, cache,
+            {n: cast_floats(a, dtype, self.device) for n, a in args.items()},
+            self.config.batch_size, dtype, self.device, raw_args=args,
+        )
+
+    # -- groups and compression ------------------------------------------------------------
+    def _groups(self, block_index: int, linears: dict[str, nn.Linear],
+                steps: list) -> list[list[str]]:
+        """Targeted Linears (relative names) grouped by shared input, in execution order."""
+        prefix = self.prefix(block_index)
+        targeted = {n for n in linears if any(s.selects(prefix + n) for _, s, _ in steps)}
+        groups = [[n for n in g if n in targeted] for g in self.adapter.groups]
+        covered = {n for g in groups for n in g}
+        groups += [[n] for n in linears if n in targeted and n not in covered]
+        return [g for g in groups if g]
+
+    def _compress_group(self, block_index: int, group: list[str], masters: dict[str, nn.Linear],
+                        copies: dict[str, nn.Linear], stats: dict[tuple[int, str], Any],
+                        steps: list) -> None:
+        prefix = self.prefix(block_index)
+        for idx, step, comp in steps:
+            for n in group:
+                full = prefix + n
+                if not step.selects(full):
+                    continue
+                master = masters[n]
+                st = stats.get((id(group), comp.stats_kind)) if comp.stats_kind else None
+                mask = getattr(master, "llmc_mask", None)
+                res = comp.compress(full, master.weight.data, st, mask=mask)
+                master.weight.data.copy_(res.weight.to(master.weight.dtype))
+                if copies[n] is not master:
+                    copies[n].weight.data.copy_(res.weight.to(copies[n].weight.dtype))
+                if res.quant is not None:
+                    master.llmc_quant = res.quant.state()  # qparams; writers recover the codes
+                sparsity = None
+                if res.mask is not None:
+                    # Later steps of this block keep these zeros; dropped after the block.
+                    master.llmc_mask = res.mask
+                    sparsity = 1.0 - float(res.mask.float().mean())
+                    master.llmc_sparsity = {"structure": step.config.structure,
+                                            "sparsity": sparsity}
+                elif mask is not None:
+                    sparsity = master.llmc_sparsity["sparsity"]
+                self.report.layers.append(LayerRecord(
+                    full, idx, step.method, tuple(master.weight.shape), res.error, res.seconds,
+                    sparsity,
+                ))
+        for key in [k for k in stats if k[0] == id(group)]:
+            del stats[key]
+
+    def _feeder(self, masters: dict[str, nn.Linear], steps: list,
+                stats: dict[tuple[int, str], Any]) -> Callable[[list[str], Tensor], None]:
+        """``feed(group, x)``: x into every statistics object of the group's methods, made on
+        the group's first input (so only the groups in flight hold statistics)."""
+        kinds = []
+        for _, _, comp in steps:
+            if comp.needs_calibration and comp.stats_kind and comp.stats_kind not in (
+                    k for k, _ in kinds):
+                kinds.append((comp.stats_kind, comp))
+
+        def feed(group: list[str], x: Tensor) -> None:
+            for kind, comp in kinds:
+                key = (id(group), kind)
+                if key not in stats:
+                    stats[key] = comp.new_stats(masters[group[0]].in_features)
+                stats[key].add_batch(x)
+
+        return feed
+
+    def _phases(self) -> list[tuple[str, list]]:
+        """Consecutive recipe steps of one kind: block transforms (rewrite the whole block from
+        its cached inputs) and Linear compressors (one walk through the block)."""
+        phases: list[tuple[str, list]] = []
+        for item in self.steps:
+            kind = "transform" if hasattr(item[2], "transform") else "linear"
+            if phases and phases[-1][0] == kind and kind == "linear":
+                phases[-1][1].append(item)
+            else:
+                phases.append((kind, [item]))
+        return phases
+
+    def run_block(self, ctx: BlockContext) -> None:
+        """Compress one block; its outputs on the compressed weights go to ``ctx.cache``."""
+        stored = False
+        for kind, steps in self._phases():
+            if kind == "transform":
+                for idx, step, comp in steps:
+                    record = comp.transform(ctx, step)
+                    self.report.transforms.append(
+                        {"block": ctx.index, "step": idx, "method": step.method, **record}
+                    )
+                    # A step that wrote the block's outputs says so.
+                    stored = bool(getattr(comp, "stores_outputs", False))
+            else:
+                self._linear_phase(ctx, steps)
+                stored = True
+        if not stored:  # a transform came last: the next block needs this one's outputs
+            ctx.forward(ctx.forward_copy(), store=True)
+        _drop_masks(ctx.block)
+
+    def _linear_phase(self, ctx: BlockContext, steps: list) -> None:
+        """Compress the Linears that ``steps`` target; the block's outputs on the compressed
+        weights go to the cache."""
+        block_index, block, dtype = ctx.index, ctx.block, ctx.dtype
+        masters = block_linears(block)
+        groups = self._groups(block_index, masters, steps)
+        fwd = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
+        copies = block_linears(fwd)
+        stats: dict[tuple[int, str], Any] = {}
+        feed = self._feeder(masters, steps, stats)
+        calibrating = any(c.needs_calibration for _, _, c in steps)
+        sequential = calibrating and all(
+            c.sequential for _, _, c in steps if c.needs_calibration
+        )
+        done: set[int] = set()
+
+        def compress(group: list[str]) -> None:
+            self._compress_group(block_index, group, masters, copies, stats, steps)
+            done.add(id(group))
+
+        if sequential and self.options.lockstep == "replay":
+            self._replay(ctx, fwd, groups, copies, feed, compress)
+        elif sequential:
+            self._lockstep(ctx, fwd, groups, copies, feed, compress, done)
+        else:
+            handles = []
+            if calibrating:
+                for g in groups:
+                    handles.append(copies[g[0]].register_forward_pre_hook(
+                        lambda _m, inp, g=g: feed(g, inp[0])))
+            try:
+                if calibrating:
+                    ctx.forward(fwd)
+            finally:
+                for h in handles:
+                    h.remove()
+            for g in groups:
+                compress(g)
+            ctx.forward(fwd, store=True)
+        missing = [g for g in groups if id(g) not in done]
+        if missing:
+            raise ValueError(
+                f"block {block_index}: the Linears {missing} were never called during the forward "
+                "pass; exclude them with the step's `ignore`"
+            )
+
+    def _lockstep(self, ctx: BlockContext, fwd: nn.Module, groups: list[list[str]],
+                  copies: dict[str, nn.Linear], feed: Callable, compress: Callable,
+                  done: set[int]) -> None:
+        """One pass, every chunk pausing at each group's input until all chunks are in.
+
+        The tail (down_proj in llama-like blocks) is the last group and lands straight on the
+        residual: during the pass it adds its inputs to the statistics, keeps them and returns
+        zeros, so each chunk's forward finishes (freeing its call stack) with the residual as
+        output; once compressed, the tail's outputs are added to the stored residuals."""
+        lockstep = Lockstep(ctx.n_chunks)
+        tail = self.adapter.tail if groups and groups[-1] == [self.adapter.tail] else None
+        tail_inputs: dict[int, Tensor] = {}
+        chunk_of: dict[Any, int] = {}
+
+        def forward_chunk(c: int) -> None:
+            chunk_of[lockstep.current()] = c
+            ctx.forward_chunk(fwd, c, store=True)
+
+        def hook_for(group: list[str]):
+            def pre_hook(module: nn.Module, inputs: tuple) -> None:
+                if id(group) not in done:
+                    feed(group, inputs[0])
+                    lockstep.barrier(lambda: compress(group))
+            return pre_hook
+
+        def tail_forward(x: Tensor) -> Tensor:
+            feed(groups[-1], x)
+            tail_inputs[chunk_of[lockstep.current()]] = x
+            return x.new_zeros(*x.shape[:-1], copies[tail].out_features)
+
+        # Members of a group read the same input: the first member's hook speaks for all.
+        handles = [copies[g[0]].register_forward_pre_hook(hook_for(g)) for g in groups
+                   if g[0] != tail]
+        try:
+            with ctx.replaced_forward(copies.get(tail), tail_forward), torch.no_grad():
+                lockstep.run(forward_chunk)
+        finally:
+            for h in handles:
+                h.remove()
+        if tail is not None:
+            compress(groups[-1])
+            with torch.no_grad():
+                for c in sorted(tail_inputs):
+                    y = copies[tail](tail_inputs.pop(c))
+                    ctx.store(c, ctx.outputs(c).to(y.dtype) + y)
+
+    def _replay(self, ctx: BlockContext, fwd: nn.Module, groups: list[list[str]],
+                copies: dict[str, nn.Linear], feed: Callable, compress: Callable) -> None:
+        """One pass per group, each chunk stopping at the group's input, then the output pass:
+        one chunk's intermediates alive at a time."""
+        for g in groups:
+            def stop(_m: nn.Module, inputs: tuple, g: list[str] = g) -> None:
+                feed(g, inputs[0])
+                raise Reached
+
+            handle = copies[g[0]].register_forward_pre_hook(stop)
+            try:
+                with torch.no_grad():
+                    for c in range(ctx.n_chunks):
+                        try:
+                            ctx.run(fwd, c)
+                        except Reached:
+                            pass
+            finally:
+                handle.remove()
+            compress(g)
+        ctx.forward(fwd, store=True)
+
+    # -- whole walks --------------------------------------------------------------------------
+    def _finish_block(self, b: int, block: nn.Module, t0: float) -> None:
+        """The block off the device, to the checkpoint writer, out of memory."""
+        t1 = time.perf_counter()
+        if self.device.type != "cpu":
+            move_block(block, torch.device("cpu"))
+        if self.checkpoint is not None:
+            self.checkpoint.block_done(b, block, self.report)
+        self.blocks.unload(b)
+        release_memory()
+        self.report.blocks.append({"block": b, "seconds": time.perf_counter() - t0,
+                                   "load_seconds": self._load_seconds,
+                                   "write_seconds": time.perf_counter() - t1})
+
+    def compress_without_data(self) -> None:
+        """Every step needs no data (e.g. RTN): compress each targeted Linear directly."""
+        start = self.checkpoint.resume_point() if self.checkpoint is not None else None
+        if start is not None:
+            self.checkpoint.restore_report(self.report)
+        start = start or 0
+        for b in self._bar(range(start, len(self.blocks)), initial=start):
+            t = time.perf_counter()
+            block = self.blocks.load(b)
+            self._load_seconds = time.perf_counter() - t
+            masters = block_linears(block)
+            for g in self._groups(b, masters, self.steps):
+                self._compress_group(b, g, masters, masters, {}, self.steps)
+            _drop_masks(block)
+            self._finish_block(b, block, t)
+            if self.checkpoint is not None:
+                self.checkpoint.boundary(b + 1, self.report)
+
+    def dense_pass(self, visit: Callable[[BlockContext, nn.Module], Callable[[], Any]],
+                   desc: str = "Planning") -> list[Any]:
+        """The calibration windows through the uncompressed blocks in order, on a copy of the
+        cached inputs (a planning pass: OWL's outlier ratios); see
+        :class:`~llmc.interfaces.ModelPass`."""
+        main = self._active_cache
+        cache = self._cache(main.n_windows, main.seqlen, "planning")
+        cache.copy_inputs_from(main)
+        results = []
+        try:
+            for b in self._bar(range(len(self.blocks)), desc):
+                block = self.blocks.load(b)
+                ctx = self._context(b, block, cache, self._args[b])
+                module = ctx.forward_copy()
+                done = visit(ctx, module)
+                ctx.forward(module, store=True)
+                results.append(done())
+                del module, ctx
+                self.blocks.unload(b)
+                cache.finish_block()
+        finally:
+            cache.close()
+        return results
+
+    def run(self, windows: Tensor | None) -> WalkReport:
+        """Compress every block; ``windows`` ([S, T] token ids) may be None when no step needs
+        calibration data."""
+        if not any(c.needs_calibration for _, _, c in self.steps):
+            self.compress_without_data()
+            return self.report
+        if windows is None:
+            raise ValueError("this recipe needs calibration data")
+        ck = self.checkpoint
+        start = ck.resume_point() if ck is not None else None  # None: a fresh run
+        S, T = windows.shape
+        cache = self._cache(S, T, "hidden")
+        needs_teacher = any(getattr(c, "needs_teacher", False) for _, _, c in self.steps)
+        teacher = self._cache(S, T, "teacher") if needs_teacher else None
+        self._active_cache = cache
+        try:
+            t = time.perf_counter()
+            with self.blocks.embeddings() as model:
+                self._args = capture(model, self.blocks.blocks, windows, self.config.batch_size,
+                                     self.device, cache if start is None else None)
+            if start is None:  # a fresh run: block 0's inputs were just captured
+                cache.finish_block()
+                if teacher is not None:
+                    teacher.copy_inputs_from(cache)
+                self.report.capture_seconds = time.perf_counter() - t
+                self._plan()
+                start = 0
+                if ck is not None:
+                    ck.boundary(0, self.report, cache, teacher)
+            else:
+                ck.restore_report(self.report)
+                ck.restore_caches(cache, teacher)
+                self._restore_plans()
+            for b in self._bar(range(start, len(self.blocks)), initial=start):
+                t = time.perf_counter()
+                block = self.blocks.load(b)
+                self._load_seconds = time.perf_counter() - t
+                ctx = self._context(b, block, cache, self._args[b])
+                if teacher is not None:
+                    ctx.teacher = copy.deepcopy(block)
+                    ctx.teacher_cache = teacher
+                self.run_block(ctx)
+                del ctx
+                self._finish_block(b, block, t)
+                cache.finish_block()
+                if teacher is not None:
+                    teacher.finish_block()
+                if ck is not None:
+                    ck.boundary(b + 1, self.report, cache, teacher)
+        finally:
+            cache.close()
+            if teacher is not None:
+                teacher.close()
+        return self.report
+
+    def _plan(self) -> None:
+        for idx, step, comp in self.steps:
+            if hasattr(comp, "plan"):
+                record = comp.plan(self, step)
+                if record:
+                    self.report.plans.append({"step": idx, "method": step.method, **record})
+
+    def _restore_plans(self) -> None:
+        """A resumed run takes the planning steps' choices from the report it saved."""
+        for idx, _, comp in self.steps:
+            if hasattr(comp, "plan"):
+                for record in self.report.plans:
+                    if record["step"] == idx:
+                        comp.restore_plan(self, record)

@@ -1,0 +1,287 @@
+"""One checkpoint layout, packed a piece at a time: :class:`Packer` turns the tensors of a
+compressed block (or of the rest of the model) into the tensors of the chosen layout the moment
+the block is done, remembering what ``config.json`` will need (schemes, act order, which Linears
+were quantized, sparsity), and :meth:`Packer.finish` gives that config at the end.
+
+The streaming writer packs block by block as the walk goes; :func:`llmc.save` packs a resident
+model the same way, so both give the same tensors. Layouts:
+
+- ``gptq``: quantized Linears as qweight/qzeros/scales/g_idx. ``checkpoint_format`` is v1
+  ``gptq`` while every zero point is >= 1 (v1 stores zero - 1) and ``gptq_v2`` once one is 0:
+  Linears packed as v1 before that must then have their qzeros rewritten
+  (:meth:`Packer.v1_linears`, :func:`qzeros_to_v2`).
+- ``awq``: the AutoAWQ GEMM layout.
+- ``compressed-tensors``: pack-quantized; unquantized 2:4 Linears as bitmasks when the recipe
+  quantizes nothing.
+- no quantized Linear anywhere: plain safetensors.
+
+Unquantized floating tensors are written in ``save_dtype``, the dtype the source checkpoint
+stored them in.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmc.formats.awq import awq_quantization_config, awq_tensors
+from llmc.formats.compressed_tensors import (
+    bitmask_tensors,
+    ct_quantization_config,
+    ct_tensors,
+    sparsity_config,
+)
+from llmc.formats.gptq import (
+    ENGINE_BITS,
+    gptq_tensors,
+    quantization_config,
+    ragged_groups_warning,
+)
+from llmc.prune.masks import is_nm
+from llmc.quant.pack import pack_cols, unpack_cols
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("gptq", "awq", "compressed-tensors")
+SPARSITY_KEY = "llmc_sparsity"
+CT_DYNAMIC = ("{where}dynamic act-order needs a g_idx, which compressed-tensors no longer loads "
+              "(0.20 dropped actorder 'group'); use static act-order, or --format gptq")
+
+
+def qzeros_to_v2(tensors: dict[str, Tensor], names: list[str], bits: int) -> dict[str, Tensor]:
+    """``tensors`` with the GPTQ v1 ``qzeros`` (zero - 1) of the Linears ``names`` rewritten
+    as v2 (zero)."""
+    out = dict(tensors)
+    for name in names:
+        key = f"{name}.qzeros"
+        if key in tensors:
+            N = tensors[f"{name}.scales"].shape[1]
+            out[key] = pack_cols(unpack_cols(tensors[key], bits, N) + 1, bits)
+    return out
+
+
+def _is_trivial_g_idx(g_idx: Tensor, group_size: int) -> bool:
+    K = g_idx.numel()
+    width = group_size if group_size != -1 else K
+    return torch.equal(g_idx.long().cpu(), torch.arange(K) // width)
+
+
+class Packer:
+    """Packs the pieces of one model into the ``fmt`` layout.
+
+    ``config``: the model's HF config; ``linears``: the names of every Linear of the model
+    (head included) and ``block_linears`` those inside the blocks (in order); ``quantizing``:
+    whether any Linear will be quantized (known from the recipe before the first block);
+    ``act_order``: the recipe's GPTQ column order ("none" when unknown); ``save_dtype``: the
+    dtype of unquantized floating tensors; ``model_class``: the ``architectures`` entry."""
+
+    def __init__(self, fmt: str, config: Any, linears: list[str], block_linears: list[str],
+                 groups: tuple[tuple[str, ...], ...], blocks_prefix: str, quantizing: bool,
+                 act_order: str = "none", save_dtype: torch.dtype = torch.float32,
+                 model_class: str | None = None, sparsity: dict[str, Any] | None = None) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+        self.fmt = fmt
+        self.config = config
+        self.linears = linears
+        self.block_linears = block_linears
+        self.groups = groups
+        self.blocks_prefix = blocks_prefix
+        self.quantizing = quantizing
+        self.act_order = act_order
+        self.save_dtype = save_dtype
+        self.model_class = model_class
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.scheme: tuple[int, int, bool] | None = None
+        self.quantized: list[str] = []
+        self.dynamic = False
+        self.gptq_format = "gptq"
+        self._v1: list[str] = []  # Linears packed while the layout was still v1
+        self._warnings: dict[str, list[str]] = {}
+        self._pruned = {"structures": set(), "zeros": 0.0, "total": 0, "count": 0}
+        self._sparse24 = {"names": [], "zeros": 0, "total": 0}
+        self._loaded_sparsity = sparsity  # a pruned checkpoint read back, whose layers are unmarked
+
+    # -- per piece ----------------------------------------------------------------------------
+    def pack(self, modules: dict[str, nn.Module], state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The checkpoint tensors of one piece: ``modules`` (full name -> module) and their
+        ``state`` (full tensor name -> tensor)."""
+        quant = {n: m for n, m in modules.items() if getattr(m, "llmc_quant", None) is not None}
+        for n, m in modules.items():
+            if getattr(m, "llmc_sparsity", None):
+                self._note_pruned(m)
+        sparse = self._sparse24_of(modules) if self.fmt == "compressed-tensors" else {}
+        bitmasks = sparse if not self.quantizing else {}
+        # tensors the layout replaces: a quantized Linear's weight and bias, a bitmask's weight
+        replaced = {f"{n}.{t}" for n in quant for t in ("weight", "bias")}
+        replaced |= {f"{n}.weight" for n in bitmasks}
+        if self.tied:
+            replaced.add("lm_head.weight")
+        out = {name: self._plain(t) for name, t in state.items() if name not in replaced}
+        for n, m in bitmasks.items():
+            out.update(bitmask_tensors(n, m.weight.data.to(self.save_dtype)))
+        for n, m in quant.items():
+            out.update(self._pack_quantized(n, m))
+        return out
+
+    def _plain(self, t: Tensor) -> Tensor:
+        t = t.detach()
+        if t.is_floating_point() and t.dtype != self.save_dtype:
+            t = t.to(self.save_dtype)
+        return t.cpu()
+
+    def _note_pruned(self, m: nn.Module) -> None:
+        rec, p = m.llmc_sparsity, self._pruned
+        p["structures"].add(rec["structure"])
+        p["zeros"] += rec["sparsity"] * m.weight.numel()
+        p["total"] += m.weight.numel()
+        p["count"] += 1
+
+    def _sparse24_of(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """The block Linears among ``modules`` whose weights are 2:4 sparse."""
+        out = {}
+        for n, m in modules.items():
+            if isinstance(m, nn.Linear) and n.startswith(self.blocks_prefix) and \
+                    is_nm(m.weight.data, 2, 4):
+                out[n] = m
+                self._sparse24["names"].append(n)
+                self._sparse24["zeros"] += int((m.weight.data == 0).sum())
+                self._sparse24["total"] += m.weight.numel()
+        return out
+
+    def _pack_quantized(self, name: str, m: nn.Module) -> dict[str, Tensor]:
+        qw = m.llmc_quant.codes(m.weight.data.cpu(), name)
+        bias = m.bias.data.to(self.save_dtype) if m.bias is not None else None
+        scheme = (qw.bits, qw.group_size, qw.sym)
+        if self.scheme is None:
+            self.scheme = scheme
+        elif scheme != self.scheme:
+            raise ValueError(
+                f"the model mixes quantization schemes {sorted({self.scheme, scheme})}; one "
+                f"{self.fmt} checkpoint holds one (bits, group_size, sym)"
+            )
+        self.quantized.append(name)
+        if not _is_trivial_g_idx(qw.g_idx, qw.group_size):
+            self.dynamic = True
+            if self.fmt == "compressed-tensors":
+                raise ValueError(CT_DYNAMIC.format(where=f"{name}: "))
+        if self.fmt == "awq":
+            return awq_tensors(name, qw, bias)
+        if self.fmt == "compressed-tensors":
+            return ct_tensors(name, qw, bias)
+        N, K = qw.q.shape
+        msg = ragged_groups_warning(f"layers with in_features {K}", K, qw.group_size)
+        if msg is None and (K % 32 or N % 32):
+            msg = (f"layers of shape [{N}, {K}]: GPTQ kernels expect in/out features that are "
+                   "multiples of 32; some engines may refuse this checkpoint")
+        if msg is not None:
+            self._warnings.setdefault(msg, []).append(name)
+        if self.gptq_format == "gptq" and qw.zeros.numel() and int(qw.zeros.min()) < 1:
+            log.info("writing checkpoint_format 'gptq_v2': %s has a zero point of 0, which v1 "
+                     "(zero - 1) cannot store; gptqmodel and recent vLLM read gptq_v2", name)
+            self.gptq_format = "gptq_v2"
+        if self.gptq_format == "gptq":
+            self._v1.append(name)
+        return gptq_tensors(name, qw, bias, self.gptq_format)
+
+    def rewrite(self, tensors: dict[str, Tensor], linears: list[str]) -> dict[str, Tensor]:
+        """``tensors`` of an earlier piece with the qzeros of ``linears`` (from
+        :meth:`v1_linears`) in the final layout."""
+        return qzeros_to_v2(tensors, linears, self.scheme[0])
+
+    def state(self) -> dict[str, Any]:
+        """What the packer has learnt so far, as JSON (a resumed run reloads it)."""
+        return {"scheme": self.scheme, "quantized": self.quantized, "dynamic": self.dynamic,
+                "gptq_format": self.gptq_format, "v1": self._v1, "warnings": self._warnings,
+                "pruned": {**self._pruned, "structures": sorted(self._pruned["structures"])},
+                "sparse24": self._sparse24}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.scheme = tuple(state["scheme"]) if state["scheme"] is not None else None
+        self.quantized = list(state["quantized"])
+        self.dynamic = state["dynamic"]
+        self.gptq_format = state["gptq_format"]
+        self._v1 = list(state["v1"])
+        self._warnings = {k: list(v) for k, v in state["warnings"].items()}
+        self._pruned = {**state["pruned"], "structures": set(state["pruned"]["structures"])}
+        self._sparse24 = dict(state["sparse24"])
+
+    def v1_linears(self) -> list[str]:
+        """The Linears packed with v1 qzeros that need :func:`qzeros_to_v2` now that the
+        checkpoint is ``gptq_v2`` (none when it stayed v1)."""
+        if self.fmt != "gptq" or self.gptq_format == "gptq":
+            return []
+        return list(self._v1)
+
+    # -- at the end -----------------------------------------------------------------------------
+    def sparsity_record(self) -> dict[str, Any] | None:
+        p = self._pruned
+        if not p["count"]:
+            return self._loaded_sparsity
+        return {"structure": ", ".join(sorted(p["structures"])),
+                "sparsity": round(p["zeros"] / p["total"], 6),
+                "pruned_layers": p["count"], "storage": "dense"}
+
+    def finish(self) -> dict[str, Any]:
+        """``config.json``: the model's config, its sparsity record, and the layout's
+        ``quantization_config`` when it holds quantized Linears."""
+        for msg, names in self._warnings.items():
+            log.warning("%s (e.g. %s, %d module(s))", msg, names[0], len(names))
+        config = self.config.to_dict()
+        config.pop("quantization_config", None)
+        config.pop(SPARSITY_KEY, None)
+        record = self.sparsity_record()
+        if record is not None:
+            config[SPARSITY_KEY] = record
+        if self.model_class:
+            config["architectures"] = [self.model_class]
+        config["dtype"] = str(self.save_dtype).removeprefix("torch.")
+        qconfig = self._quantization_config()
+        if qconfig is not None:
+            config["quantization_config"] = qconfig
+        return config
+
+    def _act(self) -> str:
+        return "dynamic" if self.dynamic else self.act_order
+
+    def _quantization_config(self) -> dict[str, Any] | None:
+        quantized = set(self.quantized)
+        if self.fmt == "compressed-tensors":
+            s = self._sparse24
+            sp = None
+            if s["names"]:
+                names = set(s["names"])
+                sp = sparsity_config("dense" if quantized else "sparse-24-bitmask",
+                                     round(s["zeros"] / s["total"], 6),
+                                     [n for n in self.linears if n not in names])
+            if not quantized and sp is None:
+                return None
+            return ct_quantization_config(self.scheme, self._act(),
+                                          [n for n in self.linears if n not in quantized], sp)
+        if not quantized:
+            return None
+        bits, group_size, sym = self.scheme
+        if self.fmt == "awq":
+            rest = [n for n in self.block_linears if n not in quantized]
+            return awq_quantization_config(group_size, rest or None)
+        if bits not in ENGINE_BITS:
+            raise ValueError(f"{bits}-bit weights cannot be written as a GPTQ checkpoint")
+        act = self._act()
+        return quantization_config(
+            bits, group_size, sym, desc_act=act != "none", static_groups=act == "static",
+            checkpoint_format=self.gptq_format,
+            modules_in_block_to_quantize=self._modules_in_block(quantized),
+        )
+
+    def _modules_in_block(self, quantized: set[str]) -> list[list[str]] | None:
+        """GPTQModel's ``modules_in_block_to_quantize`` when only some block Linears are
+        quantized (engines then keep the others dense); None when all are."""
+        prefix = self.blocks_prefix
+        rel = {n[len(prefix):].split(".", 1)[1] for n in quantized if n.startswith(prefix)}
+        every = {n[len(prefix):].split(".", 1)[1] for n in self.block_linears}
+        if rel == every:
+            return None
+        return [[n for n in g if n in rel] for g in self.groups if any(n in rel for n in g)]
