@@ -26,6 +26,8 @@ def move_block(block: nn.Module, device: torch.device) -> None:
         if st is not None:
             for f in ("scales", "zeros", "g_idx"):
                 setattr(st, f, getattr(st, f).to(device))
+        if getattr(m, "llmc_codes", None) is not None:
+            m.llmc_codes = m.llmc_codes.to(device)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -112,7 +114,7 @@ class LazyBlocks:
     def unload(self, b: int) -> None:
         block = self.blocks[b]
         for m in block.modules():
-            for attr in ("llmc_quant", "llmc_mask", "llmc_sparsity"):
+            for attr in ("llmc_quant", "llmc_codes", "llmc_mask", "llmc_sparsity"):
                 if hasattr(m, attr):
                     delattr(m, attr)
         self.lazy.release(self.prefix(b))

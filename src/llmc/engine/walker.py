@@ -96,6 +96,12 @@ def _drop_masks(block: nn.Module) -> None:
             del m.llmc_mask
 
 
+def _drop_codes(block: nn.Module) -> None:
+    for m in block.modules():
+        if hasattr(m, "llmc_codes"):
+            del m.llmc_codes
+
+
 class Engine:
     """Walks the blocks of ``blocks`` (a block store), compressing the Linears each step
     selects. ``steps`` are ``(index, Step, compressor)`` in recipe order. ``checkpoint``, when
@@ -175,6 +181,13 @@ class Engine:
                     copies[n].weight.data.copy_(res.weight.to(copies[n].weight.dtype))
                 if res.quant is not None:
                     master.llmc_quant = res.quant.state()  # qparams; writers recover the codes
+                if self.checkpoint is not None:
+                    # Streaming: the block is packed right after its steps, so its codes are
+                    # kept until then rather than recovered from the weight again.
+                    if res.quant is not None:
+                        master.llmc_codes = res.quant.q
+                    elif hasattr(master, "llmc_codes"):
+                        del master.llmc_codes
                 sparsity = None
                 if res.mask is not None:
                     # Later steps of this block keep these zeros; dropped after the block.
@@ -227,6 +240,7 @@ class Engine:
         stored = False
         for kind, steps in self._phases():
             if kind == "transform":
+                _drop_codes(ctx.block)  # a transform may rewrite weights already quantized
                 for idx, step, comp in steps:
                     record = comp.transform(ctx, step)
                     self.report.transforms.append(

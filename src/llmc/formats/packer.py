@@ -42,6 +42,7 @@ from llmc.formats.gptq import (
 )
 from llmc.prune.masks import is_nm
 from llmc.quant.pack import pack_cols, unpack_cols
+from llmc.quant.scheme import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,11 @@ class Packer:
         return out
 
     def _pack_quantized(self, name: str, m: nn.Module) -> dict[str, Tensor]:
-        qw = m.llmc_quant.codes(m.weight.data.cpu(), name)
+        codes = getattr(m, "llmc_codes", None)  # kept by a streaming walk since compression
+        if codes is not None:
+            qw = QuantizedWeight(**vars(m.llmc_quant), q=codes.cpu())
+        else:
+            qw = m.llmc_quant.codes(m.weight.data.cpu(), name)
         bias = m.bias.data.to(self.save_dtype) if m.bias is not None else None
         scheme = (qw.bits, qw.group_size, qw.sym)
         if self.scheme is None:

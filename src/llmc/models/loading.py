@@ -77,6 +77,11 @@ def load_config(name: str, trust_remote_code: bool = False):
         )
     except OSError as e:
         raise ValueError(f"cannot load the config of '{name}': {e}") from None
+    except (ValueError, IndexError, KeyError) as e:
+        if not src.gguf_file:
+            raise
+        raise ValueError(f"{name} cannot be read as a GGUF file ({e}); it may be truncated or "
+                         "corrupt: download or copy it again") from None
 
 
 def load_model(

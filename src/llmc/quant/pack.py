@@ -13,6 +13,7 @@ Shifts run in int64 so that words with the top bit set wrap to negative int32 ex
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor
@@ -52,12 +53,24 @@ def pack_rows(q: Tensor, bits: int) -> Tensor:
     if q.dim() != 2:
         raise ValueError(f"pack_rows expects a 2-D tensor [K, N], got shape {tuple(q.shape)}")
     K, N = q.shape
-    v = q.to(torch.int64)
-    if v.numel() and (v.min() < 0 or v.max() > 2**bits - 1):
+    dense = q.t() if q.t().is_contiguous() else q  # reductions are fast on contiguous memory
+    if q.numel() and ((q.dtype != torch.uint8 and int(dense.min()) < 0)
+                      or int(dense.max()) > 2**bits - 1):
         raise ValueError(
             f"codes must lie in [0, {2**bits - 1}] for {bits}-bit packing; "
-            f"got [{int(v.min())}, {int(v.max())}]"
+            f"got [{int(dense.min())}, {int(dense.max())}]"
         )
+    if 8 % bits == 0:
+        if q.t().is_contiguous() and not q.is_contiguous():  # [N, K] codes seen as [K, N]
+            return _pack_last_aligned(q.t(), bits).t().contiguous()
+        return _pack_rows_aligned(q, bits)
+    return _pack_rows_general(q, bits)
+
+
+def _pack_rows_general(q: Tensor, bits: int) -> Tensor:
+    """:func:`pack_rows` for any width: a bit stream in int64 words, codes straddling words."""
+    K, N = q.shape
+    v = q.to(torch.int64)
     word, off = _positions(K, bits, q.device)
     out = torch.zeros(packed_len(K, bits), N, dtype=torch.int64, device=q.device)
     # Codes never share bits, so adding them is the same as OR-ing them in.
@@ -67,6 +80,30 @@ def pack_rows(q: Tensor, bits: int) -> Tensor:
         hi = v[spill] >> (_WORD - off[spill])[:, None]
         out.index_add_(0, word[spill] + 1, hi)
     return _to_int32(out)
+
+
+def _pack_rows_aligned(q: Tensor, bits: int) -> Tensor:
+    """:func:`pack_rows` for widths that divide 8, through :func:`_pack_last_aligned`."""
+    return _pack_last_aligned(q.t().contiguous(), bits).t().contiguous()
+
+
+def _pack_last_aligned(q: Tensor, bits: int) -> Tensor:
+    """[N, K] codes packed along K -> int32 [N, ceil(K*bits/32)], for widths dividing 8: the
+    codes are OR-ed into bytes, and on a little-endian machine four bytes in a row are the
+    int32 word (byte b holds bits 8b..8b+7), so no int32 arithmetic touches every code."""
+    N, K = q.shape
+    if sys.byteorder != "little":
+        return _pack_rows_general(q.t(), bits).t().contiguous()
+    words = packed_len(K, bits)
+    per_byte = 8 // bits
+    v = q.to(torch.uint8)
+    if words * (_WORD // bits) != K:
+        v = torch.cat([v, v.new_zeros(N, words * (_WORD // bits) - K)], dim=1)
+    v = v.reshape(N, words * 4, per_byte)
+    byte = v[:, :, 0].clone()
+    for j in range(1, per_byte):
+        byte |= v[:, :, j] << (bits * j)
+    return byte.view(torch.int32)
 
 
 def unpack_rows(packed: Tensor, bits: int, rows: int) -> Tensor:

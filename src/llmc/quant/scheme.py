@@ -14,6 +14,7 @@ divide ``K`` leaves a narrower last group.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -126,10 +127,11 @@ class QuantState:
 
     def codes(self, W: Tensor, name: str = "weight") -> QuantizedWeight:
         """The integer form of the dense weight ``W``; refuses a weight that left the grid."""
-        g = self.g_idx.long()
-        scale, zero = self.scales.float()[:, g], self.zeros.float()[:, g]
-        q = (round_half_even(W.detach().float() / scale) + zero).clamp(0, 2**self.bits - 1)
-        qw = QuantizedWeight(**vars(self), q=q.to(torch.uint8))
+        maxq = 2**self.bits - 1
+        q = by_group(W.detach().float(), self.g_idx, self.group_size,
+                     lambda w, s, z: _round_half_even_(w / s).add_(z).clamp_(0, maxq),
+                     self.scales.float(), self.zeros.float(), out_dtype=torch.uint8)
+        qw = QuantizedWeight(**vars(self), q=q)
         if not torch.equal(qw.dequantize(), W.detach().float()):
             raise ValueError(
                 f"{name}: the weight is no longer on its quantization grid (was it cast to a "
@@ -149,10 +151,11 @@ class QuantizedWeight(QuantState):
         return tuple(self.q.shape)  # type: ignore[return-value]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        g = self.g_idx.long()
-        scale = self.scales.float()[:, g]
-        zero = self.zeros.float()[:, g]
-        return ((self.q.float() - zero) * scale).to(dtype)
+        W = by_group(self.q, self.g_idx, self.group_size,
+                     lambda q, s, z: q.to(torch.float32, copy=True).sub_(z).mul_(s),
+                     self.scales.float(),
+                     self.zeros.float(), out_dtype=torch.float32)
+        return W.to(dtype)
 
     def state(self) -> QuantState:
         return QuantState(self.scales, self.zeros, self.g_idx, self.bits, self.group_size,
@@ -192,9 +195,19 @@ def round_half_even(x: Tensor) -> Tensor:
     return (x + _MAGIC) - _MAGIC
 
 
+def _round_half_even_(x: Tensor) -> Tensor:
+    """:func:`round_half_even` in place (``x`` is a fresh float32 intermediate)."""
+    if x.dtype != torch.float32:
+        return x.round_()
+    return x.add_(_MAGIC).sub_(_MAGIC)
+
+
 def quantize(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
-    """Integer codes (as float) of ``w`` on the grid ``(q - zero) * scale``; broadcasts."""
-    return torch.clamp(round_half_even((w / scale).clamp(-maxq - 1, maxq + 1)) + zero, 0, maxq)
+    """Integer codes (as float) of ``w`` on the grid ``(q - zero) * scale``; broadcasts.
+    One new tensor, the rest in place: each pass over a 45M-weight matrix that allocates
+    costs about three that do not (page faults)."""
+    x = (w / scale).clamp_(-maxq - 1, maxq + 1)
+    return _round_half_even_(x).add_(zero).clamp_(0, maxq)
 
 
 def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
@@ -276,14 +289,51 @@ def grouped_qparams(
     return torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
 
 
+def trivial_groups(g_idx: Tensor, group_size: int) -> bool:
+    """Whether column k sits in group ``k // group_size`` (no act-order regrouping)."""
+    K = g_idx.numel()
+    width = K if group_size == -1 else group_size
+    return torch.equal(g_idx.long().cpu(), torch.arange(K) // width)
+
+
+def by_group(
+    x: Tensor, g_idx: Tensor, group_size: int,
+    fn: Callable[[Tensor, Tensor, Tensor], Tensor], scales: Tensor, zeros: Tensor,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """``fn(x, scale, zero)`` elementwise over ``x`` [N, K], each column with its group's
+    ``scales``/``zeros`` [N, G]. Columns grouped in order (``k // group_size``) are taken as
+    views [N, G, width] against [N, G, 1] (no [N, K] gather of the qparams); regrouped
+    columns gather. The arithmetic per element is the same either way."""
+    N, K = x.shape
+    if not trivial_groups(g_idx, group_size):
+        g = g_idx.long().to(scales.device)
+        return fn(x, scales[:, g], zeros[:, g]).to(out_dtype)
+    width = K if group_size == -1 else group_size
+    full = K // width
+    if full * width == K:
+        return fn(x.reshape(N, full, width), scales[:, :, None],
+                  zeros[:, :, None]).to(out_dtype).reshape(N, K)
+    out = torch.empty(N, K, dtype=out_dtype, device=x.device)
+    if full:
+        main = x[:, : full * width].reshape(N, full, width)
+        out[:, : full * width] = fn(main, scales[:, :full, None],
+                                    zeros[:, :full, None]).reshape(N, full * width)
+    if full * width < K:
+        out[:, full * width :] = fn(x[:, full * width :], scales[:, full:full + 1],
+                                    zeros[:, full:full + 1])
+    return out
+
+
 def quantize_with_groups(
     W: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, scheme: QuantScheme
 ) -> QuantizedWeight:
     """Integer codes of ``W`` under given per-group qparams and column groups."""
-    g = g_idx.long()
-    q = quantize(W.float(), scales[:, g], zeros[:, g], scheme.maxq)
+    q = by_group(W.float(), g_idx, scheme.group_size,
+                 lambda w, s, z: quantize(w, s, z, scheme.maxq), scales, zeros,
+                 out_dtype=torch.uint8)
     return QuantizedWeight(
-        q=q.to(torch.uint8),
+        q=q,
         scales=scales.float().contiguous(),
         zeros=zeros.to(torch.int32).contiguous(),
         g_idx=g_idx.to(torch.int32).contiguous(),
