@@ -1,6 +1,6 @@
 """llmc: compress large language models so that they run on less hardware."""
 
-from llmc.api import CompressionReport, compress, distill, evaluate, load, save
+from llmc.api import CompressionReport, compress, distill, evaluate, load, plan, save
 from llmc.calibration import CalibrationConfig
 from llmc.recipe import Recipe, Step
 
@@ -15,5 +15,6 @@ __all__ = [
     "distill",
     "evaluate",
     "load",
+    "plan",
     "save",
 ]

@@ -374,10 +374,12 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
     try:
         options = EngineOptions(dev, the_plan.cache, cache_dir,
                                 the_plan.lockstep if the_plan.lockstep != "n/a" else "lockstep")
-        engine = Engine(LazyBlocks(lazy, adapter, dev), adapter, walk_steps, recipe.walker,
-                        options, checkpoint=checkpoint, progress=progress)
+        engine = Engine(LazyBlocks(lazy, adapter, dev, prefetch=the_plan.prefetch), adapter,
+                        walk_steps, recipe.walker, options, checkpoint=checkpoint,
+                        progress=progress)
         walk = engine.run(windows)
         checkpoint.finish()
+        walk.engine["read_ahead"] = the_plan.prefetch
         report = CompressionReport.from_walk(recipe, walk, seconds=time.perf_counter() - t,
                                              calibration=calib_info, plan=the_plan.to_dict())
         _write_extras(partial, tokenizer, recipe, report)
@@ -385,8 +387,13 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
 
         if offload_dir is not None:
             shutil.rmtree(cache_dir, ignore_errors=True)
+        checkpoint.close()
         move_into_place(partial, out)
     except BaseException:
+        try:
+            checkpoint.close()  # what the writer thread had in hand is written, or not at all
+        except Exception as e:  # the original error matters more
+            log.warning("while stopping: %s", e)
         if not checkpoint.has_state:
             shutil.rmtree(partial, ignore_errors=True)
         else:

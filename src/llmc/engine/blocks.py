@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -39,6 +40,9 @@ class ResidentBlocks:
     """The blocks of a resident ``model``; each visits ``device`` for its turn."""
 
     lazy = False
+
+    def close(self) -> None:
+        pass
 
     def __init__(self, model: nn.Module, adapter: Adapter, device: torch.device) -> None:
         self.model, self.adapter, self.device = model, adapter, device
@@ -92,14 +96,18 @@ def _outside_blocks(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
 
 class LazyBlocks:
     """The blocks of a :class:`~llmc.models.lazy.LazyModel`, read onto ``device`` in float32
-    for their turn and released after it."""
+    for their turn and released after it. With ``prefetch``, a thread reads block b + 1's
+    tensors (as stored) while block b is worked on."""
 
     lazy = True
 
-    def __init__(self, lazy: Any, adapter: Adapter, device: torch.device) -> None:
+    def __init__(self, lazy: Any, adapter: Adapter, device: torch.device,
+                 prefetch: bool = False) -> None:
         self.lazy, self.adapter, self.device = lazy, adapter, device
         self.model = lazy.model
         self.blocks = adapter.get_blocks(self.model)
+        self._pool = ThreadPoolExecutor(1, "llmc-prefetch") if prefetch else None
+        self._ahead: dict[int, Future] = {}
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -108,8 +116,22 @@ class LazyBlocks:
         return f"{self.adapter.blocks}.{b}."
 
     def load(self, b: int) -> nn.Module:
-        self.lazy.materialize(self.prefix(b), self.device)
+        ahead = self._ahead.pop(b, None)
+        for stale in self._ahead.values():  # a pass that skipped ahead (none do today)
+            stale.cancel()
+        self._ahead.clear()
+        tensors = ahead.result() if ahead is not None else None
+        if self._pool is not None and b + 1 < len(self.blocks):
+            self._ahead[b + 1] = self._pool.submit(self.lazy.read, self.prefix(b + 1))
+        self.lazy.materialize(self.prefix(b), self.device, tensors=tensors)
         return self.blocks[b]
+
+    def close(self) -> None:
+        for f in self._ahead.values():
+            f.cancel()
+        self._ahead.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def unload(self, b: int) -> None:
         block = self.blocks[b]

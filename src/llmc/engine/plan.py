@@ -140,6 +140,7 @@ class Plan:
     device: str
     cache: str
     lockstep: str
+    prefetch: bool
     phases: list[Phase]
     baseline: int
     peak_ram: int
@@ -194,7 +195,8 @@ class Plan:
 
     def render(self) -> str:
         lines = [f"plan: {self.mode} on {self.device}; activation cache in {self.cache}; "
-                 f"sequential groups: {self.lockstep}"]
+                 f"sequential groups: {self.lockstep}; next block read ahead: "
+                 f"{'yes' if self.prefetch else 'no'}"]
         for p in self.phases:
             dev = f", {gib(p.device)} on {self.device}" if p.device else ""
             parts = ", ".join(f"{k} {gib(v)}" for k, v in p.parts.items() if v)
@@ -260,6 +262,9 @@ def make_plan(
     order = [(c, m) for m in modes for c in caches]
     if device.type == "cuda":  # device memory decides the mode, RAM the cache
         order = [(c, m) for c in caches for m in modes]
+    # reading the next block ahead costs one block as stored; dropped first when short
+    order = [(c, m, ahead) for c, m in order
+             for ahead in ((True, False) if mode == "stream" else (False,))]
     device_free = None
     if device.type == "cuda":
         device_free = torch.cuda.mem_get_info(device)[0]
@@ -272,9 +277,10 @@ def make_plan(
                          f"{rate / 1e9:.0f} GFLOP/s on this CPU against {fp32 / 1e9:.0f} in "
                          "float32: --dtype float32 would be faster here")
     plans = []
-    for c, m in order:
+    for c, m, ahead in order:
         p = _plan_for(shape, work, samples=samples, seqlen=seqlen, batch_size=batch_size,
                       wd=walker_dtype.itemsize, device=device, mode=mode, cache=c, lockstep=m,
+                      prefetch=ahead,
                       baseline=baseline, budget=budget, device_free=device_free,
                       stored_bytes=stored_bytes, save_bytes=save_bytes, rate=rate,
                       out_parent=out_parent, offload_dir=offload_dir,
@@ -287,7 +293,8 @@ def make_plan(
 
 
 def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size: int, wd: int,
-              device: torch.device, mode: str, cache: str, lockstep: str, baseline: int,
+              device: torch.device, mode: str, cache: str, lockstep: str, prefetch: bool,
+              baseline: int,
               budget: tuple[int, str], device_free: int | None, stored_bytes: int,
               save_bytes: int, rate: float, out_parent: Path | None, offload_dir: Path | None,
               max_shard_bytes: int) -> Plan:
@@ -317,7 +324,9 @@ def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size
     on_dev = {"block masters": block_fp32, "forward copy": fwd_copy, "statistics": stats,
               "solver": solver, "paused chunks": paused, "chunk activations": chunk_act,
               "teacher block": teacher}
-    block_parts = {"activation cache": cache_ram, "tensor being read": read_buf}
+    stored = stored_bytes / max(shape.total_params, 1)  # bytes per weight on disk
+    block_parts = {"activation cache": cache_ram, "tensor being read": read_buf,
+                   "next block, read ahead": int(shape.block_params * stored) if prefetch else 0}
     if cuda:
         block_parts["block on the CPU for writing"] = block_fp32
     else:
@@ -387,7 +396,8 @@ def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size
                "compute": compute}
     seconds["total"] = sum(seconds.values())
     return Plan(
-        mode=mode, device=str(device), cache=cache, lockstep=lockstep, phases=phases,
+        mode=mode, device=str(device), cache=cache, lockstep=lockstep, prefetch=prefetch,
+        phases=phases,
         baseline=baseline, peak_ram=peak_ram, peak_device=peak_dev, budget_ram=budget[0],
         budget_source=budget[1] or "the machine", device_free=device_free,
         disk_need=int(disk_need), disk_free=disk_free, disk_where=str(where),

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,26 @@ class StreamingCheckpoint:
             log.info("nothing to resume at %s; starting from the first block", partial)
         (partial / "blocks").mkdir(parents=True, exist_ok=True)
         self.started = time.time()
+        # Files are written by one thread while the walk goes on: the next job waits for the
+        # last, so a state never names a file that is not complete.
+        self._writer = ThreadPoolExecutor(1, "llmc-writer")
+        self._pending: Future | None = None
+
+    def _submit(self, job: Any) -> None:
+        self.wait()
+        self._pending = self._writer.submit(job)
+
+    def wait(self) -> None:
+        """Until every file submitted so far is written (raising what writing raised)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._writer.shutdown(wait=True)
 
     @property
     def has_state(self) -> bool:
@@ -191,39 +212,49 @@ class StreamingCheckpoint:
         state = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
         tensors = self.packer.pack(modules, state)
         name = f"blocks/block-{b:05d}.safetensors"
-        tmp = self.partial / (name + ".tmp")
-        write_file(tmp, tensors, metadata={"format": "pt"})
-        os.replace(tmp, self.partial / name)
+
+        def write() -> None:
+            tmp = self.partial / (name + ".tmp")
+            write_file(tmp, tensors, metadata={"format": "pt"})
+            os.replace(tmp, self.partial / name)
+
+        self._submit(write)
         self.pieces[b] = name
 
     def boundary(self, blocks_done: int, report: WalkReport,
                  cache: ActivationCache | None = None,
                  teacher: ActivationCache | None = None) -> None:
-        """Everything a resumed run needs to start at block ``blocks_done``."""
-        caches = {}
-        if cache is not None:
-            caches["hidden"] = str(cache.persist(self.partial, blocks_done))
-        if teacher is not None:
-            caches["teacher"] = str(teacher.persist(self.partial, blocks_done))
+        """Everything a resumed run needs to start at block ``blocks_done``: written by the
+        writer thread after the last block's file, while the next block is worked on (the
+        cache's inputs stay untouched until the block after)."""
         state = {
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint,
             "n_blocks": self.n_blocks,
             "blocks_done": blocks_done,
             "pieces": {str(k): v for k, v in self.pieces.items() if k < blocks_done},
-            "caches": caches,
             "packer": self.packer.state(),
             "report": {"layers": [dataclasses.asdict(r) for r in report.layers],
-                       "blocks": report.blocks, "transforms": report.transforms,
-                       "plans": report.plans, "capture_seconds": report.capture_seconds},
-            "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "blocks": list(report.blocks), "transforms": list(report.transforms),
+                       "plans": list(report.plans), "capture_seconds": report.capture_seconds},
         }
-        _write_json_atomic(self.partial / STATE_FILE, state)
+
+        def save() -> None:
+            caches = {}
+            if cache is not None:
+                caches["hidden"] = str(cache.persist(self.partial, blocks_done))
+            if teacher is not None:
+                caches["teacher"] = str(teacher.persist(self.partial, blocks_done))
+            _write_json_atomic(self.partial / STATE_FILE, {
+                **state, "caches": caches, "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+        self._submit(save)
 
     # -- completing the output --------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
         """Write the rest of the model, rewrite what the layout's last decision changed, join
         the pieces into the final files and return ``config.json``'s contents (written here)."""
+        self.wait()
         missing = [b for b in range(self.n_blocks) if b not in self.pieces]
         if missing:
             raise RuntimeError(f"blocks {missing[:5]} were never written")

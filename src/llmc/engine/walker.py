@@ -381,7 +381,7 @@ class Engine:
         release_memory()
         self.report.blocks.append({"block": b, "seconds": time.perf_counter() - t0,
                                    "load_seconds": self._load_seconds,
-                                   "write_seconds": time.perf_counter() - t1})
+                                   "pack_seconds": time.perf_counter() - t1})
 
     def compress_without_data(self) -> None:
         """Every step needs no data (e.g. RTN): compress each targeted Linear directly."""
@@ -389,17 +389,20 @@ class Engine:
         if start is not None:
             self.checkpoint.restore_report(self.report)
         start = start or 0
-        for b in self._bar(range(start, len(self.blocks)), initial=start):
-            t = time.perf_counter()
-            block = self.blocks.load(b)
-            self._load_seconds = time.perf_counter() - t
-            masters = block_linears(block)
-            for g in self._groups(b, masters, self.steps):
-                self._compress_group(b, g, masters, masters, {}, self.steps)
-            _drop_masks(block)
-            self._finish_block(b, block, t)
-            if self.checkpoint is not None:
-                self.checkpoint.boundary(b + 1, self.report)
+        try:
+            for b in self._bar(range(start, len(self.blocks)), initial=start):
+                t = time.perf_counter()
+                block = self.blocks.load(b)
+                self._load_seconds = time.perf_counter() - t
+                masters = block_linears(block)
+                for g in self._groups(b, masters, self.steps):
+                    self._compress_group(b, g, masters, masters, {}, self.steps)
+                _drop_masks(block)
+                self._finish_block(b, block, t)
+                if self.checkpoint is not None:
+                    self.checkpoint.boundary(b + 1, self.report)
+        finally:
+            self.blocks.close()
 
     def dense_pass(self, visit: Callable[[BlockContext, nn.Module], Callable[[], Any]],
                    desc: str = "Planning") -> list[Any]:
@@ -475,9 +478,14 @@ class Engine:
                 if ck is not None:
                     ck.boundary(b + 1, self.report, cache, teacher)
         finally:
-            cache.close()
-            if teacher is not None:
-                teacher.close()
+            try:
+                if ck is not None:
+                    ck.wait()  # its writer may still be saving the cache's last snapshot
+            finally:
+                cache.close()
+                if teacher is not None:
+                    teacher.close()
+                self.blocks.close()
         return self.report
 
     def _plan(self) -> None:

@@ -206,6 +206,14 @@ def skeleton(config: Any, trust_remote_code: bool = False) -> nn.Module:
 
 def open_lazy(src: ModelSource, config: Any, trust_remote_code: bool = False) -> LazyModel:
     """The lazy model of a resolved source and its config: files checked, nothing read."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    if not src.gguf_file and get_checkpoint_conversion_mapping(config.model_type):
+        raise ValueError(
+            f"'{config.model_type}' checkpoints are renamed or fused by transformers while they "
+            "load (mixture-of-experts layouts), which llmc cannot stream yet; load the model "
+            "with llmc.models.load_model and compress it resident"
+        )
     declared = stored_dtype(getattr(config, "dtype", None))  # before the skeleton sets float32
     model = skeleton(config, trust_remote_code)
     model.config.dtype = declared
@@ -293,15 +301,24 @@ class LazyModel:
                 if p is not None and full.startswith(prefix):
                     yield full, module, attr
 
+    def read(self, prefix: str) -> dict[str, Tensor]:
+        """The checkpoint's tensors of the parameters under ``prefix``, as stored (CPU), by
+        checkpoint name: what :meth:`materialize` would read (a prefetch reads it ahead)."""
+        keys = dict.fromkeys(self._key[full] for full, _, _ in self._slots(prefix))
+        return {k: self.source.read(k) for k in keys}
+
     def materialize(self, prefix: str, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> None:
-        """Read every parameter under ``prefix`` from the checkpoint onto ``device`` as
-        ``dtype``; a tied parameter is read once and placed in all its slots."""
+                    dtype: torch.dtype = torch.float32,
+                    tensors: dict[str, Tensor] | None = None) -> None:
+        """Read every parameter under ``prefix`` from the checkpoint (or take it from
+        ``tensors``, a :meth:`read` made earlier) onto ``device`` as ``dtype``; a tied
+        parameter is read once and placed in all its slots."""
         read: dict[str, nn.Parameter] = {}
         for full, module, attr in self._slots(prefix):
             key = self._key[full]
             if key not in read:
-                t = self.source.read(key).to(device=device, dtype=dtype)
+                t = tensors.pop(key) if tensors is not None else self.source.read(key)
+                t = t.to(device=device, dtype=dtype)
                 read[key] = nn.Parameter(t, requires_grad=module._parameters[attr].requires_grad)
             module._parameters[attr] = read[key]
         self._retie(read)
