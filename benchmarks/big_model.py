@@ -220,8 +220,8 @@ def row_smollm2_resume(args: argparse.Namespace) -> dict[str, Any]:
     from llmc.engine.stream import partial_dir, read_state
 
     out = args.dir / "smollm2-resume"
-    code = ("import sys, llmc; llmc.compress('smollm2-135m', %r, out=%r, overwrite=True, "
-            "progress=False, device='cpu')" % (GPTQ_SMOL, str(out)))
+    code = (f"import llmc; llmc.compress('smollm2-135m', {GPTQ_SMOL!r}, out={str(out)!r}, "
+            "overwrite=True, progress=False, device='cpu')")
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code])
     partial = partial_dir(out)
@@ -304,8 +304,9 @@ def write_md(results: dict[str, Any]) -> None:
                   f"Same tensors: {results.get('smollm2_same_tensors')}."]
     if "smollm2-resume" in r:
         x = r["smollm2-resume"]
-        lines += ["", f"Resume: killed after block {x['killed_after_blocks']}, resumed from block "
-                  f"{x['resumed_from']}: {x['first_seconds']:.1f} s + {x['resumed_seconds']:.1f} s."]
+        lines += ["", f"Resume: killed after block {x['killed_after_blocks']}, resumed from "
+                  f"block {x['resumed_from']}: {x['first_seconds']:.1f} s + "
+                  f"{x['resumed_seconds']:.1f} s."]
         if "smollm2-stream" in r:
             over = x["first_seconds"] + x["resumed_seconds"] - r["smollm2-stream"]["seconds"]
             lines.append(f"Overhead against the uninterrupted run: {over:.1f} s (a block takes "

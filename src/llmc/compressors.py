@@ -23,7 +23,7 @@ from llmc.prune.sparsegpt import SparseGPTConfig
 from llmc.prune.wanda import ColumnNormStats, MagnitudeConfig, WandaConfig, wanda_scores
 from llmc.quant.awq import AWQ, AWQConfig
 from llmc.quant.gptq import GPTQConfig, HessianStats, PruneRule, gptq_quantize, obs_compress
-from llmc.quant.rtn import RTNConfig, rtn_quantize
+from llmc.quant.rtn import RTNConfig, rtn_compress
 from llmc.quant.scheme import QuantizedWeight, output_error
 from llmc.registry import Registry
 
@@ -46,8 +46,7 @@ class RTN:
         # Pruned zeros stay zero: every group's range contains 0 and its zero point is an
         # integer, so 0 rounds to the zero point's code.
         t = time.perf_counter()
-        qw = rtn_quantize(weight, self.config.scheme, self.config.clip_search)
-        W = qw.dequantize()
+        qw, W = rtn_compress(weight, self.config.scheme, self.config.clip_search)
         err = output_error(weight, W, stats.H) if isinstance(stats, HessianStats) else None
         return CompressResult(W, qw, err, time.perf_counter() - t)
 

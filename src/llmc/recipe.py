@@ -17,8 +17,8 @@ import yaml
 
 from llmc.calibration import CalibrationConfig
 from llmc.compressors import METHODS, QUANTIZERS
-from llmc.registry import build_dataclass, matches
 from llmc.engine.config import WalkerConfig
+from llmc.registry import build_dataclass, matches
 
 DEFAULT_TARGETS = ("re:.*",)
 DEFAULT_IGNORE = ("lm_head",)

@@ -46,8 +46,8 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise ValueError(f"{self.path} is truncated ({size} bytes): not a safetensors file; "
-                                 "download or copy it again")
+                raise ValueError(f"{self.path} is truncated ({size} bytes): not a safetensors "
+                                 "file; download or copy it again")
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER or 8 + n > size:
                 raise ValueError(f"{self.path} is truncated or not a safetensors file (its header "

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llmc.core.tree import map_tensors
 from llmc.engine.cache import ActivationCache
 from llmc.engine.lockstep import Reached
 from llmc.interfaces import BlockArgs
@@ -70,6 +71,4 @@ def capture(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size
 
 
 def _to_cpu(args: Any) -> Any:
-    from llmc.core.tree import map_tensors
-
     return map_tensors(args, lambda t: t.to("cpu"))

@@ -135,12 +135,8 @@ def parse_bytes(text: str | int) -> int:
     units = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "kib": 2**10, "tb": 10**12,
              "gb": 10**9, "mb": 10**6, "kb": 10**3, "t": 2**40, "g": 2**30, "m": 2**20,
              "k": 2**10, "b": 1}
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            number = s[: -len(unit)]
-            break
-    else:
-        number, factor = s, 1
+    unit = next((u for u in units if s.endswith(u)), "")
+    number, factor = (s[: -len(unit)], units[unit]) if unit else (s, 1)
     try:
         value = float(number)
     except ValueError:

@@ -20,7 +20,6 @@ rate: an estimate, not a measurement.
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -413,10 +412,3 @@ def _same_disk(a: Path, b: Path) -> bool:
         return ea.stat().st_dev == b.stat().st_dev
     except OSError:
         return True
-
-
-def fmt_seconds(s: float) -> str:
-    return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
-
-
-__all__ = ["Plan", "Shape", "Work", "make_plan", "matmul_rate", "math"]

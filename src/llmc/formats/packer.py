@@ -111,7 +111,7 @@ class Packer:
         """The checkpoint tensors of one piece: ``modules`` (full name -> module) and their
         ``state`` (full tensor name -> tensor)."""
         quant = {n: m for n, m in modules.items() if getattr(m, "llmc_quant", None) is not None}
-        for n, m in modules.items():
+        for m in modules.values():
             if getattr(m, "llmc_sparsity", None):
                 self._note_pruned(m)
         sparse = self._sparse24_of(modules) if self.fmt == "compressed-tensors" else {}

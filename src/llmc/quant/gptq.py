@@ -212,15 +212,18 @@ def obs_compress(
             orig_groups = perm // width  # group (original order) of each permuted column
             col_scale, col_zero = scales[:, orig_groups], zeros[:, orig_groups]
 
+    source = [H_in]  # dropped once H^-1 is known (a device copy would otherwise stay)
+    del H_in
+
     def prepared() -> Tensor:
         """A private copy of H with dead inputs set to 1, in the loop's column order."""
-        H = H_in[perm[:, None], perm] if perm is not None else H_in.clone()
+        H = source[0][perm[:, None], perm] if perm is not None else source[0].clone()
         d = dead[perm] if perm is not None else dead
         H[d, d] = 1
         return H
 
     Hinv, _ = _inverse_cholesky(prepared, damp, name)
-    del H_in
+    source.clear()
     Q = torch.zeros(N, K, device=W.device)  # codes when quantizing, else the new weights
     pruned = torch.zeros(N, K, dtype=torch.bool, device=W.device) if prune is not None else None
 

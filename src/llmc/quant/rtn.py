@@ -13,6 +13,7 @@ from llmc.quant.scheme import (
     QuantizedWeight,
     QuantScheme,
     grouped_qparams,
+    quantize_dequantize,
     quantize_with_groups,
 )
 
@@ -22,6 +23,14 @@ def rtn_quantize(W: Tensor, scheme: QuantScheme, clip: ClipSearch | None = None)
     W = W.detach().float()
     scales, zeros = grouped_qparams(W, scheme, clip)
     return quantize_with_groups(W, scales, zeros, scheme.default_g_idx(W.shape[1]), scheme)
+
+
+def rtn_compress(W: Tensor, scheme: QuantScheme,
+                 clip: ClipSearch | None = None) -> tuple[QuantizedWeight, Tensor]:
+    """:func:`rtn_quantize` and the dequantized weight, made together."""
+    W = W.detach().float()
+    scales, zeros = grouped_qparams(W, scheme, clip)
+    return quantize_dequantize(W, scales, zeros, scheme.default_g_idx(W.shape[1]), scheme)
 
 
 @dataclass(frozen=True)

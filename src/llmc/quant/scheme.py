@@ -325,6 +325,35 @@ def by_group(
     return out
 
 
+def quantize_dequantize(
+    W: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, scheme: QuantScheme
+) -> tuple[QuantizedWeight, Tensor]:
+    """:func:`quantize_with_groups` and the dequantized weight together: the float codes
+    become the dense weight ``(q - z) * s`` in place, so both cost two new tensors rather than
+    four (the same values as ``.dequantize()``, bit for bit)."""
+    maxq = scheme.maxq
+    dense: list[Tensor] = []
+
+    def codes(w: Tensor, s: Tensor, z: Tensor) -> Tensor:
+        x = quantize(w, s, z, maxq)
+        q = x.to(torch.uint8)
+        dense.append(x.sub_(z).mul_(s))
+        return q
+
+    N, K = W.shape
+    width = scheme.group_width(K)
+    if not trivial_groups(g_idx, scheme.group_size) or K % width:
+        qw = quantize_with_groups(W, scales, zeros, g_idx, scheme)
+        return qw, qw.dequantize()
+    q = by_group(W.float(), g_idx, scheme.group_size, codes, scales, zeros,
+                 out_dtype=torch.uint8)
+    qw = QuantizedWeight(q=q, scales=scales.float().contiguous(),
+                         zeros=zeros.to(torch.int32).contiguous(),
+                         g_idx=g_idx.to(torch.int32).contiguous(), bits=scheme.bits,
+                         group_size=scheme.group_size, sym=scheme.sym)
+    return qw, dense[0].reshape(N, K)
+
+
 def quantize_with_groups(
     W: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, scheme: QuantScheme
 ) -> QuantizedWeight:
