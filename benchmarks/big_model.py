@@ -11,17 +11,21 @@ before every 7B row so that the checkpoint is read from the disk):
 - ``read``, ``write``: the disk's rates: every tensor of the 7B checkpoint read one at a time,
   and as many bytes as the RTN output written (then ``sync``);
 - ``rtn-7b``, ``rtn-7b-16``: RTN w4 g128 at 32 and 16 blocks;
-- ``gptq-7b`` (``gptq-7b-16``): GPTQ w4 g128 on 16 x 512 random-token windows, forwards in
-  float32 (this CPU runs bf16 matmuls at a tenth of the float32 rate);
+- ``gptq-7b`` (``gptq-7b-16``): GPTQ w4 g128 on 16 x 512 random-token windows, the walker's
+  default settings (bf16 forwards, 8 windows per chunk);
 - ``smollm2-stream``, ``smollm2-resident``: GPTQ w4 g64 on SmolLM2-135M with the README's
   calibration (128 x 512 wikitext2 windows, bf16), streamed from its GGUF file and resident;
   tensors compared, perplexity on the first 40 test windows of 2048;
+- ``smollm2-baseline``: the resident row with the llmc found under ``--baseline-src`` (a
+  checkout of the release before the engine, e.g. ``git worktree add /tmp/old bd50ef0`` and
+  ``--baseline-src /tmp/old/src``): the time and memory the streamed row is held to;
 - ``smollm2-resume``: the streamed run killed (SIGKILL) after block 15 and resumed.
 
 Every row records the plan's peak-RSS estimate beside the measured peak. Results go to
 ``benchmarks/results/big_model.{json,md}`` as each row finishes.
 
     python benchmarks/big_model.py --dir /work/bench [--rows rtn-7b gptq-7b ...]
+    python benchmarks/big_model.py --dir /work/bench --rows smollm2-baseline --baseline-src OLD/src
     python benchmarks/big_model.py --gpu --dir /scratch    # the GPU row (see gpu_row)
 """
 
@@ -150,6 +154,8 @@ def _stream(src: str, recipe: dict, out: Path, calibration: Any = None,
         "block_seconds_mean": sum(b["seconds"] for b in blocks) / len(blocks),
         "block_seconds": [round(b["seconds"], 2) for b in blocks],
         "load_seconds_mean": sum(b["load_seconds"] for b in blocks) / len(blocks),
+        "load_seconds": [round(b["load_seconds"], 2) for b in blocks],
+        "pack_seconds": [round(b["pack_seconds"], 2) for b in blocks],
         "rss_before": before, "peak_rss": peak, "peak_rss_growth": peak - before,
         "plan_peak_rss": report.plan["peak_ram"],
         "plan_error": report.plan["peak_ram"] / peak - 1,
@@ -162,8 +168,7 @@ def _stream(src: str, recipe: dict, out: Path, calibration: Any = None,
 
 
 RTN = {"steps": [{"method": "rtn", "args": {"bits": 4, "group_size": 128}}]}
-GPTQ_7B = {"steps": [{"method": "gptq", "args": {"bits": 4, "group_size": 128}}],
-           "walker": {"dtype": "float32", "batch_size": 8}}
+GPTQ_7B = {"steps": [{"method": "gptq", "args": {"bits": 4, "group_size": 128}}]}
 GPTQ_SMOL = {"steps": [{"method": "gptq", "args": {"bits": 4, "group_size": 64}}],
              "calibration": {"dataset": "wikitext2", "samples": 128, "seqlen": 512, "seed": 0}}
 
@@ -209,7 +214,7 @@ def row_smollm2_resident(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         model, report = llmc.compress(model, GPTQ_SMOL, tokenizer=tok, progress=False)
         dt = time.perf_counter() - t
-    out = args.dir / "smollm2-resident"
+    out = args.dir / args.row
     llmc.save(model, out, tokenizer=tok, report=report, overwrite=True)
     return {"compress_seconds": dt, "peak_rss_growth": mem.peak - mem.start,
             "perplexity": _ppl(out)}
@@ -220,6 +225,9 @@ def row_smollm2_resume(args: argparse.Namespace) -> dict[str, Any]:
     from llmc.engine.stream import partial_dir, read_state
 
     out = args.dir / "smollm2-resume"
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)  # a finished earlier run: resume needs none there
     code = (f"import llmc; llmc.compress('smollm2-135m', {GPTQ_SMOL!r}, out={str(out)!r}, "
             "overwrite=True, progress=False, device='cpu')")
     t = time.perf_counter()
@@ -240,8 +248,12 @@ def row_smollm2_resume(args: argparse.Namespace) -> dict[str, Any]:
     _, report = llmc.compress("smollm2-135m", GPTQ_SMOL, out=out, resume=True, progress=False,
                               device="cpu")
     second = time.perf_counter() - t
+    start = report.engine.get("resumed_from_block") or 0
+    mine = [b for b in report.blocks if b["block"] >= start]  # the report keeps earlier ones
+    blocks = sum(b["seconds"] for b in mine)
     return {"killed_after_blocks": killed_at, "first_seconds": first,
             "resumed_seconds": second, "resumed_from": report.engine.get("resumed_from_block"),
+            "resumed_blocks": len(mine), "resumed_load_seconds": second - blocks,
             "block_seconds_mean": sum(b["seconds"] for b in report.blocks) / len(report.blocks)}
 
 
@@ -255,6 +267,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if name.startswith("gptq-7b"):
         return row_gptq(args, 16 if name.endswith("-16") else 32)
     return {"smollm2-stream": row_smollm2_stream, "smollm2-resident": row_smollm2_resident,
+            "smollm2-baseline": row_smollm2_resident,
             "smollm2-resume": row_smollm2_resume}[name](args)
 
 
@@ -284,7 +297,9 @@ def write_md(results: dict[str, Any]) -> None:
     for name, x in r.items():
         if "peak_rss" not in x:
             continue
-        notes = f"cache {x['engine']['cache']}, {x['engine']['lockstep']}"
+        calibrated = x["engine"].get("calibrated", not name.startswith("rtn"))
+        notes = f"cache {x['engine']['cache']}, {x['engine']['lockstep']}" if calibrated \
+            else "no calibration"
         if name.startswith("rtn-7b") and "read" in r and "write" in r:
             io = (x["source_bytes"] / r["read"]["gb_per_s"]
                   + x["output_bytes"] / r["write"]["gb_per_s"]) / 1e9
@@ -300,8 +315,18 @@ def write_md(results: dict[str, Any]) -> None:
                   f"| resident (`compress(model)`) | {m['perplexity']:.3f} | "
                   f"{m['compress_seconds']:.1f} | {m['peak_rss_growth'] / 2**20:.0f} |",
                   f"| streamed from the GGUF file | {s['perplexity']:.3f} | "
-                  f"{s['compress_seconds']:.1f} | {s['peak_rss_growth'] / 2**20:.0f} |", "",
-                  f"Same tensors: {results.get('smollm2_same_tensors')}."]
+                  f"{s['compress_seconds']:.1f} | {s['peak_rss_growth'] / 2**20:.0f} |"]
+        if "smollm2-baseline" in r:
+            b = r["smollm2-baseline"]
+            lines.append(f"| before the engine (resident, {results.get('baseline', '?')}) | "
+                         f"{b['perplexity']:.3f} | {b['compress_seconds']:.1f} | "
+                         f"{b['peak_rss_growth'] / 2**20:.0f} |")
+            lines += ["", f"Streamed compress time against before the engine: "
+                      f"{s['compress_seconds'] / b['compress_seconds'] - 1:+.1%}."]
+        lines += ["",
+                  f"Same tensors, streamed and resident: {results.get('smollm2_same_tensors')}; "
+                  f"streamed and before the engine: "
+                  f"{results.get('smollm2_baseline_same_tensors', 'not run')}."]
     if "smollm2-resume" in r:
         x = r["smollm2-resume"]
         lines += ["", f"Resume: killed after block {x['killed_after_blocks']}, resumed from "
@@ -310,7 +335,9 @@ def write_md(results: dict[str, Any]) -> None:
         if "smollm2-stream" in r:
             over = x["first_seconds"] + x["resumed_seconds"] - r["smollm2-stream"]["seconds"]
             lines.append(f"Overhead against the uninterrupted run: {over:.1f} s (a block takes "
-                         f"{r['smollm2-stream']['block_seconds_mean']:.1f} s).")
+                         f"{r['smollm2-stream']['block_seconds_mean']:.1f} s; the resumed run "
+                         f"spent {x['resumed_load_seconds']:.1f} s outside its "
+                         f"{x['resumed_blocks']} blocks: loading and restoring).")
     (RESULTS / "big_model.md").write_text("\n".join(lines) + "\n")
 
 
@@ -321,6 +348,8 @@ def main() -> None:
     p.add_argument("--row", help=argparse.SUPPRESS)
     p.add_argument("--write-bytes", type=int, default=4 * 10**9, help=argparse.SUPPRESS)
     p.add_argument("--gpu", action="store_true", help="the GPU row (see gpu_row)")
+    p.add_argument("--baseline-src", type=Path,
+                   help="an older llmc's src/ directory, for the smollm2-baseline row")
     args = p.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     if args.row:
@@ -338,7 +367,15 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--row", name, "--dir", str(args.dir)]
         if name == "write" and "rtn-7b" in results["rows"]:
             cmd += ["--write-bytes", str(results["rows"]["rtn-7b"]["output_bytes"])]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ)
+        if name == "smollm2-baseline":
+            if not args.baseline_src:
+                raise SystemExit("the smollm2-baseline row needs --baseline-src OLD/src")
+            env["PYTHONPATH"] = str(args.baseline_src.resolve())
+            results["baseline"] = subprocess.run(
+                ["git", "-C", str(args.baseline_src), "rev-parse", "--short", "HEAD"],
+                capture_output=True, text=True).stdout.strip() or str(args.baseline_src)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
         if res.returncode or not line:
             print(res.stderr[-3000:], file=sys.stderr)
@@ -347,6 +384,9 @@ def main() -> None:
         if {"smollm2-stream", "smollm2-resident"} <= set(results["rows"]):
             results["smollm2_same_tensors"] = compare_outputs(
                 args.dir / "smollm2-stream", args.dir / "smollm2-resident")
+        if {"smollm2-stream", "smollm2-baseline"} <= set(results["rows"]):
+            results["smollm2_baseline_same_tensors"] = compare_outputs(
+                args.dir / "smollm2-stream", args.dir / "smollm2-baseline")
         path.write_text(json.dumps(results, indent=1))
         write_md(results)
         print(json.dumps(results["rows"][name])[:400], file=sys.stderr, flush=True)

@@ -77,10 +77,17 @@ class GPTQ:
         qw = gptq_quantize(
             weight, stats.H, c.scheme, act_order=c.act_order, damp=c.damp,
             block_size=c.block_size, clip=c.clip_search, keep=mask, name=name,
+            factors=getattr(stats, "factors", None),
         )
+        _consumed(stats)
         W = qw.dequantize()
         err = output_error(weight, W, stats.H)
         return CompressResult(W, qw, err, time.perf_counter() - t)
+
+
+def _consumed(stats: Stats | None) -> None:
+    if isinstance(stats, HessianStats):
+        stats.consumed()
 
 
 class _Pruner:
@@ -185,8 +192,9 @@ class SparseGPT(_Pruner):
         )
         W, qw, pruned = obs_compress(
             weight, stats.H, c.scheme, prune=rule, keep=mask, act_order="none", damp=c.damp,
-            block_size=c.block_size, name=name,
+            block_size=c.block_size, name=name, factors=getattr(stats, "factors", None),
         )
+        _consumed(stats)
         keep = ~pruned if mask is None else ~pruned & mask.to(pruned.device)
         return self.result(weight, keep, stats, t, W=W, quant=qw)
 

@@ -129,3 +129,55 @@ def test_round_half_even_matches_torch():
 def test_config_errors_name_the_key(args, key):
     with pytest.raises(ValueError, match=key):
         GPTQConfig(**args)
+
+
+def test_a_group_shares_one_factor_and_drops_it_after_its_last_linear():
+    """q, k and v compressed from one statistics object reuse the factor of H^-1 (the same
+    codes as computing it afresh for each), and it is gone after the last of them."""
+    from llmc.compressors import GPTQ
+    from llmc.quant.gptq import GPTQConfig
+
+    torch.manual_seed(0)
+    X = torch.randn(256, 48)
+    Ws = [torch.randn(32, 48) for _ in range(3)]
+    comp = GPTQ(GPTQConfig(bits=4, group_size=16))
+    shared = HessianStats(48)
+    shared.add_batch(X)
+    shared.readers = 3
+    for i, W in enumerate(Ws):
+        fresh = HessianStats(48)
+        fresh.add_batch(X)
+        a = comp.compress("x", W, shared)
+        b = comp.compress("x", W, fresh)
+        assert torch.equal(a.quant.q, b.quant.q) and torch.equal(a.weight, b.weight)
+        assert bool(shared.factors) == (i < 2)
+
+
+def test_column_loop_on_contiguous_rows_is_unchanged():
+    """The loop walks each block transposed; the codes equal a plain strided reference."""
+    torch.manual_seed(1)
+    W = torch.randn(40, 64)
+    X = torch.randn(200, 64)
+    H = 2 * X.T @ X / 200
+    scheme = QuantScheme(4, 16, False)
+    qw = gptq_quantize(W, H, scheme, act_order="none", block_size=16)
+    # reference: the textbook loop (Frantar et al., Algorithm 1) on strided columns
+    from llmc.quant.gptq import _inverse_cholesky
+    from llmc.quant.scheme import find_qparams, quantize
+
+    Hinv, _ = _inverse_cholesky(lambda: H.clone(), 0.01, "ref")
+    Wr = W.clone()
+    Q = torch.zeros_like(W)
+    for i1 in range(0, 64, 16):
+        W1 = Wr[:, i1:i1 + 16].clone()
+        E = torch.zeros_like(W1)
+        s, z = find_qparams(W1, scheme, None, torch.diag(H)[i1:i1 + 16])  # act_order none
+        for j in range(16):
+            i = i1 + j
+            q = quantize(W1[:, j], s, z, scheme.maxq)
+            Q[:, i] = q
+            err = (W1[:, j] - (q - z) * s) / Hinv[i, i]
+            W1[:, j:] -= err[:, None] * Hinv[i, i:i1 + 16][None, :]
+            E[:, j] = err
+        Wr[:, i1 + 16:] -= E @ Hinv[i1:i1 + 16, i1 + 16:]
+    assert torch.equal(qw.q, Q.to(torch.uint8))

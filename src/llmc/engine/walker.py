@@ -167,6 +167,10 @@ class Engine:
                         copies: dict[str, nn.Linear], stats: dict[tuple[int, str], Any],
                         steps: list) -> None:
         prefix = self.prefix(block_index)
+        for (gid, kind), st in stats.items():  # how many Linears each statistics object serves
+            if gid == id(group) and hasattr(st, "readers"):
+                st.readers = sum(1 for _, step, comp in steps if comp.stats_kind == kind
+                                 for n in group if step.selects(prefix + n))
         for idx, step, comp in steps:
             for n in group:
                 full = prefix + n
@@ -176,7 +180,12 @@ class Engine:
                 st = stats.get((id(group), comp.stats_kind)) if comp.stats_kind else None
                 mask = getattr(master, "llmc_mask", None)
                 res = comp.compress(full, master.weight.data, st, mask=mask)
-                master.weight.data.copy_(res.weight.to(master.weight.dtype))
+                w = master.weight.data
+                if res.weight.dtype == w.dtype and res.weight.shape == w.shape \
+                        and res.weight.device == w.device and res.weight.is_contiguous():
+                    master.weight.data = res.weight  # a new tensor: take it, no copy
+                else:
+                    w.copy_(res.weight.to(w.dtype))
                 if copies[n] is not master:
                     copies[n].weight.data.copy_(res.weight.to(copies[n].weight.dtype))
                 if res.quant is not None:

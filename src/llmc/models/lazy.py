@@ -139,7 +139,10 @@ class GGUFSource:
         parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
         arch = read_field(reader, "general.architecture")[0]
         self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
-        self._parsed = parsed
+        # what the processors may read; the tokenizer's vocabulary and merges (tens of MB of
+        # Python objects for a 49k vocabulary) are not kept for the whole run
+        self._parsed = {k: v for k, v in parsed.items()
+                        if k not in ("tokenizer", "tokenizer_config")}
         try:
             mapping = get_gguf_hf_weights_map(skeleton, self._processor)
         except NotImplementedError as e:
