@@ -32,10 +32,38 @@ def tiny_config(arch: str):
         return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                             num_attention_heads=4, vocab_size=260, max_position_embeddings=256,
                             word_embed_proj_dim=64)
+    if arch == "llama3":  # Llama 3.x: rope scaling of type llama3, tied embeddings (3.2)
+        return tf.LlamaConfig(**TINY, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64})
+    if arch == "qwen3":  # q/k norms over each head
+        return tf.Qwen3Config(**TINY, head_dim=16)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(**TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "gemma2":  # norms after attention and MLP, soft-capped logits, 1 + w norms
+        return tf.Gemma2Config(**TINY, head_dim=16, sliding_window=8)
+    if arch == "olmo2":  # norms after attention and MLP, none before; q/k norms
+        return tf.Olmo2Config(**TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "granite":  # residual, embedding, attention and logit multipliers
+        return tf.GraniteConfig(**TINY, residual_multiplier=0.5, embedding_multiplier=2.0,
+                                attention_multiplier=0.25, logits_scaling=4.0)
+    if arch == "smollm3":  # no rope in every fourth layer
+        return tf.SmolLM3Config(**TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "cohere":  # attention and MLP in parallel on one norm's output
+        return tf.CohereConfig(**TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "glm4":  # fused gate_up_proj, norms after attention and MLP too
+        return tf.Glm4Config(**TINY, head_dim=16, pad_token_id=0, eos_token_id=2)
+    if arch == "gpt_neox":  # fused query_key_value, parallel residual
+        return tf.GPTNeoXConfig(**{k: v for k, v in TINY.items() if k != "num_key_value_heads"},
+                                bos_token_id=1, eos_token_id=2)
     raise ValueError(arch)
 
 
 ARCHS = ["llama", "mistral", "qwen2", "gemma3_text", "opt"]
+# Found by the code (llmc.models.structure), each tested end to end in tests/models/.
+MORE_ARCHS = ["llama3", "qwen3", "phi3", "gemma2", "olmo2", "granite", "smollm3", "cohere", "glm4",
+              "gpt_neox"]
 
 
 def tiny_model(arch: str = "llama", seed: int = 0):
@@ -90,3 +118,16 @@ def model_dir(tmp_path):
     tiny_model("llama").save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def wikitext():
+    """Skip, with the reason, where Wikitext-2 is neither on disk nor reachable on the hub."""
+    from llmc.calibration import load_rows
+
+    try:
+        load_rows("wikitext2-raw", "test")
+        load_rows("wikitext2", "validation")
+    except ValueError as e:
+        pytest.skip(f"no Wikitext-2: {str(e).splitlines()[0]}")
+

@@ -66,14 +66,15 @@ def test_data_dir_env_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert data_dir() == tmp_path
 
 
-def test_data_dir_default_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_data_dir_default_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                   wikitext) -> None:
     monkeypatch.delenv("LLMC_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)  # ../shared/data from here does not exist: use the project root
     found = data_dir()
     assert found is not None and (found / "wikitext-2-v1" / "wiki.valid.tokens").is_file()
 
 
-def test_raw_test_rows_match_the_hub() -> None:
+def test_raw_test_rows_match_the_hub(wikitext) -> None:
     rows = load_rows("wikitext2-raw", "test")
     assert len(rows) == 4358
     assert sum(1 for row in rows if row) == 2891
@@ -81,7 +82,7 @@ def test_raw_test_rows_match_the_hub() -> None:
     assert joined_text(rows).startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is")
 
 
-def test_tokenized_splits_row_counts() -> None:
+def test_tokenized_splits_row_counts(wikitext) -> None:
     assert len(load_rows("wikitext2", "validation")) == 3760
     assert len(load_rows("wikitext2", "test")) == 4358
 
@@ -172,7 +173,7 @@ def test_windows_are_seeded(text_file: Path) -> None:
     assert torch.equal(first, torch.stack([ids[s : s + 32] for s in starts.tolist()]))
 
 
-def test_windows_from_plain_tokenizer_on_wikitext() -> None:
+def test_windows_from_plain_tokenizer_on_wikitext(wikitext) -> None:
     config = CalibrationConfig(samples=4, seqlen=64)
     windows = calibration_windows(ByteTokenizer(), config)
     text = joined_text(load_rows("wikitext2", "validation")).encode()

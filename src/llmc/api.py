@@ -71,9 +71,12 @@ class CompressionReport:
                    capture_seconds=walk.capture_seconds, engine=walk.engine, **kw)
 
 
+DISTRIBUTION = "llmc-compress"  # the name pip knows llmc by
+
+
 def _llmc_version() -> str:
     try:
-        return version("llmc")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:
         return "unknown"
 

@@ -2,8 +2,9 @@
 
 Rows follow the Hugging Face hub's wikitext rows (see `shared/data/README.md`): one line of a
 file is one row; a blank or whitespace-only line is the empty row `""`; every other line keeps
-its trailing `"\\n"`. Offline files live in `data_dir()` (`LLMC_DATA_DIR`, else
-`../shared/data`); online, the same splits come from the hub through `datasets`.
+its trailing `"\\n"`. Offline files live in `data_dir()` (`LLMC_DATA_DIR`, else the user
+cache directory, else a source checkout's `../shared/data`); online, the same splits come from
+the hub through `datasets`.
 
 Calibration windows follow GPTQ (Frantar et al., 2022): the rows are joined with `"\\n\\n"`,
 tokenized once, and `samples` window starts are drawn from a seeded `torch.Generator`.
@@ -45,9 +46,9 @@ _C4_FILES = {
 
 
 def data_dir() -> Path | None:
-    """The offline data directory: `$LLMC_DATA_DIR` if set, else the first existing of
-    `./../shared/data` (from the working directory) and `<project root>/../shared/data`;
-    None when neither exists."""
+    """The offline data directory: `$LLMC_DATA_DIR` if set, else the first existing of the
+    user cache directory (`$XDG_CACHE_HOME/llmc/data`, default `~/.cache/llmc/data`) and, in a
+    source checkout, the `shared/data` folder beside it; None when neither exists."""
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env).expanduser()
@@ -58,9 +59,10 @@ def data_dir() -> Path | None:
 
 
 def _default_data_dirs() -> list[Path]:
-    candidates = [Path.cwd() / ".." / "shared" / "data"]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    candidates = [cache / "llmc" / "data"]
     for parent in Path(__file__).resolve().parents:
-        if (parent / "pyproject.toml").is_file():
+        if (parent / "pyproject.toml").is_file():  # a source checkout, not an installed wheel
             candidates.append(parent / ".." / "shared" / "data")
             break
     return candidates

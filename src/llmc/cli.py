@@ -135,7 +135,7 @@ def _run(model_name: str, recipe, opts: dict[str, Any]) -> None:
 
 
 @click.group()
-@click.version_option(package_name="llmc")
+@click.version_option(package_name="llmc-compress")
 def cli() -> None:
     """llmc: compress large language models (GPTQ/AWQ/RTN quantization, SparseGPT/Wanda/
     magnitude pruning, evaluation)."""

@@ -250,8 +250,8 @@ def test_recipe_rules():
 
 
 def test_architecture_without_a_map_fails_before_calibration(monkeypatch):
-    monkeypatch.setitem(models.ADAPTERS, "llama",
-                        dataclasses.replace(models.ADAPTERS["llama"], scale_pairs=()))
+    monkeypatch.setitem(models.OVERRIDES, "llama",
+                        lambda a: dataclasses.replace(a, scale_pairs=()))
 
     def no_data(*a, **k):
         raise AssertionError("calibration data was read")
@@ -260,7 +260,19 @@ def test_architecture_without_a_map_fails_before_calibration(monkeypatch):
     with pytest.raises(ValueError, match="no scaling map for architecture 'llama'"):
         llmc.compress(tiny_model("llama"), {"steps": [AWQ]}, tokenizer=object(),
                       progress=False)
+
+
+def test_post_norm_and_gelu_opt_keep_only_the_pairs_that_hold():
+    """Post-norm OPT's layer norms feed the residual too, and GELU does not commute with
+    scales: discovery refuses those pairs, with the reason, and keeps the exact ones."""
     cfg = tiny_config("opt")
     cfg.do_layer_norm_before = False
-    with pytest.raises(ValueError, match="do_layer_norm_before"):
-        Recipe.from_dict({"steps": [AWQ]}).check_model(cfg)
+    a = models.get_adapter(cfg)
+    assert [p.prev for p in a.scale_pairs] == ["self_attn.v_proj", "fc1"]
+    assert any(r.prev == "self_attn_layer_norm" and "changed the block's output" in r.reason
+               for r in a.refused)
+    cfg = tiny_config("opt")
+    cfg.activation_function = "gelu"
+    a = models.get_adapter(cfg)
+    assert "fc1" not in [p.prev for p in a.scale_pairs]
+    assert any(r.prev == "fc1" for r in a.refused)

@@ -84,7 +84,7 @@ def _outside_blocks(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
     """The leaf-most modules holding parameters outside the blocks, the final norm and the
     head: what the forward needs before block 0 (embeddings, learned positions, input
     projections)."""
-    skip = (adapter.blocks, adapter.norm, adapter.head)
+    skip = tuple(s for s in (adapter.blocks, adapter.norm, adapter.head) if s)
     out = []
     for name, m in model.named_modules():
         if any(name == s or name.startswith(s + ".") for s in skip):
@@ -157,7 +157,7 @@ class LazyBlocks:
 
 def _outside_names(lazy: Any, adapter: Adapter) -> list[str]:
     """Names of the modules holding parameters outside the blocks, final norm and head."""
-    skip = (adapter.blocks, adapter.norm, adapter.head)
+    skip = tuple(s for s in (adapter.blocks, adapter.norm, adapter.head) if s)
     owners = set()
     for name in lazy.parameter_names():
         owner = name.rpartition(".")[0]

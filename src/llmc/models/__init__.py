@@ -1,12 +1,7 @@
-"""Models: loading (whole, or lazily tensor by tensor) and the architecture adapters."""
+"""Models: loading (whole, or lazily tensor by tensor) and their structure, found by running a
+small copy of the architecture (the adapters)."""
 
-from llmc.models.adapters import (
-    ADAPTERS,
-    Adapter,
-    ScalePair,
-    block_linears,
-    get_adapter,
-)
+from llmc.models.adapters import OVERRIDES, Adapter, block_linears, get_adapter
 from llmc.models.loading import (
     DEMO_MODELS,
     DemoModel,
@@ -17,13 +12,14 @@ from llmc.models.loading import (
     resolve,
     stored_dtype,
 )
+from llmc.models.scaling import ScalePair
 
 __all__ = [
-    "ADAPTERS",
     "DEMO_MODELS",
     "Adapter",
     "DemoModel",
     "ModelSource",
+    "OVERRIDES",
     "ScalePair",
     "block_linears",
     "get_adapter",

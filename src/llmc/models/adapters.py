@@ -1,24 +1,17 @@
 """The architecture adapters: where an architecture keeps its blocks, embeddings, norm and head,
-the Linears of a block grouped by the input they read, and AWQ's scaling pairs."""
+the Linears of a block grouped by the input they read, and the scaling pairs, all found by
+:mod:`llmc.models.structure` on a small copy of the architecture; no per-architecture table."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
-
-@dataclass(frozen=True)
-class ScalePair:
-    """An AWQ scaling pair: the output channels of ``prev`` (a norm or a Linear) are divided by
-    scales that the ``linears`` it feeds multiply into their input columns. The search measures
-    the output of ``inspect`` (a module containing the linears), or ``tr(dW H dW^T)`` of the
-    linears when it is None."""
-
-    prev: str
-    linears: tuple[str, ...]
-    inspect: str | None = None
-    tokenwise: bool = False  # ``inspect`` treats each token on its own (an MLP)
+from llmc.models.scaling import ScalePair
+from llmc.models.structure import Refusal, StructureError, discover
 
 
 @dataclass(frozen=True)
@@ -28,104 +21,53 @@ class Adapter:
     true-sequential stages of GPTQ. ``tail`` is the last Linear of a block when its output is
     added straight onto the residual stream and nothing follows (``h = residual + tail(x)``):
     the walker then needs to hold only that Linear's inputs, not every chunk's call stack,
-    while it compresses it."""
+    while it compresses it. ``refused`` holds the scaling pairs that were tried and did not
+    hold, with the reason."""
 
     name: str
     blocks: str
     embeddings: tuple[str, ...]
-    norm: str
+    norm: str | None  # None: a post-norm model with no final norm
     head: str
     groups: tuple[tuple[str, ...], ...]
     tail: str | None = None
     scale_pairs: tuple[ScalePair, ...] = ()
     norm_offset: float = 0.0  # norms computing x * (offset + w) (Gemma: 1)
     no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+    refused: tuple[Refusal, ...] = ()
 
-    def check_scaling(self, config) -> None:
-        """Refuse AWQ where this architecture's scaling map does not hold."""
+    def check_scaling(self, config=None) -> None:
+        """Refuse AWQ where no scaling pair of this architecture holds, with the reasons."""
         if not self.scale_pairs:
-            raise ValueError(f"AWQ has no scaling map for architecture '{self.name}'")
-        if self.name == "opt" and not getattr(config, "do_layer_norm_before", True):
-            raise ValueError(
-                "AWQ: this OPT model normalises after each block (do_layer_norm_before=False), "
-                "so its layer norms do not feed the Linears; AWQ supports pre-norm OPT only"
-            )
-        if self.name == "opt" and getattr(config, "activation_function", "relu") != "relu":
-            raise ValueError(
-                "AWQ: the fc1 -> fc2 scales need fc1's activation to commute with positive "
-                f"scales (relu); this OPT model uses {config.activation_function}"
-            )
+            why = "; ".join(f"{r.prev or '(nothing)'} -> {', '.join(r.linears)}: {r.reason}"
+                            for r in self.refused) or "no norm or Linear feeds its Linears"
+            raise ValueError(f"AWQ: no scaling map for architecture '{self.name}': no scaling "
+                             f"pair holds ({why})")
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
 
 
-_LLAMA_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-
-
-def _llama_pairs(mlp_norm: str) -> tuple[ScalePair, ...]:
-    return (
-        ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                  "self_attn"),
-        ScalePair("self_attn.v_proj", ("self_attn.o_proj",)),
-        ScalePair(mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), "mlp", tokenwise=True),
-        ScalePair("mlp.up_proj", ("mlp.down_proj",)),
-    )
-
-
-_OPT_PAIRS = (
-    ScalePair("self_attn_layer_norm",
-              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-    ScalePair("self_attn.v_proj", ("self_attn.out_proj",)),
-    # No module holds fc1 -> act -> fc2: the search measures fc1's own output, tr(dW H dW^T).
-    ScalePair("final_layer_norm", ("fc1",)),
-    ScalePair("fc1", ("fc2",)),  # ReLU commutes with positive scales
-)
-
-ADAPTERS = {
-    a.name: a
-    for a in (
-        Adapter("llama", "model.layers", ("model.embed_tokens",), "model.norm", "lm_head",
-                _LLAMA_GROUPS, tail="mlp.down_proj",
-                scale_pairs=_llama_pairs("post_attention_layernorm")),
-        Adapter("mistral", "model.layers", ("model.embed_tokens",), "model.norm", "lm_head",
-                _LLAMA_GROUPS, tail="mlp.down_proj",
-                scale_pairs=_llama_pairs("post_attention_layernorm")),
-        Adapter("qwen2", "model.layers", ("model.embed_tokens",), "model.norm", "lm_head",
-                _LLAMA_GROUPS, tail="mlp.down_proj",
-                scale_pairs=_llama_pairs("post_attention_layernorm")),
-        # Gemma 3 normalises the MLP output before the residual add: no tail; its MLP reads
-        # pre_feedforward_layernorm, and its norms compute x * (1 + w).
-        Adapter("gemma3_text", "model.layers", ("model.embed_tokens",), "model.norm", "lm_head",
-                _LLAMA_GROUPS, scale_pairs=_llama_pairs("pre_feedforward_layernorm"),
-                norm_offset=1.0),
-        Adapter(
-            "opt", "model.decoder.layers",
-            ("model.decoder.embed_tokens", "model.decoder.embed_positions"),
-            "model.decoder.final_layer_norm", "lm_head",
-            (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-             ("self_attn.out_proj",), ("fc1",), ("fc2",)),
-            scale_pairs=_OPT_PAIRS,
-        ),
-    )
-}
+# What discovery cannot read, by model_type: a function amending the found adapter. Empty
+# today; tests use it to switch parts off.
+OVERRIDES: dict[str, Callable[[Adapter], Adapter]] = {}
 
 
 def get_adapter(config) -> Adapter:
-    """The adapter of a model or config; unknown architectures name the supported ones."""
+    """The adapter of a model or config, found from its structure; an architecture whose
+    structure cannot be read fails with what was not found."""
     config = getattr(config, "config", config)
     model_type = getattr(config, "model_type", None)
-    if model_type not in ADAPTERS:
-        raise ValueError(
-            f"architecture '{model_type}' is not supported by the layer walker; supported: "
-            f"{', '.join(sorted(ADAPTERS))}"
-        )
-    return ADAPTERS[model_type]
+    if not model_type:
+        raise ValueError("the model's config has no model_type; llmc cannot read its structure")
+    try:
+        s = discover(config)
+    except StructureError as e:
+        raise ValueError(f"architecture '{model_type}': {e}") from None
+    adapter = Adapter(name=model_type, **{f.name: getattr(s, f.name)
+                                          for f in dataclasses.fields(s)})
+    fix = OVERRIDES.get(model_type)
+    return fix(adapter) if fix else adapter
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
