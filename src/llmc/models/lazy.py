@@ -129,20 +129,19 @@ class GGUFSource:
             TENSOR_PROCESSORS,
             TensorProcessor,
             get_gguf_hf_weights_map,
-            load_gguf_checkpoint,
             read_field,
         )
 
         self.path = Path(path)
         self.files = [self.path]
         reader = GGUFReader(str(self.path))
-        parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
         arch = read_field(reader, "general.architecture")[0]
+        # The processors read the model's config: the one the skeleton was built from (what
+        # transformers' GGUF loader would parse again, with the tokenizer, at seconds and
+        # tens of MB of Python objects).
+        parsed = {"config": skeleton.config.to_dict(), "tensors": {}}
         self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
-        # what the processors may read; the tokenizer's vocabulary and merges (tens of MB of
-        # Python objects for a 49k vocabulary) are not kept for the whole run
-        self._parsed = {k: v for k, v in parsed.items()
-                        if k not in ("tokenizer", "tokenizer_config")}
+        self._parsed = parsed
         try:
             mapping = get_gguf_hf_weights_map(skeleton, self._processor)
         except NotImplementedError as e:
