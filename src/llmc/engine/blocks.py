@@ -84,7 +84,7 @@ def _outside_blocks(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
     """The leaf-most modules holding parameters outside the blocks, the final norm and the
     head: what the forward needs before block 0 (embeddings, learned positions, input
     projections)."""
-    skip = tuple(s for s in (adapter.blocks, adapter.norm, adapter.head) if s)
+    skip = _not_outside(adapter)
     out = []
     for name, m in model.named_modules():
         if any(name == s or name.startswith(s + ".") for s in skip):
@@ -155,9 +155,14 @@ class LazyBlocks:
                 self.lazy.release(p)
 
 
+def _not_outside(adapter: Adapter) -> tuple[str, ...]:
+    """The blocks, the final norm (a post-norm model has none) and the head."""
+    return tuple(s for s in (adapter.blocks, adapter.norm, adapter.head) if s)
+
+
 def _outside_names(lazy: Any, adapter: Adapter) -> list[str]:
     """Names of the modules holding parameters outside the blocks, final norm and head."""
-    skip = tuple(s for s in (adapter.blocks, adapter.norm, adapter.head) if s)
+    skip = _not_outside(adapter)
     owners = set()
     for name in lazy.parameter_names():
         owner = name.rpartition(".")[0]

@@ -157,7 +157,7 @@ def _trace(root: nn.Module, run: Callable[[], Any],
         def pre(mod, args, kwargs, name=name):
             calls.append(_Call(name, mod, args, kwargs))
 
-        def post(mod, args, kwargs, out, name=name):
+        def post(mod, args, kwargs, out):
             for c in reversed(calls):
                 if c.module is mod and c.output is None:
                     c.output = out
@@ -194,8 +194,7 @@ def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters(recurse=False))
 
 
-def _outside(model: nn.Module, blocks_name: str, blocks: nn.ModuleList
-             ) -> tuple[tuple[str, ...], str | None, str]:
+def _outside(model: nn.Module, blocks_name: str) -> tuple[tuple[str, ...], str | None, str]:
     """Embeddings, final norm and head, from one traced forward of the whole model."""
     head_mod = model.get_output_embeddings()
     names = {id(m): n for n, m in model.named_modules()}
@@ -413,7 +412,7 @@ def discover_model(model: nn.Module) -> Structure:
     """The structure of ``model`` (a small random copy of an architecture: see
     :func:`discover`)."""
     blocks_name, blocks = _find_blocks(model)
-    embeddings, norm, head = _outside(model, blocks_name, blocks)
+    embeddings, norm, head = _outside(model, blocks_name)
     args, kwargs = _block_inputs(model, blocks_name)
     block = blocks[0]
     found = _block_structure(block, args, kwargs)
