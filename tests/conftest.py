@@ -3,10 +3,14 @@ and a model directory on disk, so the fast suite needs no network and no real mo
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+from llmc.core.safetensors import SafetensorsFile
 
 # Triton reads TRITON_INTERPRET when it is first imported (transformers and compressed-tensors may
 # import it before any kernel test runs): the kernels run on the CPU interpreter in the tests.
@@ -57,6 +61,16 @@ def tiny_config(arch: str):
     if arch == "gpt_neox":  # fused query_key_value, parallel residual
         return tf.GPTNeoXConfig(**{k: v for k, v in TINY.items() if k != "num_key_value_heads"},
                                 bos_token_id=1, eos_token_id=2)
+    if arch == "mixtral":  # fused experts; original names block_sparse_moe.experts.E.w1/w2/w3
+        return tf.MixtralConfig(**{**TINY, "intermediate_size": 32}, num_local_experts=4,
+                                num_experts_per_tok=2, sliding_window=None)
+    if arch == "qwen3_moe":  # fused experts, q/k norms
+        return tf.Qwen3MoeConfig(**TINY, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                                 num_experts_per_tok=2, norm_topk_prob=True)
+    if arch == "qwen2_moe":  # fused experts plus a shared expert behind a sigmoid gate
+        return tf.Qwen2MoeConfig(**TINY, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=48, num_experts=4,
+                                 num_experts_per_tok=2)
     raise ValueError(arch)
 
 
@@ -64,6 +78,7 @@ ARCHS = ["llama", "mistral", "qwen2", "gemma3_text", "opt"]
 # Found by the code (llmc.models.structure), each tested end to end in tests/models/.
 MORE_ARCHS = ["llama3", "qwen3", "phi3", "gemma2", "olmo2", "granite", "smollm3", "cohere", "glm4",
               "gpt_neox"]
+MOE_ARCHS = ["mixtral", "qwen3_moe", "qwen2_moe"]  # mixture of experts (tests/models/test_moe.py)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0):
@@ -131,3 +146,22 @@ def wikitext():
     except ValueError as e:
         pytest.skip(f"no Wikitext-2: {str(e).splitlines()[0]}")
 
+
+def output_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's safetensors files."""
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        sf = SafetensorsFile(f)
+        out.update({k: sf.read(k) for k in sf.keys()})
+    return out
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Every tensor equal (values and dtype) and the same ``config.json``."""
+    ta, tb = output_tensors(a), output_tensors(b)
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, k
+        assert torch.equal(ta[k], tb[k]), k
+    assert json.loads((a / "config.json").read_text()) == json.loads(
+        (b / "config.json").read_text())

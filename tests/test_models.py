@@ -51,3 +51,34 @@ def test_adapters_find_every_block_linear(arch):
     assert set(block_linears(blocks[0])) == grouped
     for name in (*adapter.embeddings, adapter.norm, adapter.head):
         model.get_submodule(name)
+
+
+def test_a_split_demo_model_is_joined_once(tmp_path, monkeypatch):
+    """A demo GGUF shipped over chunk packages (PyPI's size limit) is joined into the user
+    cache, atomically, once; a missing chunk package is named with the install command."""
+    from llmc.models import loading
+
+    for pkg, chunk in (("fakedemo", None), ("fakedemo_part1", b"GGUF-a"),
+                       ("fakedemo_part2", b"-b")):
+        d = tmp_path / "site" / pkg
+        (d / "data").mkdir(parents=True)
+        (d / "__init__.py").write_text("")
+        if chunk:
+            i = pkg[-1]
+            (d / "data" / f"m.gguf.part0{int(i) - 1}").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    demo = loading.DemoModel("fakedemo", "m.gguf", "pip install fakedemo",
+                             ("fakedemo_part1", "fakedemo_part2"))
+    monkeypatch.setitem(loading.DEMO_MODELS, "fake", demo)
+    src = loading.resolve("fake")
+    path = tmp_path / "cache" / "llmc" / "models" / "m.gguf"
+    assert (src.path, src.gguf_file) == (str(path.parent), "m.gguf")
+    assert path.read_bytes() == b"GGUF-a-b"
+    mtime = path.stat().st_mtime_ns
+    loading.resolve("fake")
+    assert path.stat().st_mtime_ns == mtime and not list(path.parent.glob("*.tmp"))
+    monkeypatch.setitem(loading.DEMO_MODELS, "fake2", loading.DemoModel(
+        "fakedemo", "m.gguf", "pip install fakedemo", ("fakedemo_part1", "fakedemo_part9")))
+    with pytest.raises(ValueError, match="fakedemo_part9.*pip install fakedemo"):
+        loading.resolve("fake2")

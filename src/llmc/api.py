@@ -33,6 +33,7 @@ from llmc.engine.plan import Plan, Shape, Work, make_plan
 from llmc.engine.stream import StreamingCheckpoint, partial_dir
 from llmc.eval.perplexity import evaluate_text
 from llmc.models import get_adapter, load_config, load_model, load_tokenizer, resolve
+from llmc.models.moe import unfuse_experts
 from llmc.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ RECIPE_FILE = "recipe.yaml"
 class CompressionReport:
     """What ``compress`` did: per-layer relative output error (and sparsity, when pruned), time
     per block, what each block transform chose (AWQ: per pair the exponent and the losses),
+    MoE experts (per block and expert: calibration tokens routed to it, rows its statistics saw,
+    the data-free fallback when they were too few),
     what a planning pass chose (OWL: per block the outlier ratio and sparsity), what each
     distill step did (held-out KL before and at the best step, its history), how the engine ran
     (device, cache placement, lockstep mode, resumed block) and its plan, totals."""
@@ -54,6 +57,7 @@ class CompressionReport:
     blocks: list[dict[str, Any]] = field(default_factory=list)
     transforms: list[dict[str, Any]] = field(default_factory=list)
     plans: list[dict[str, Any]] = field(default_factory=list)
+    experts: list[dict[str, Any]] = field(default_factory=list)
     distill: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     capture_seconds: float = 0.0
@@ -68,7 +72,8 @@ class CompressionReport:
     def from_walk(cls, recipe: Recipe, walk: WalkReport, **kw: Any) -> CompressionReport:
         return cls(recipe=recipe.to_dict(), layers=[asdict(r) for r in walk.layers],
                    blocks=walk.blocks, transforms=walk.transforms, plans=walk.plans,
-                   capture_seconds=walk.capture_seconds, engine=walk.engine, **kw)
+                   experts=walk.experts, capture_seconds=walk.capture_seconds,
+                   engine=walk.engine, **kw)
 
 
 DISTRIBUTION = "llmc-compress"  # the name pip knows llmc by
@@ -201,6 +206,7 @@ def compress(
 def _compress_resident(model: nn.Module, recipe: Recipe, *, tokenizer: Any, calibration: Any,
                        progress: bool, device: Any, cache: str, lockstep: str,
                        max_memory: Any, offload_dir: Any) -> tuple[nn.Module, CompressionReport]:
+    unfuse_experts(model)  # MoE: per-expert Linears in place (the model computes the same)
     adapter = get_adapter(model.config)
     recipe.check_model(model.config)
     dtypes = {p.dtype for b in adapter.get_blocks(model) for p in b.parameters()}

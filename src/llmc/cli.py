@@ -38,6 +38,12 @@ def calibration_options(f):
                           "stay float32) [default: bfloat16, or the recipe's]"),
         click.option("--batch-size", type=int, default=None,
                      help="Calibration windows per forward chunk [default: 8, or the recipe's]"),
+        click.option("--all-experts", is_flag=True,
+                     help="MoE: every calibration token through every expert for the "
+                          "statistics (the block's output keeps only the routed ones)"),
+        click.option("--min-expert-tokens", type=int, default=None,
+                     help="MoE: an expert whose statistics saw fewer rows is compressed "
+                          "without data (GPTQ -> RTN) [default: 32, or the recipe's]"),
         click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
                      help="Output directory (written atomically)"),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory"),
@@ -106,7 +112,8 @@ def _with_overrides(recipe, opts: dict[str, Any]):
     from llmc.recipe import Recipe
 
     cal = {k: opts[k] for k in ("dataset", "samples", "seqlen", "seed") if opts.get(k) is not None}
-    walk = {k: opts[k] for k in ("dtype", "batch_size") if opts.get(k) is not None}
+    walk = {k: opts[k] for k in ("dtype", "batch_size", "all_experts", "min_expert_tokens")
+            if opts.get(k) is not None and opts.get(k) is not False}  # False: flag not given
     data = recipe.to_dict()
     data["calibration"].update(cal)
     data["walker"].update(walk)

@@ -84,6 +84,14 @@ class GPTQ:
         err = output_error(weight, W, stats.H)
         return CompressResult(W, qw, err, time.perf_counter() - t)
 
+    def compress_without_data(self, name: str, weight: Tensor,
+                              mask: Tensor | None = None) -> CompressResult:
+        """The fallback for a Linear whose statistics are too thin (a starved MoE expert):
+        RTN on the same scheme."""
+        t = time.perf_counter()
+        qw, W = rtn_compress(weight, self.config.scheme, self.config.clip_search)
+        return CompressResult(W, qw, None, time.perf_counter() - t, info={"fallback": "rtn"})
+
 
 def _consumed(stats: Stats | None) -> None:
     if isinstance(stats, HessianStats):
@@ -165,6 +173,24 @@ class Wanda(_Pruner):
         return self.result(weight, self.keep(name, wanda_scores(weight, stats.norms), mask),
                            stats, t)
 
+    def compress_without_data(self, name: str, weight: Tensor,
+                              mask: Tensor | None = None) -> CompressResult:
+        """The fallback for a starved MoE expert: magnitude pruning at the same sparsity."""
+        return _magnitude_fallback(self, name, weight, mask)
+
+
+def _magnitude_fallback(pruner: _Pruner, name: str, weight: Tensor, mask: Tensor | None,
+                        scheme: Any = None) -> CompressResult:
+    t = time.perf_counter()
+    keep = pruner.keep(name, weight.detach().float().abs(), mask)
+    W, qw, how = weight.detach().float() * keep, None, "magnitude"
+    if scheme is not None:  # zeros stay zero under RTN (see RTN.compress)
+        qw, W = rtn_compress(W, scheme, False)
+        how = "magnitude+rtn"
+    res = pruner.result(weight, keep, None, t, W=W, quant=qw)
+    res.info["fallback"] = how
+    return res
+
 
 class SparseGPT(_Pruner):
     """SparseGPT's OBS pruning on the Hessian of each Linear's inputs; with ``bits`` it
@@ -197,6 +223,12 @@ class SparseGPT(_Pruner):
         _consumed(stats)
         keep = ~pruned if mask is None else ~pruned & mask.to(pruned.device)
         return self.result(weight, keep, stats, t, W=W, quant=qw)
+
+    def compress_without_data(self, name: str, weight: Tensor,
+                              mask: Tensor | None = None) -> CompressResult:
+        """The fallback for a starved MoE expert: magnitude pruning at the same sparsity (N:M
+        pattern), then RTN when the step quantizes."""
+        return _magnitude_fallback(self, name, weight, mask, self.config.scheme)
 
 
 METHODS: Registry[type] = Registry("method")

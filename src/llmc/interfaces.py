@@ -61,6 +61,9 @@ class BlockContext:
     raw_args: BlockArgs = field(default_factory=dict)
     teacher: nn.Module | None = None
     teacher_cache: Activations | None = None
+    # MoE: an expert whose Linears saw fewer calibration rows than this gets a method's
+    # data-free fallback (WalkerConfig.min_expert_tokens)
+    min_tokens: int = 0
 
     @property
     def n_windows(self) -> int:

@@ -56,6 +56,11 @@ class Step:
     def selects(self, name: str) -> bool:
         return matches(name, self.targets) and not matches(name, self.ignore)
 
+    def names(self, name: str) -> bool:
+        """Whether the targets select ``name`` other than by the catch-all default (how an MoE
+        router, dense by default, is asked for)."""
+        return matches(name, tuple(t for t in self.targets if t not in DEFAULT_TARGETS))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,

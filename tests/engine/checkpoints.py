@@ -3,13 +3,10 @@ files, and a reader of every tensor of an output directory."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from conftest import byte_tokenizer, tiny_config
-
-from llmc.core.safetensors import SafetensorsFile
+from conftest import assert_same_checkpoint, byte_tokenizer, output_tensors, tiny_config  # noqa: F401
 
 
 def tiny_llama(blocks: int = 3, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
@@ -65,22 +62,3 @@ def write_gguf(path: Path, blocks: int = 3) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
-
-
-def output_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        sf = SafetensorsFile(f)
-        out.update({k: sf.read(k) for k in sf.keys()})
-    return out
-
-
-def assert_same_checkpoint(a: Path, b: Path) -> None:
-    """Every tensor equal (values and dtype) and the same ``config.json``."""
-    ta, tb = output_tensors(a), output_tensors(b)
-    assert set(ta) == set(tb)
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, k
-        assert torch.equal(ta[k], tb[k]), k
-    assert json.loads((a / "config.json").read_text()) == json.loads(
-        (b / "config.json").read_text())

@@ -12,14 +12,27 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass(frozen=True)
 class WalkerConfig:
     """``batch_size`` calibration windows per forward chunk; ``dtype`` of the block forwards
-    (the weights being compressed and the Hessian sums stay float32)."""
+    (the weights being compressed and the Hessian sums stay float32).
+
+    Mixture-of-experts layers: with ``all_experts``, every calibration token goes through every
+    expert for the statistics while the block's output keeps only the routed ones; an expert
+    whose statistics saw fewer than ``min_expert_tokens`` rows is compressed without data (GPTQ
+    -> RTN, Wanda -> magnitude, SparseGPT -> magnitude then RTN, same settings) with a
+    warning, never from an empty or near-empty Hessian."""
 
     batch_size: int = 8
     dtype: str = "bfloat16"
+    all_experts: bool = False
+    min_expert_tokens: int = 32
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size: {self.batch_size} must be at least 1")
+        if not isinstance(self.all_experts, bool):
+            raise ValueError(f"all_experts: {self.all_experts!r} must be true or false")
+        if not isinstance(self.min_expert_tokens, int) or self.min_expert_tokens < 0:
+            raise ValueError(f"min_expert_tokens: {self.min_expert_tokens!r} must be an integer "
+                             ">= 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
 

@@ -193,6 +193,7 @@ class StreamingCheckpoint:
         report.blocks = saved["blocks"]
         report.transforms = saved["transforms"]
         report.plans = saved["plans"]
+        report.experts = saved.get("experts", [])
         report.capture_seconds = saved["capture_seconds"]
         report.engine["resumed_from_block"] = self.state["blocks_done"]
 
@@ -236,7 +237,8 @@ class StreamingCheckpoint:
             "packer": self.packer.state(),
             "report": {"layers": [dataclasses.asdict(r) for r in report.layers],
                        "blocks": list(report.blocks), "transforms": list(report.transforms),
-                       "plans": list(report.plans), "capture_seconds": report.capture_seconds},
+                       "plans": list(report.plans), "experts": list(report.experts),
+                       "capture_seconds": report.capture_seconds},
         }
 
         def save() -> None:

@@ -45,6 +45,7 @@ from llmc.engine.lockstep import Lockstep, Reached
 from llmc.engine.memory import release_memory
 from llmc.interfaces import BlockArgs, BlockContext
 from llmc.models.adapters import Adapter, block_linears
+from llmc.models.moe import expert_lists
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class WalkReport:
     blocks: list[dict[str, Any]] = field(default_factory=list)
     transforms: list[dict[str, Any]] = field(default_factory=list)
     plans: list[dict[str, Any]] = field(default_factory=list)
+    experts: list[dict[str, Any]] = field(default_factory=list)  # MoE: tokens per expert
     capture_seconds: float = 0.0
     engine: dict[str, Any] = field(default_factory=dict)
 
@@ -121,6 +123,9 @@ class Engine:
         self.progress = progress
         self.report = WalkReport()
         self._load_seconds = 0.0
+        self._fwd: nn.Module | None = None  # the block copy the current Linear phase runs
+        # MoE: (experts path, expert) -> tokens routed, statistics rows, fallbacks, this block
+        self._experts: dict[tuple[str, int], dict[str, Any]] = {}
         self.report.engine = {"device": str(self.device), "cache": self.options.cache,
                               "lockstep": self.options.lockstep,
                               "streaming": bool(getattr(blocks, "lazy", False))}
@@ -150,6 +155,7 @@ class Engine:
             b, block, self.prefix(b), self.adapter, cache,
             {n: cast_floats(a, dtype, self.device) for n, a in args.items()},
             self.config.batch_size, dtype, self.device, raw_args=args,
+            min_tokens=self.config.min_expert_tokens,
         )
 
     # -- groups and compression ------------------------------------------------------------
@@ -157,7 +163,10 @@ class Engine:
                 steps: list) -> list[list[str]]:
         """Targeted Linears (relative names) grouped by shared input, in execution order."""
         prefix = self.prefix(block_index)
-        targeted = {n for n in linears if any(s.selects(prefix + n) for _, s, _ in steps)}
+        routers = set(self.adapter.routers)
+        targeted = {n for n in linears if any(
+            s.selects(prefix + n) and (n not in routers or s.names(prefix + n))
+            for _, s, _ in steps)}
         groups = [[n for n in g if n in targeted] for g in self.adapter.groups]
         covered = {n for g in groups for n in g}
         groups += [[n] for n in linears if n in targeted and n not in covered]
@@ -167,6 +176,8 @@ class Engine:
                         copies: dict[str, nn.Linear], stats: dict[tuple[int, str], Any],
                         steps: list) -> None:
         prefix = self.prefix(block_index)
+        expert = self._expert_of(group[0])
+        seen = self._seen_expert(expert) if expert is not None else None
         for (gid, kind), st in stats.items():  # how many Linears each statistics object serves
             if gid == id(group) and hasattr(st, "readers"):
                 st.readers = sum(1 for _, step, comp in steps if comp.stats_kind == kind
@@ -179,7 +190,13 @@ class Engine:
                 master = masters[n]
                 st = stats.get((id(group), comp.stats_kind)) if comp.stats_kind else None
                 mask = getattr(master, "llmc_mask", None)
-                res = comp.compress(full, master.weight.data, st, mask=mask)
+                if expert is not None and comp.needs_calibration and st is not None \
+                        and st.nsamples < self.config.min_expert_tokens:
+                    # an expert the router starved: its statistics cannot be trusted
+                    res = comp.compress_without_data(full, master.weight.data, mask=mask)
+                    seen["fallback"].add(f"{step.method}->{res.info['fallback']}")
+                else:
+                    res = comp.compress(full, master.weight.data, st, mask=mask)
                 w = master.weight.data
                 if res.weight.dtype == w.dtype and res.weight.shape == w.shape \
                         and res.weight.device == w.device and res.weight.is_contiguous():
@@ -210,8 +227,56 @@ class Engine:
                     full, idx, step.method, tuple(master.weight.shape), res.error, res.seconds,
                     sparsity,
                 ))
+        if seen is not None and expert[2] == 0:  # the expert's first group: its input rows
+            seen["rows"] = max((st.nsamples for (gid, _), st in stats.items()
+                                if gid == id(group)), default=0)
         for key in [k for k in stats if k[0] == id(group)]:
             del stats[key]
+
+    def _expert_of(self, name: str) -> tuple[str, int, int] | None:
+        """``(experts path, expert index, group position in the expert)`` of a Linear in an
+        MoE layer (relative name), None outside the experts."""
+        for path in self.adapter.experts:
+            if name.startswith(path + "."):
+                e = int(name[len(path) + 1:].split(".", 1)[0])
+                members = [g for g in self.adapter.groups
+                           if g[0].startswith(f"{path}.{e}.")]
+                pos = next(i for i, g in enumerate(members) if name in g)
+                return path, e, pos
+        return None
+
+    def _seen_expert(self, expert: tuple[str, int, int]) -> dict[str, Any]:
+        return self._experts.setdefault(expert[:2], {"tokens": None, "rows": 0,
+                                                     "fallback": set()})
+
+    def _report_experts(self, b: int) -> None:
+        """Per expert of block ``b``: calibration tokens routed to it, rows its statistics saw,
+        the data-free fallback it got (warned)."""
+        for (path, e), seen in sorted(self._experts.items()):
+            record = {"block": b, "experts": path, "expert": e, "tokens": seen["tokens"],
+                      "statistics_rows": seen["rows"],
+                      "fallback": sorted(seen["fallback"]) or None}
+            self.report.experts.append(record)
+            if record["fallback"]:
+                log.warning("block %d, %s.%d: %s routed calibration tokens (its statistics saw "
+                            "%d rows, fewer than min_expert_tokens=%d): compressed without data "
+                            "(%s)", b, path, e, record["tokens"], seen["rows"],
+                            self.config.min_expert_tokens, ", ".join(record["fallback"]))
+        self._experts = {}
+
+    def _counter(self, fwd: nn.Module) -> Callable[[list[str]], None]:
+        """``count(group)``: the rows the ExpertList calling an expert group routes to it, added
+        to that expert's tokens (called from the group's first Linear's hook)."""
+        lists = expert_lists(fwd)
+
+        def count(group: list[str]) -> None:
+            ex = self._expert_of(group[0])
+            if ex is None or ex[2] != 0:
+                return
+            seen = self._seen_expert(ex)
+            seen["tokens"] = (seen["tokens"] or 0) + lists[ex[0]].routed
+
+        return count
 
     def _feeder(self, masters: dict[str, nn.Linear], steps: list,
                 stats: dict[tuple[int, str], Any]) -> Callable[[list[str], Tensor], None]:
@@ -223,12 +288,15 @@ class Engine:
                     k for k, _ in kinds):
                 kinds.append((comp.stats_kind, comp))
 
+        count = self._counter(self._fwd) if self._fwd is not None else (lambda g: None)
+
         def feed(group: list[str], x: Tensor) -> None:
             for kind, comp in kinds:
                 key = (id(group), kind)
                 if key not in stats:
                     stats[key] = comp.new_stats(masters[group[0]].in_features)
                 stats[key].add_batch(x)
+            count(group)
 
         return feed
 
@@ -247,6 +315,8 @@ class Engine:
     def run_block(self, ctx: BlockContext) -> None:
         """Compress one block; its outputs on the compressed weights go to ``ctx.cache``."""
         stored = False
+        for m in expert_lists(ctx.block).values():  # copies made for forwards inherit it
+            m.route_all = self.config.all_experts
         for kind, steps in self._phases():
             if kind == "transform":
                 _drop_codes(ctx.block)  # a transform may rewrite weights already quantized
@@ -262,6 +332,9 @@ class Engine:
                 stored = True
         if not stored:  # a transform came last: the next block needs this one's outputs
             ctx.forward(ctx.forward_copy(), store=True)
+        for m in expert_lists(ctx.block).values():
+            m.route_all = False
+        self._report_experts(ctx.index)
         _drop_masks(ctx.block)
 
     def _linear_phase(self, ctx: BlockContext, steps: list) -> None:
@@ -273,6 +346,9 @@ class Engine:
         fwd = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
         copies = block_linears(fwd)
         stats: dict[tuple[int, str], Any] = {}
+        self._fwd = fwd
+        for seen in self._experts.values():  # an earlier phase's count is not this one's
+            seen["tokens"] = None
         feed = self._feeder(masters, steps, stats)
         calibrating = any(c.needs_calibration for _, _, c in steps)
         sequential = calibrating and all(
@@ -302,7 +378,15 @@ class Engine:
                     h.remove()
             for g in groups:
                 compress(g)
-            ctx.forward(fwd, store=True)
+            count = self._counter(fwd)
+            handles = [] if calibrating else [  # tokens per expert from the output pass
+                copies[g[0]].register_forward_pre_hook(lambda *_, g=g: count(g)) for g in groups]
+            try:
+                ctx.forward(fwd, store=True)
+            finally:
+                for h in handles:
+                    h.remove()
+        self._fwd = None
         missing = [g for g in groups if id(g) not in done]
         if missing:
             raise ValueError(
@@ -406,6 +490,7 @@ class Engine:
                 masters = block_linears(block)
                 for g in self._groups(b, masters, self.steps):
                     self._compress_group(b, g, masters, masters, {}, self.steps)
+                self._report_experts(b)
                 _drop_masks(block)
                 self._finish_block(b, block, t)
                 if self.checkpoint is not None:

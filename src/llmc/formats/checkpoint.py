@@ -21,6 +21,7 @@ from llmc.formats.packer import (
     SPARSITY_KEY,
     Packer,
 )
+from llmc.models.moe import checkpoint_renames, from_checkpoint_name, unfuse_experts
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,10 @@ def read_model(path: Path, packed: bool = False) -> nn.Module:
             model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    tensors = read_checkpoint_tensors(path)
+    unfuse_experts(model, model_type)  # MoE checkpoints hold one set of Linears per expert
+    renames = checkpoint_renames(model_type)
+    tensors = {from_checkpoint_name(k, renames): v
+               for k, v in read_checkpoint_tensors(path).items()}
     shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
               if isinstance(m, nn.Linear)}
     quantized = set()

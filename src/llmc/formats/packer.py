@@ -40,6 +40,7 @@ from llmc.formats.gptq import (
     quantization_config,
     ragged_groups_warning,
 )
+from llmc.models.moe import checkpoint_renames, rename_tree, to_checkpoint_name
 from llmc.prune.masks import is_nm
 from llmc.quant.pack import pack_cols, unpack_cols
 from llmc.quant.scheme import QuantizedWeight
@@ -96,6 +97,9 @@ class Packer:
         self.save_dtype = save_dtype
         self.model_class = model_class
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        # MoE layers renamed by transformers (Mixtral's block_sparse_moe): the checkpoint keeps
+        # the original names, which engines' loaders read
+        self.renames = checkpoint_renames(getattr(config, "model_type", None))
         self.scheme: tuple[int, int, bool] | None = None
         self.quantized: list[str] = []
         self.dynamic = False
@@ -126,6 +130,8 @@ class Packer:
             out.update(bitmask_tensors(n, m.weight.data.to(self.save_dtype)))
         for n, m in quant.items():
             out.update(self._pack_quantized(n, m))
+        if self.renames:
+            out = {to_checkpoint_name(k, self.renames): v for k, v in out.items()}
         return out
 
     def _plain(self, t: Tensor) -> Tensor:
@@ -195,7 +201,8 @@ class Packer:
     def rewrite(self, tensors: dict[str, Tensor], linears: list[str]) -> dict[str, Tensor]:
         """``tensors`` of an earlier piece with the qzeros of ``linears`` (from
         :meth:`v1_linears`) in the final layout."""
-        return qzeros_to_v2(tensors, linears, self.scheme[0])
+        return qzeros_to_v2(tensors, [to_checkpoint_name(n, self.renames) for n in linears],
+                            self.scheme[0])
 
     def state(self) -> dict[str, Any]:
         """What the packer has learnt so far, as JSON (a resumed run reloads it)."""
@@ -246,7 +253,7 @@ class Packer:
         config["dtype"] = str(self.save_dtype).removeprefix("torch.")
         qconfig = self._quantization_config()
         if qconfig is not None:
-            config["quantization_config"] = qconfig
+            config["quantization_config"] = rename_tree(qconfig, self.renames)
         return config
 
     def _act(self) -> str:

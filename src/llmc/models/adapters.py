@@ -35,6 +35,8 @@ class Adapter:
     norm_offset: float = 0.0  # norms computing x * (offset + w) (Gemma: 1)
     no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
     refused: tuple[Refusal, ...] = ()
+    experts: tuple[str, ...] = ()  # MoE layers (ExpertList modules), relative to a block
+    routers: tuple[str, ...] = ()  # Linears gating experts: dense unless a step names them
 
     def check_scaling(self, config=None) -> None:
         """Refuse AWQ where no scaling pair of this architecture holds, with the reasons."""

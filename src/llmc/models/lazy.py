@@ -24,6 +24,12 @@ from torch import Tensor, nn
 
 from llmc.core.safetensors import SafetensorsFile
 from llmc.models.loading import ModelSource, stored_dtype
+from llmc.models.moe import (
+    checkpoint_renames,
+    to_checkpoint_name,
+    unfuse_experts,
+    unsupported_conversion,
+)
 
 log = logging.getLogger(__name__)
 
@@ -203,18 +209,18 @@ def skeleton(config: Any, trust_remote_code: bool = False) -> nn.Module:
         model = AutoModelForCausalLM.from_config(
             config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.tie_weights()  # an empty-weights init leaves a tied head untied
+    unfuse_experts(model, config.model_type)  # MoE: per-expert Linears, as checkpoints hold
     return model.eval()
 
 
 def open_lazy(src: ModelSource, config: Any, trust_remote_code: bool = False) -> LazyModel:
     """The lazy model of a resolved source and its config: files checked, nothing read."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-    if not src.gguf_file and get_checkpoint_conversion_mapping(config.model_type):
+    why = None if src.gguf_file else unsupported_conversion(config.model_type)
+    if why:
         raise ValueError(
-            f"'{config.model_type}' checkpoints are renamed or fused by transformers while they "
-            "load (mixture-of-experts layouts), which llmc cannot stream yet; load the model "
-            "with llmc.models.load_model and compress it resident"
+            f"'{config.model_type}' checkpoints are converted by transformers while they load "
+            f"({why}), which llmc cannot stream yet; load the model with "
+            "llmc.models.load_model and compress it resident"
         )
     declared = stored_dtype(getattr(config, "dtype", None))  # before the skeleton sets float32
     model = skeleton(config, trust_remote_code)
@@ -259,10 +265,13 @@ class LazyModel:
             groups.setdefault(id(p), []).append(name)
         have = set(source.names())
         prefix = f"{getattr(model, 'base_model_prefix', '')}."
+        renames = checkpoint_renames(getattr(model.config, "model_type", None))
         self._key: dict[str, str] = {}  # parameter name -> checkpoint name
         missing = []
         for names in groups.values():
-            key = next((k for n in names for k in (n, n.removeprefix(prefix)) if k in have), None)
+            key = next((k for n in names for k in (n, n.removeprefix(prefix),
+                                                   to_checkpoint_name(n, renames))
+                        if k in have), None)
             if key is None:
                 missing.append(names[0])
                 continue

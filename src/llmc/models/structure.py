@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from llmc.core.tree import first_tensor
+from llmc.models.moe import ExpertList, expert_lists, unfuse_experts
 from llmc.models.scaling import ScalePair, apply_scales, head_tie
 
 # Linears whose outputs feed the attention scores: AWQ's clipping leaves them alone (their
@@ -68,6 +69,8 @@ class Structure:
     norm_offset: float
     no_clip: tuple[str, ...]
     refused: tuple[Refusal, ...] = field(default=())
+    experts: tuple[str, ...] = ()  # the ExpertList modules of a block (MoE layers)
+    routers: tuple[str, ...] = ()  # Linears that gate experts: kept dense unless targeted
 
 
 class StructureError(ValueError):
@@ -131,7 +134,20 @@ def _random_model(config: Any, seed: int = 0) -> nn.Module:
                 p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / max(p.shape[-1], 1) ** 0.5)
-    return model.eval()
+    model.eval()
+    if any(getattr(m, "gate_up_proj", None) is not None for m in model.modules()):
+        # MoE: the experts split into per-expert Linears must compute the same logits
+        ids = torch.randint(0, config.vocab_size, (2, 12), generator=gen)
+        with torch.no_grad():
+            ref = model(input_ids=ids, use_cache=False).logits
+            unfuse_experts(model, config.model_type)
+            out = model(input_ids=ids, use_cache=False).logits
+        if not torch.allclose(out, ref, rtol=1e-5, atol=1e-6):
+            raise StructureError(
+                "its experts split into per-expert Linears compute other logits than the fused "
+                f"experts (max difference {float((out - ref).abs().max()):.1e}); llmc cannot "
+                "split this MoE layout")
+    return model
 
 
 # -- tracing -------------------------------------------------------------------------------------
@@ -181,6 +197,7 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     named = [(n, m) for n, m in lists if all(type(c).__name__ in wanted for c in m)]
     if not named:
         named = [(n, m) for n, m in lists if len({type(c) for c in m}) == 1
+                 and not isinstance(m, ExpertList)
                  and any(isinstance(x, nn.Linear) for x in m[0].modules())]
     if not named:
         raise StructureError(
@@ -412,8 +429,21 @@ def discover_model(model: nn.Module) -> Structure:
     """The structure of ``model`` (a small random copy of an architecture: see
     :func:`discover`)."""
     blocks_name, blocks = _find_blocks(model)
-    embeddings, norm, head = _outside(model, blocks_name)
     args, kwargs = _block_inputs(model, blocks_name)
+    block = blocks[0]
+    experts = expert_lists(block)
+    for m in experts.values():  # every expert runs, so every expert's Linears are seen
+        m.route_all = True
+    try:
+        return _discover_block(model, blocks_name, blocks, args, kwargs, experts)
+    finally:
+        for m in experts.values():
+            m.route_all = False
+
+
+def _discover_block(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, args: tuple,
+                    kwargs: dict, experts: dict[str, ExpertList]) -> Structure:
+    embeddings, norm, head = _outside(model, blocks_name)
     block = blocks[0]
     found = _block_structure(block, args, kwargs)
     names0 = sorted(n for n, m in block.named_modules() if isinstance(m, nn.Linear))
@@ -432,7 +462,20 @@ def discover_model(model: nn.Module) -> Structure:
         groups=tuple(tuple(g) for _, g in found["groups"]), tail=tail, scale_pairs=pairs,
         norm_offset=offset, refused=refused,
         no_clip=tuple(n for n in linears if _NO_CLIP.match(n.rsplit(".", 1)[-1])),
+        experts=tuple(experts), routers=_routers(block, experts),
     )
+
+
+def _routers(block: nn.Module, experts: dict[str, ExpertList]) -> tuple[str, ...]:
+    """The Linears of an MoE layer outside its experts and shared experts: what gates them
+    (Qwen2-MoE's ``shared_expert_gate``; a router that is an ``nn.Linear``)."""
+    out = []
+    for path in experts:
+        layer = path.rpartition(".")[0]
+        owner = block.get_submodule(layer) if layer else block
+        out += [f"{layer}.{n}" if layer else n for n, m in owner.named_children()
+                if isinstance(m, nn.Linear)]
+    return tuple(out)
 
 
 _CACHE: dict[str, Structure] = {}

@@ -9,6 +9,7 @@ The pure functions come first; :class:`AWQ` is the block transform the walker ru
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -18,9 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from llmc.core.tree import first_tensor, map_tensors
-from llmc.models.scaling import apply_scales, expand_tied, head_tie, reduce_tied
+from llmc.models.scaling import ScalePair, apply_scales, expand_tied, head_tie, reduce_tied
 from llmc.quant.gptq import GPTQConfig, HessianStats, gptq_quantize
 from llmc.quant.scheme import QuantScheme, fake_quantize, grouped_qparams, qparams_from_range
+
+log = logging.getLogger(__name__)
 
 SEARCH_QUANTIZERS = ("rtn", "gptq")
 GPTQ_SEARCH_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -297,6 +300,10 @@ def _rows(obj: Any, rows: Tensor, n: int) -> Any:
 
 
 
+def _in_expert(adapter: Any, pair: ScalePair) -> bool:
+    return any(pair.linears[0].startswith(path + ".") for path in adapter.experts)
+
+
 class AWQ:
     """The ``awq`` recipe step: a block transform that searches and applies AWQ scales for
     every scaling pair of the architecture whose Linears the step targets, then clips."""
@@ -345,7 +352,10 @@ class AWQ:
                 part = x2.abs().sum(dim=0, dtype=torch.float32)
                 xsum[prev] = part if xsum[prev] is None else xsum[prev] + part
                 count[prev] += x2.shape[0]
-                hess[prev].add_batch(x2[sel_of[current[0]]])
+                if x2.shape[0] == ctx.chunk_windows(current[0]) * ctx.seqlen:
+                    hess[prev].add_batch(x2[sel_of[current[0]]])
+                else:  # an MoE expert's Linear: the rows routed to it, all of them
+                    hess[prev].add_batch(x2)
             return hook
 
         def call_hook(name: str):
@@ -388,6 +398,15 @@ class AWQ:
         pair_records = []
         input_h: dict[str, Tensor] = {}  # Linear -> Hessian of its (scaled) inputs
         for p in pairs:
+            if _in_expert(ctx.adapter, p) and count[p.prev] < ctx.min_tokens:
+                # a starved expert: its few inputs would choose noise; it keeps its weights
+                # unscaled (and the quantizer's own fallback applies)
+                log.warning("block %d: %s -> %s saw %d calibration rows (fewer than "
+                            "min_expert_tokens=%d): no AWQ scales", ctx.index, p.prev,
+                            ", ".join(p.linears), count[p.prev], ctx.min_tokens)
+                pair_records.append({"prev": p.prev, "linears": list(p.linears),
+                                     "skipped": f"{count[p.prev]} calibration rows"})
+                continue
             masters = [ctx.block.get_submodule(n) for n in p.linears]
             weights = [m.weight.data.float() for m in masters]
             x_mean = xsum[p.prev] / max(count[p.prev], 1)
@@ -421,7 +440,8 @@ class AWQ:
         if c.clip:
             for p in pairs:
                 for n in p.linears:
-                    if n in ctx.adapter.no_clip or not step.selects(ctx.prefix + n):
+                    if n in ctx.adapter.no_clip or not step.selects(ctx.prefix + n) \
+                            or n not in input_h:  # (a skipped pair: a starved expert)
                         continue
                     m = ctx.block.get_submodule(n)
                     W, factors = clip_weight(m.weight.data, input_h[n], scheme, c.clip_grid,
