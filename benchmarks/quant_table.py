@@ -27,13 +27,13 @@ def rtn(bits: int, group: int) -> dict:
     return {"steps": [{"method": "rtn", "args": {"bits": bits, "group_size": group}}]}
 
 
-def awq(bits: int, group: int, then: str = "rtn") -> dict:
+def awq(bits: int, group: int, then: str = "rtn", dtype: str | None = None) -> dict:
     """AWQ scales (symmetric, as the RTN row it is compared with), then RTN or GPTQ."""
     scheme = {"bits": bits, "group_size": group}
     steps = [{"method": "awq", "args": scheme}]
     if then == "gptq":
         steps.append({"method": "gptq", "args": scheme})
-    return {"steps": steps}
+    return {"steps": steps, **({"walker": {"dtype": dtype}} if dtype else {})}
 
 
 ROWS = {
@@ -49,6 +49,7 @@ ROWS = {
     "gptq-w3g-1": gptq(3, -1),
     "awq-w4g64": awq(4, 64),
     "awq+gptq-w4g64": awq(4, 64, then="gptq"),
+    "awq+gptq-w4g64-fp32": awq(4, 64, then="gptq", dtype="float32"),
     "awq-w3g64": awq(3, 64),
     "awq+gptq-w3g64": awq(3, 64, then="gptq"),
 }
