@@ -1,5 +1,5 @@
 """What the kernels compile to on a Hopper GPU, without one: each kernel of interest compiled
-ahead of time for sm_90 (``llmc.kernels.aot``, Triton's own ``ptxas``), with the integer
+ahead of time for sm_90 (``tools/aot.py``, Triton's own ``ptxas``), with the integer
 arguments of a real 4096 x 11008 launch specialised as the JIT would, then disassembled. For
 each: registers, spill stack, and the K loop's instruction mix; the weights (K x N entries) one
 thread handles per loop iteration, so instructions per weight; tensor-core, shared-memory and
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -123,7 +124,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import triton
 
-    from llmc.kernels.aot import compile_for, disassemble, main_loop_mix
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from aot import compile_for, disassemble, main_loop_mix
 
     rows = []
     for name, fn, const, ptrs, cfg, M, ints, weights in jobs():

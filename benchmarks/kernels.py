@@ -216,6 +216,8 @@ def gpu_checks(device) -> list[dict]:
     and 2:4 + INT4 configs. Relative max error per config, or the failure."""
     import torch
 
+    from llmc.core.masks import nm_keep
+    from llmc.core.scheme import QuantScheme
     from llmc.kernels import _sparse24_triton as sp
     from llmc.kernels import _wq_triton as wq
     from llmc.kernels.sparse24 import (
@@ -224,10 +226,8 @@ def gpu_checks(device) -> list[dict]:
         sparse24_quant_matmul_ref,
     )
     from llmc.kernels.wq_matmul import wq_matmul_ref
+    from llmc.methods.rtn import rtn_quantize
     from llmc.nn import QuantLinear
-    from llmc.prune.masks import nm_keep
-    from llmc.quant.rtn import rtn_quantize
-    from llmc.quant.scheme import QuantScheme
 
     rows = []
     g = torch.Generator().manual_seed(0)

@@ -8,11 +8,11 @@ import torch
 from conftest import calib_ids, tiny_model
 
 import llmc
+from llmc.core.masks import nm_keep
+from llmc.core.scheme import QuantScheme
+from llmc.methods.gptq import gptq_quantize
+from llmc.methods.rtn import rtn_quantize
 from llmc.nn import QuantLinear, SparseLinear, SparseQuantLinear
-from llmc.prune.masks import nm_keep
-from llmc.quant.gptq import gptq_quantize
-from llmc.quant.rtn import rtn_quantize
-from llmc.quant.scheme import QuantScheme
 
 
 @pytest.fixture(autouse=True)

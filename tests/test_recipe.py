@@ -7,8 +7,9 @@ import pytest
 from conftest import tiny_config
 
 from llmc import Recipe
-from llmc.compressors import METHODS
-from llmc.quant.gptq import GPTQConfig
+from llmc.checks import check_model, check_seqlen
+from llmc.methods.gptq import GPTQConfig
+from llmc.registry import METHODS
 
 YAML = """
 steps:
@@ -58,13 +59,12 @@ def test_yaml_is_safe_loaded():
 def test_shape_errors_from_config_alone():
     r = Recipe.from_dict({"steps": [{"method": "gptq", "args": {"group_size": 256}}]})
     with pytest.raises(ValueError, match="group_size: 256 is larger than the input width 64"):
-        r.check_model(tiny_config("llama"))
+        check_model(r, tiny_config("llama"))
     r = Recipe.from_dict({"steps": [{"method": "gptq", "targets": ["nothing_here"]}]})
     with pytest.raises(ValueError, match="matches no Linear"):
-        r.check_model(tiny_config("llama"))
-    Recipe.from_dict({"steps": [{"method": "gptq", "args": {"group_size": 48}}]}).check_model(
-        tiny_config("llama")
-    )  # 64 = 48 + 16: a narrow last group is legal
+        check_model(r, tiny_config("llama"))
+    check_model(Recipe.from_dict({"steps": [{"method": "gptq", "args": {"group_size": 48}}]}),
+                tiny_config("llama"))  # 64 = 48 + 16: a narrow last group is legal
 
 
 def test_registry_lists_arguments():
@@ -89,19 +89,19 @@ def test_argument_types_are_checked(data, match):
 
 
 def test_gptq_writability_is_checked_before_work():
-    from llmc.formats.checkpoint import check_gptq_writable
+    from llmc.formats.checkpoint import check_writable
 
     with pytest.raises(ValueError, match="5-bit weights cannot be written"):
-        check_gptq_writable(Recipe.from_dict({"steps": [{"method": "gptq",
-                                                         "args": {"bits": 5}}]}))
+        check_writable(Recipe.from_dict({"steps": [{"method": "gptq", "args": {"bits": 5}}]}),
+                       "gptq")
     mixed = {"steps": [{"method": "gptq", "targets": ["re:attn"]},
                        {"method": "rtn", "targets": ["re:mlp"], "args": {"bits": 8}}]}
     with pytest.raises(ValueError, match="several schemes"):
-        check_gptq_writable(Recipe.from_dict(mixed))
+        check_writable(Recipe.from_dict(mixed), "gptq")
 
 
 def test_calibration_longer_than_positions():
     r = Recipe.from_dict({"steps": [{"method": "gptq", "args": {"group_size": 32}}],
                           "calibration": {"seqlen": 4096}})
     with pytest.raises(ValueError, match="calibration.seqlen: 4096 is longer"):
-        r.check_seqlen(tiny_config("llama"))
+        check_seqlen(r, tiny_config("llama"))

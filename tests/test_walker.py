@@ -7,8 +7,8 @@ import torch
 from conftest import ARCHS, calib_ids, tiny_config, tiny_model
 
 import llmc
+from llmc.core.scheme import output_error
 from llmc.models import get_adapter
-from llmc.quant.scheme import output_error
 
 
 def recipe(seq: bool = True, dtype: str = "float32", batch: int = 3, **args) -> dict:

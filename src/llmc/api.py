@@ -24,7 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import llmc.formats  # noqa: F401  (registers every checkpoint format)
+import llmc.methods  # noqa: F401  (registers every method)
 from llmc.calibration import CalibrationConfig, calibration_windows, heldout_windows, load_rows
+from llmc.checks import check_model, check_seqlen
 from llmc.engine import Engine, EngineOptions, WalkReport
 from llmc.engine.blocks import LazyBlocks, ResidentBlocks
 from llmc.engine.config import resolve_device
@@ -32,9 +35,11 @@ from llmc.engine.memory import memory_budget, parse_bytes, rss_bytes
 from llmc.engine.plan import Plan, Shape, Work, make_plan
 from llmc.engine.stream import StreamingCheckpoint, partial_dir
 from llmc.eval.perplexity import evaluate_text
+from llmc.interfaces import MODEL
 from llmc.models import get_adapter, load_config, load_model, load_tokenizer, resolve
 from llmc.models.moe import unfuse_experts
 from llmc.recipe import Recipe
+from llmc.registry import FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +121,7 @@ def _windows(
 def _steps(recipe: Recipe) -> tuple[list, list]:
     """(walk steps, whole-model steps) as ``(index, Step, compressor)``."""
     steps = [(i, s, s.compressor()) for i, s in enumerate(recipe.steps)]
-    post = [st for st in steps if getattr(st[2], "post_walk", False)]
+    post = [st for st in steps if st[2].kind == MODEL]
     return [st for st in steps if st not in post], post
 
 
@@ -208,7 +213,7 @@ def _compress_resident(model: nn.Module, recipe: Recipe, *, tokenizer: Any, cali
                        max_memory: Any, offload_dir: Any) -> tuple[nn.Module, CompressionReport]:
     unfuse_experts(model)  # MoE: per-expert Linears in place (the model computes the same)
     adapter = get_adapter(model.config)
-    recipe.check_model(model.config)
+    check_model(recipe, model.config)
     dtypes = {p.dtype for b in adapter.get_blocks(model) for p in b.parameters()}
     if dtypes != {torch.float32}:
         raise ValueError(
@@ -224,12 +229,12 @@ def _compress_resident(model: nn.Module, recipe: Recipe, *, tokenizer: Any, cali
     if recipe.needs_calibration:
         n_held = max((s.config.heldout for _, s, _ in post_steps), default=0)  # logit mode
         windows, held, calib_info = _windows(tokenizer, calibration, recipe, n_held)
-        recipe.check_seqlen(model.config, windows.shape[1])
+        check_seqlen(recipe, model.config, windows.shape[1])
     t = time.perf_counter()
     # The teacher of the distill steps: the model before any compression step (a copy).
     teacher = None
     if post_steps:
-        from llmc.distill import snapshot_teacher
+        from llmc.methods.distill import snapshot_teacher
 
         teacher = snapshot_teacher(model)
     walk, plan = WalkReport(), None
@@ -279,9 +284,10 @@ def _prepare_stream(model_name: str, recipe: Recipe, fmt: str | None, trust_remo
     config = load_config(model_name, trust_remote_code)
     adapter = get_adapter(config)
     lazy = open_lazy(src, config, trust_remote_code)
-    recipe.check_model(config, divisible_groups=fmt if fmt in ("awq", "compressed-tensors")
-                       else None, skeleton=lazy.model)
-    recipe.check_seqlen(config, _calibration_shape(recipe, calibration)[1])
+    layout = FORMATS.get(fmt).impl
+    check_model(recipe, config, divisible_groups=fmt if layout.divisible_groups else None,
+                       skeleton=lazy.model)
+    check_seqlen(recipe, config, _calibration_shape(recipe, calibration)[1])
     cal = recipe.calibration
     if recipe.needs_calibration and not isinstance(calibration, Tensor):
         load_rows(cal.dataset, cal.split, text_column=cal.text_column)  # a missing file fails now
@@ -356,7 +362,7 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
     windows, calib_info = None, {}
     if recipe.needs_calibration:
         windows, _, calib_info = _windows(tokenizer, calibration, recipe)
-        recipe.check_seqlen(config, windows.shape[1])
+        check_seqlen(recipe, config, windows.shape[1])
     fingerprint = {
         "model": lazy.fingerprint(), "recipe": recipe.to_dict(), "format": fmt,
         "llmc": _llmc_version(),
@@ -468,7 +474,7 @@ def distill(
     as for :func:`compress`."""
     recipe = Recipe.coerce(recipe)
     steps = [(i, s, s.compressor()) for i, s in enumerate(recipe.steps)]
-    if not all(getattr(c, "post_walk", False) for _, _, c in steps):
+    if not all(c.kind == MODEL for _, _, c in steps):
         raise ValueError("distill(): the recipe may only hold distill steps of mode 'logit' "
                          "(block mode runs inside llmc.compress, after the compression steps)")
     n_held = max(s.config.heldout for _, s, _ in steps)

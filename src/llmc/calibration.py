@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from llmc.registry import register_section
+
 logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "LLMC_DATA_DIR"
@@ -321,3 +323,6 @@ def heldout_windows(
     gen = torch.Generator().manual_seed(config.seed + HELDOUT_SEED_OFFSET)
     starts = allowed[torch.randint(0, allowed.numel(), (count,), generator=gen)]
     return _gather(ids, starts, seqlen)
+
+
+register_section("calibration", CalibrationConfig)

@@ -357,9 +357,10 @@ def distill(student: str, teacher: str, steps: int, lr: float, train_batch: int,
     zero, quantized weights stay on their grid."""
     from llmc import api
     from llmc.calibration import load_rows
-    from llmc.formats.checkpoint import FORMATS, is_llmc_checkpoint, quant_method
+    from llmc.formats.checkpoint import is_llmc_checkpoint, quant_method
     from llmc.models import load_config, load_model
     from llmc.recipe import Recipe
+    from llmc.registry import FORMATS
 
     _setup_logging(opts["quiet"])
     src, out = Path(student), opts["output"]
@@ -382,8 +383,10 @@ def distill(student: str, teacher: str, steps: int, lr: float, train_batch: int,
             raise ValueError(f"the teacher's {key} ({getattr(t_config, key, None)}) differs from "
                              f"the student's ({getattr(s_config, key, None)}); pass the model "
                              "the student was compressed from")
-    recipe.check_model(s_config)
-    recipe.check_seqlen(s_config)
+    from llmc.checks import check_model, check_seqlen
+
+    check_model(recipe, s_config)
+    check_seqlen(recipe, s_config)
     cal = recipe.calibration
     load_rows(cal.dataset, cal.split, text_column=cal.text_column)  # a missing file fails now
     fmt = opts["fmt"] or (quant_method(src) if quant_method(src) in FORMATS else "gptq")
@@ -403,7 +406,7 @@ def distill(student: str, teacher: str, steps: int, lr: float, train_batch: int,
 @click.option("--json", "as_json", is_flag=True, help="Print JSON")
 def methods(as_json: bool) -> None:
     """List the registered methods and their arguments."""
-    from llmc.compressors import METHODS
+    from llmc.registry import METHODS
 
     rows = []
     for name in METHODS.names():

@@ -12,7 +12,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -167,13 +167,20 @@ class Stats(Protocol):
     def add_batch(self, inp: Tensor) -> None: ...
 
 
+# The kinds the engine dispatches on (each method class names its kind by subclassing one of
+# the Protocols below; ``kind`` says which).
+LINEAR, TRANSFORM, MODEL = "linear", "transform", "model"
+
+
 class LinearCompressor(Protocol):
     """RTN, GPTQ, SparseGPT, Wanda, magnitude: statistics of each Linear group's inputs, then
-    one weight at a time."""
+    one weight at a time. ``sequential``: each group sees inputs through the compressed groups
+    before it; ``stats_kind``: methods with equal kinds share one statistics object."""
 
+    kind: ClassVar[str] = LINEAR
     needs_calibration: bool
-    sequential: bool
-    stats_kind: str | None
+    sequential: bool = False
+    stats_kind: str | None = None
 
     def new_stats(self, in_features: int) -> Stats | None: ...
 
@@ -189,23 +196,31 @@ class BlockTransform(Protocol):
     record for the report. ``check_model`` refuses an architecture or config before anything
     loads."""
 
-    needs_calibration: bool
+    kind: ClassVar[str] = TRANSFORM
+    needs_calibration: bool = True
+    stores_outputs: bool = False  # the transform leaves the block's outputs in the cache
+    needs_teacher: bool = False  # it needs the uncompressed block and hidden states
 
     def check_model(self, config: Any, adapter: Any) -> None: ...
 
     def transform(self, ctx: BlockContext, step: Any) -> dict[str, Any]: ...
 
 
+@runtime_checkable
 class Planner(Protocol):
-    """A step that plans from a pass through the uncompressed model before the walk (OWL)."""
+    """A step that also plans from a pass through the uncompressed model before the walk
+    (OWL), and takes its plan back from a resumed run's report."""
 
     def plan(self, passes: ModelPass, step: Any) -> dict[str, Any]: ...
+
+    def restore_plan(self, passes: ModelPass, record: dict[str, Any]) -> None: ...
 
 
 class WholeModelStep(Protocol):
     """A step that needs the whole model after the walk (logit distillation)."""
 
-    post_walk: bool
+    kind: ClassVar[str] = MODEL
+    post_walk: bool = True
 
     def run(self, student: nn.Module, teacher: nn.Module, train: Tensor, heldout: Tensor,
             step: Any, progress: bool = True) -> dict[str, Any]: ...

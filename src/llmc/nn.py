@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from llmc.core.pack import pack_cols, pack_rows, packed_len, unpack_cols, unpack_rows
+from llmc.core.scheme import QuantizedWeight, QuantScheme
 from llmc.kernels import ops, use_triton
 from llmc.kernels.sparse24 import (
     compress_24,
@@ -26,8 +28,6 @@ from llmc.kernels.sparse24 import (
     sparse24_quant_matmul,
 )
 from llmc.kernels.wq_matmul import KERNEL_BITS, dequantize_ref, wq_matmul
-from llmc.quant.pack import pack_cols, pack_rows, packed_len, unpack_cols, unpack_rows
-from llmc.quant.scheme import QuantizedWeight, QuantScheme
 
 
 def _finish(y: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:

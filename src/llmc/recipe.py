@@ -1,8 +1,9 @@
 """Recipes: ordered, validated compression steps plus calibration and walker settings.
 
 Every error that needs no weights (unknown keys or methods, impossible arguments) is raised
-when the recipe is built; shape errors are raised by :meth:`Recipe.check_model` from the
-model's config, before its weights load.
+when the recipe is built; shape errors are raised by :func:`llmc.checks.check_model` from the
+model's config, before its weights load. Recipes are data: this module imports only the
+registry.
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ from typing import Any
 
 import yaml
 
-from llmc.calibration import CalibrationConfig
-from llmc.compressors import METHODS, QUANTIZERS
-from llmc.engine.config import WalkerConfig
-from llmc.registry import build_dataclass, matches
+from llmc.registry import METHODS, SECTIONS, build_dataclass, matches
 
 DEFAULT_TARGETS = ("re:.*",)
 DEFAULT_IGNORE = ("lm_head",)
@@ -100,7 +98,8 @@ def _with_quantizers(steps: tuple[Step, ...]) -> tuple[Step, ...]:
     for i, step in enumerate(steps):
         if step.method != "awq":
             continue
-        j = next((k for k in range(i + 1, len(steps)) if steps[k].method in QUANTIZERS), None)
+        quantizers = METHODS.names("quantizer")
+        j = next((k for k in range(i + 1, len(steps)) if steps[k].method in quantizers), None)
         if j is None:
             bits, group_size, sym = _scheme(step.config)
             out.insert(out.index(step) + 1, Step(
@@ -131,8 +130,10 @@ def _with_quantizers(steps: tuple[Step, ...]) -> tuple[Step, ...]:
 @dataclass(frozen=True)
 class Recipe:
     steps: tuple[Step, ...]
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    walker: WalkerConfig = field(default_factory=WalkerConfig)
+    # the sections' config classes come from the registry (llmc.calibration.CalibrationConfig,
+    # llmc.engine.config.WalkerConfig), so that the recipe imports nothing else
+    calibration: Any = field(default_factory=lambda: SECTIONS["calibration"]())
+    walker: Any = field(default_factory=lambda: SECTIONS["walker"]())
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -181,8 +182,8 @@ class Recipe:
                 raise ValueError(f"{where}: {e}") from None
         return cls(
             steps=tuple(steps),
-            calibration=_build(CalibrationConfig, data.get("calibration"), "calibration"),
-            walker=_build(WalkerConfig, data.get("walker"), "walker"),
+            calibration=_build(SECTIONS["calibration"], data.get("calibration"), "calibration"),
+            walker=_build(SECTIONS["walker"], data.get("walker"), "walker"),
         )
 
     @classmethod
@@ -222,74 +223,3 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         return any(s.compressor().needs_calibration for s in self.steps)
-
-    def check_seqlen(self, config, seqlen: int | None = None) -> None:
-        """Calibration windows must fit the model's positions (OPT's are learned)."""
-        seqlen = seqlen or self.calibration.seqlen
-        max_pos = getattr(config, "max_position_embeddings", None)
-        if self.needs_calibration and max_pos and seqlen > max_pos:
-            raise ValueError(
-                f"calibration.seqlen: {seqlen} is longer than the model's {max_pos} positions; "
-                f"use at most {max_pos}"
-            )
-
-    def check_model(self, config, divisible_groups: str | None = None,
-                    skeleton: Any = None) -> None:
-        """Shape checks from the model config alone (weights stay on disk): every step targets
-        at least one Linear of the blocks, and no group is wider than a targeted layer. With
-        ``divisible_groups`` (the name of a checkpoint format whose engines need it), every
-        group size must divide the width of every Linear it quantizes. ``skeleton``: the model
-        already built on the meta device, if there is one."""
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from llmc.models import get_adapter
-
-        adapter = get_adapter(config)
-        if skeleton is None:
-            with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(config)
-        linears = {}
-        for b, block in enumerate(adapter.get_blocks(skeleton)):
-            for n, m in block.named_modules():
-                if isinstance(m, torch.nn.Linear):
-                    linears[f"{adapter.blocks}.{b}.{n}"] = m.in_features
-        for i, step in enumerate(self.steps):
-            comp = step.compressor()
-            if hasattr(comp, "check_model"):
-                try:
-                    comp.check_model(config, adapter)
-                except ValueError as e:
-                    raise ValueError(f"steps[{i}] ({step.method}): {e}") from None
-            chosen = {n: k for n, k in linears.items() if step.selects(n)}
-            if not chosen:
-                raise ValueError(
-                    f"steps[{i}].targets: {list(step.targets)} (minus ignore {list(step.ignore)}) "
-                    "matches no Linear in the model's blocks"
-                )
-            nm = getattr(step.config, "nm", None)
-            if nm:
-                bad = sorted(n for n, k in chosen.items() if k % nm[1])
-                if bad:
-                    raise ValueError(
-                        f"steps[{i}].args.pattern: {step.config.pattern} needs input widths "
-                        f"divisible by {nm[1]}, but {bad[0]} has {chosen[bad[0]]}; leave such "
-                        "layers out with the step's `ignore`"
-                    )
-            scheme = getattr(step.config, "scheme", None)
-            g = scheme.group_size if scheme is not None else None
-            if g is not None and g != -1:
-                ragged = sorted(n for n, k in chosen.items() if k % g)
-                if divisible_groups and ragged:
-                    raise ValueError(
-                        f"steps[{i}].args.group_size: {g} does not divide the input width "
-                        f"{chosen[ragged[0]]} of {ragged[0]}, and {divisible_groups} engines "
-                        "need whole groups; use a group size that divides every width, or "
-                        "--format gptq"
-                    )
-                name, k = min(chosen.items(), key=lambda kv: kv[1])
-                if g > k:
-                    raise ValueError(
-                        f"steps[{i}].args.group_size: {g} is larger than the input width {k} of "
-                        f"{name}; use a group size of at most {k}, or -1 for per-channel"
-                    )

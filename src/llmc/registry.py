@@ -1,4 +1,6 @@
-"""One small registry: name -> (config class, implementation)."""
+"""The registries: name -> (config class, implementation), filled by the modules that define
+them (each method in ``llmc.methods``, each checkpoint format in ``llmc.formats``), and the
+recipe's sections (calibration, walker settings). The recipe reads only these."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class Entry(Generic[T]):
     config_cls: type
     impl: T
     doc: str
+    role: str = ""  # methods: quantizer, pruner, transform, distill
 
     def arguments(self) -> list[tuple[str, Any, str]]:
         """(name, default, type name) of each config field, in declaration order."""
@@ -75,11 +78,12 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, config_cls: type, impl: T, doc: str = "") -> None:
+    def register(self, name: str, config_cls: type, impl: T, doc: str = "",
+                 role: str = "") -> None:
         key = normalize(name)
         if key in self._entries:
             raise ValueError(f"{self.kind} '{name}' is already registered")
-        self._entries[key] = Entry(key, config_cls, impl, doc)
+        self._entries[key] = Entry(name.strip(), config_cls, impl, doc, role)
 
     def get(self, name: str) -> Entry[T]:
         key = normalize(name)
@@ -89,11 +93,11 @@ class Registry(Generic[T]):
             )
         return self._entries[key]
 
-    def names(self) -> list[str]:
-        return sorted(self._entries)
+    def names(self, role: str | None = None) -> list[str]:
+        return sorted(e.name for e in self._entries.values() if role is None or e.role == role)
 
-    def __contains__(self, name: str) -> bool:
-        return normalize(name) in self._entries
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and normalize(name) in self._entries
 
 
 def matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
@@ -106,3 +110,15 @@ def matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
         elif name == p or name.endswith("." + p):
             return True
     return False
+
+
+METHODS: Registry[type] = Registry("method")  # filled by llmc.methods
+FORMATS: Registry[Any] = Registry("format")  # filled by llmc.formats
+# The recipe's sections besides its steps: name -> frozen config dataclass (calibration from
+# llmc.calibration, walker from llmc.engine.config)
+SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str, config_cls: type) -> type:
+    SECTIONS[name] = config_cls
+    return config_cls

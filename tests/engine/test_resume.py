@@ -16,8 +16,8 @@ from checkpoints import assert_same_checkpoint, write_sharded
 from conftest import calib_ids
 
 import llmc
-from llmc.compressors import GPTQ
 from llmc.engine import stream
+from llmc.methods.gptq import GPTQ
 
 GPTQ_RECIPE = {"steps": [{"method": "gptq", "args": {"bits": 4, "group_size": 32}}],
                "walker": {"batch_size": 3, "dtype": "bfloat16"}}
@@ -114,7 +114,7 @@ def test_resume_after_sigkill_with_the_cache_on_disk(src, reference, tmp_path):
         sys.path[:0] = {[str(Path(__file__).parents[1]), str(Path(__file__).parent)]!r}
         from conftest import calib_ids
         import llmc
-        from llmc.compressors import GPTQ
+        from llmc.methods.gptq import GPTQ
         original, calls = GPTQ.compress, []
         def compress(self, *a, **k):
             calls.append(1)

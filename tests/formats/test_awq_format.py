@@ -10,8 +10,8 @@ import torch
 from test_cli import calib_flags, run
 
 import llmc
+from llmc.core.scheme import QuantizedWeight
 from llmc.formats.awq import _pack, _unpack, awq_tensors, read_awq_tensors
-from llmc.quant.scheme import QuantizedWeight
 
 
 def make_qw(N: int = 24, K: int = 64, group_size: int = 32, sym: bool = False, seed: int = 0):

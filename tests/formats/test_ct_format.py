@@ -11,10 +11,11 @@ import torch
 from conftest import calib_ids, tiny_model
 
 import llmc
+from llmc.checks import check_model
+from llmc.core.masks import nm_keep
+from llmc.core.scheme import QuantScheme
 from llmc.formats.compressed_tensors import bitmask_tensors, ct_tensors, read_bitmask_tensors
-from llmc.prune.masks import nm_keep
-from llmc.quant.rtn import rtn_quantize
-from llmc.quant.scheme import QuantScheme
+from llmc.methods.rtn import rtn_quantize
 
 has_ct = pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None,
                             reason="pip install compressed-tensors")
@@ -115,8 +116,8 @@ def test_ragged_groups_are_refused(tmp_path):
     assert not (tmp_path / "r").exists()
     recipe = llmc.Recipe.from_dict({"steps": [{"method": "rtn", "args": {"group_size": 48}}]})
     with pytest.raises(ValueError, match="does not divide the input width 128 of .*down_proj"):
-        recipe.check_model(tiny_model().config, divisible_groups="compressed-tensors")
-    recipe.check_model(tiny_model().config)  # the GPTQ layout holds a narrow last group
+        check_model(recipe, tiny_model().config, divisible_groups="compressed-tensors")
+    check_model(recipe, tiny_model().config)  # the GPTQ layout holds a narrow last group
 
 
 def test_dynamic_act_order_is_refused(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import GPTQConfig
 
+from llmc.core.scheme import QuantizedWeight, QuantScheme
 from llmc.formats.gptq import (
     choose_checkpoint_format,
     gptq_tensors,
@@ -21,7 +22,6 @@ from llmc.formats.gptq import (
     write_gptq_checkpoint,
 )
 from llmc.formats.io import atomic_output_dir
-from llmc.quant.scheme import QuantizedWeight, QuantScheme
 
 
 def make_qw(

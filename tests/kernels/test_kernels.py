@@ -9,6 +9,8 @@ import importlib.util
 import pytest
 import torch
 
+from llmc.core.masks import nm_keep
+from llmc.core.scheme import QuantScheme
 from llmc.kernels.sparse24 import (
     compress_24,
     compress_24_codes,
@@ -20,10 +22,8 @@ from llmc.kernels.sparse24 import (
     sparse24_quant_matmul_ref,
 )
 from llmc.kernels.wq_matmul import wq_matmul, wq_matmul_ref
+from llmc.methods.rtn import rtn_quantize
 from llmc.nn import QuantLinear
-from llmc.prune.masks import nm_keep
-from llmc.quant.rtn import rtn_quantize
-from llmc.quant.scheme import QuantScheme
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="Triton is not installed (pip install triton)")

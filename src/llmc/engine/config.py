@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llmc.registry import register_section
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,6 +41,9 @@ class WalkerConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+register_section("walker", WalkerConfig)
 
 
 def resolve_device(spec: str | torch.device | None) -> torch.device:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from llmc.engine.memory import gib
+from llmc.interfaces import LINEAR, MODEL, TRANSFORM
 
 DISK_RATE = 1.0e9  # bytes/s assumed for reading the checkpoint and writing the output
 PROCESS_SLACK = 1.10  # allocator fragmentation and small tensors, measured on the benchmarks
@@ -106,18 +107,19 @@ class Work:
     def of(cls, steps: list[tuple[int, Any, Any]]) -> Work:
         comps = [c for _, _, c in steps]
         cal = [c for c in comps if c.needs_calibration]
+        linear = [c for c in comps if c.kind == LINEAR]
         schemes = [s.config.scheme for _, s, _ in steps
                    if getattr(s.config, "scheme", None) is not None]
         methods = [s.method for _, s, _ in steps]
         return cls(
             calibrating=bool(cal),
-            sequential=bool(cal) and all(getattr(c, "sequential", False) for c in cal
-                                         if getattr(c, "stats_kind", None)),
-            hessian=any(getattr(c, "stats_kind", None) == "hessian" for c in comps),
+            sequential=bool(cal) and all(c.sequential for c in linear if c.needs_calibration
+                                         and c.stats_kind),
+            hessian=any(c.stats_kind == "hessian" for c in linear),
             awq="awq" in methods,
             awq_gptq=any(getattr(s.config, "search", None) == "gptq" for _, s, _ in steps),
-            block_distill=any(getattr(c, "needs_teacher", False) for c in comps),
-            logit_distill=any(getattr(c, "post_walk", False) for c in comps),
+            block_distill=any(c.kind == TRANSFORM and c.needs_teacher for c in comps),
+            logit_distill=any(c.kind == MODEL for c in comps),
             bits=schemes[-1].bits if schemes else None,
             owl=any(getattr(s.config, "owl", False) for _, s, _ in steps),
         )

@@ -43,7 +43,7 @@ from llmc.engine.capture import capture
 from llmc.engine.config import WalkerConfig
 from llmc.engine.lockstep import Lockstep, Reached
 from llmc.engine.memory import release_memory
-from llmc.interfaces import BlockArgs, BlockContext
+from llmc.interfaces import LINEAR, TRANSFORM, BlockArgs, BlockContext, Planner
 from llmc.models.adapters import Adapter, block_linears
 from llmc.models.moe import expert_lists
 
@@ -305,8 +305,8 @@ class Engine:
         its cached inputs) and Linear compressors (one walk through the block)."""
         phases: list[tuple[str, list]] = []
         for item in self.steps:
-            kind = "transform" if hasattr(item[2], "transform") else "linear"
-            if phases and phases[-1][0] == kind and kind == "linear":
+            kind = item[2].kind  # LINEAR or TRANSFORM (whole-model steps run after the walk)
+            if phases and phases[-1][0] == kind and kind == LINEAR:
                 phases[-1][1].append(item)
             else:
                 phases.append((kind, [item]))
@@ -318,7 +318,7 @@ class Engine:
         for m in expert_lists(ctx.block).values():  # copies made for forwards inherit it
             m.route_all = self.config.all_experts
         for kind, steps in self._phases():
-            if kind == "transform":
+            if kind == TRANSFORM:
                 _drop_codes(ctx.block)  # a transform may rewrite weights already quantized
                 for idx, step, comp in steps:
                     record = comp.transform(ctx, step)
@@ -326,7 +326,7 @@ class Engine:
                         {"block": ctx.index, "step": idx, "method": step.method, **record}
                     )
                     # A step that wrote the block's outputs says so.
-                    stored = bool(getattr(comp, "stores_outputs", False))
+                    stored = comp.stores_outputs
             else:
                 self._linear_phase(ctx, steps)
                 stored = True
@@ -534,7 +534,7 @@ class Engine:
         start = ck.resume_point() if ck is not None else None  # None: a fresh run
         S, T = windows.shape
         cache = self._cache(S, T, "hidden")
-        needs_teacher = any(getattr(c, "needs_teacher", False) for _, _, c in self.steps)
+        needs_teacher = any(c.kind == TRANSFORM and c.needs_teacher for _, _, c in self.steps)
         teacher = self._cache(S, T, "teacher") if needs_teacher else None
         self._active_cache = cache
         try:
@@ -584,7 +584,7 @@ class Engine:
 
     def _plan(self) -> None:
         for idx, step, comp in self.steps:
-            if hasattr(comp, "plan"):
+            if isinstance(comp, Planner):
                 record = comp.plan(self, step)
                 if record:
                     self.report.plans.append({"step": idx, "method": step.method, **record})
@@ -592,7 +592,7 @@ class Engine:
     def _restore_plans(self) -> None:
         """A resumed run takes the planning steps' choices from the report it saved."""
         for idx, _, comp in self.steps:
-            if hasattr(comp, "plan"):
+            if isinstance(comp, Planner):
                 for record in self.report.plans:
                     if record["step"] == idx:
                         comp.restore_plan(self, record)

@@ -18,18 +18,20 @@ groups). Symmetric schemes are written with their zero point ``2^(bits-1)`` expl
 
 from __future__ import annotations
 
-import os
+import logging
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from llmc.formats.io import write_quantized_checkpoint
-from llmc.quant.scheme import QuantizedWeight
+from llmc.core.scheme import QuantizedWeight
+from llmc.registry import FORMATS
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 BITS = 4
 PACK = 32 // BITS
+
+log = logging.getLogger(__name__)
 
 
 def check_awq_scheme(bits: int, group_size: int, where: str = "") -> None:
@@ -134,19 +136,67 @@ def awq_quantization_config(
     }
 
 
-def write_awq_checkpoint(
-    out_dir: str | os.PathLike[str],
-    state: dict[str, Tensor],
-    quantized: dict[str, tuple[QuantizedWeight, Tensor | None]],
-    config_dict: dict[str, Any],
-    qconfig: dict[str, Any],
-    max_shard_bytes: int = 2_000_000_000,
-) -> list[str]:
-    """Write an AWQ checkpoint into ``out_dir`` (``state``: the non-quantized tensors;
-    ``quantized``: module name -> (codes, bias))."""
-    for name, (qw, _) in quantized.items():
-        if qw.group_size != qconfig["group_size"]:
-            raise ValueError(f"{name}: group_size {qw.group_size} but the checkpoint's is "
-                             f"{qconfig['group_size']}")
-    return write_quantized_checkpoint(out_dir, state, quantized, awq_tensors, config_dict, qconfig,
-                                      max_shard_bytes)
+class AWQWriter:
+    """One AWQ (GEMM) checkpoint being written."""
+
+    def pack(self, name: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[str, Tensor]:
+        return awq_tensors(name, qw, bias)
+
+    def v1_linears(self) -> list[str]:
+        return []
+
+    def quantization_config(self, p: Any) -> dict[str, Any] | None:
+        if not p.quantized:
+            return None
+        quantized = set(p.quantized)
+        rest = [n for n in p.block_linears if n not in quantized]
+        return awq_quantization_config(p.scheme[1], rest or None)
+
+    def finish(self) -> None:
+        pass
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class AWQLayout:
+    """AutoAWQ's GEMM layout (4-bit, grouped), as transformers and vLLM load it."""
+
+    name = "awq"
+    divisible_groups = True
+    bitmasks = False
+
+    def check_writable(self, recipe: Any) -> None:
+        FORMATS.get("gptq").impl.check_writable(recipe)
+        for i, step in enumerate(recipe.steps):
+            c = step.config
+            if getattr(c, "scheme", None) is not None:
+                check_awq_scheme(c.bits, c.group_size, f"steps[{i}].args: ")
+            if getattr(c, "act_order", None) == "dynamic":
+                raise ValueError(
+                    f"steps[{i}].args.act_order: dynamic act-order regroups columns, which the "
+                    "AWQ layout (no g_idx) cannot store; use static, or --format gptq"
+                )
+
+    def check_readable(self, path: Any, qconfig: dict[str, Any]) -> None:
+        if qconfig.get("bits", qconfig.get("w_bit")) != 4 \
+                or str(qconfig.get("version", "gemm")).lower() != "gemm":
+            raise ValueError(f"{path}: only 4-bit AWQ in the GEMM layout can be read")
+
+    def writer(self) -> AWQWriter:
+        return AWQWriter()
+
+    def read(self, path: Any, qconfig: dict[str, Any], tensors: dict[str, Tensor],
+             shapes: dict[str, tuple[int, int]]):
+        for prefix in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
+            N, K = shapes[prefix]
+            qw = read_awq_tensors(tensors, prefix, qconfig["group_size"], K, N)
+            for suffix in ("qweight", "qzeros", "scales"):
+                tensors.pop(f"{prefix}.{suffix}", None)
+            yield prefix, qw, tensors.pop(f"{prefix}.bias", None)
+
+
+FORMATS.register("awq", object, AWQLayout(), "AutoAWQ GEMM, 4-bit")

@@ -12,16 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmc.formats.awq import read_awq_tensors
-from llmc.formats.gptq import read_gptq_tensors
 from llmc.formats.io import read_checkpoint_tensors, save_json, save_sharded_safetensors
-from llmc.formats.packer import (
-    CT_DYNAMIC,
-    FORMATS,
-    SPARSITY_KEY,
-    Packer,
-)
+from llmc.formats.packer import SPARSITY_KEY, Packer
 from llmc.models.moe import checkpoint_renames, from_checkpoint_name, unfuse_experts
+from llmc.registry import FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -31,29 +25,6 @@ def recipe_act_order(recipe: Any) -> str:
     orders = [getattr(s.config, "act_order", None) for s in getattr(recipe, "steps", ())]
     orders = [o for o in orders if o is not None]
     return orders[-1] if orders else "none"
-
-
-def check_gptq_writable(recipe: Any) -> None:
-    """Refuse, before any work, a recipe whose result one GPTQ checkpoint cannot hold: widths
-    the engines do not load, or several (bits, group_size, sym) schemes."""
-    from llmc.formats.gptq import ENGINE_BITS
-
-    schemes = {}
-    for i, step in enumerate(recipe.steps):
-        c = getattr(step.config, "scheme", None)
-        if c is None:
-            continue
-        if c.bits not in ENGINE_BITS:
-            raise ValueError(
-                f"steps[{i}].args.bits: {c.bits}-bit weights cannot be written as a GPTQ "
-                f"checkpoint (engines load {', '.join(map(str, ENGINE_BITS))} bits)"
-            )
-        schemes[(c.bits, c.group_size, c.sym)] = i
-    if len(schemes) > 1:
-        raise ValueError(
-            f"the recipe quantizes with several schemes {sorted(schemes)}; a GPTQ checkpoint "
-            "holds one (bits, group_size, sym)"
-        )
 
 
 def default_format(recipe: Any) -> str:
@@ -67,31 +38,7 @@ def default_format(recipe: Any) -> str:
 
 def check_writable(recipe: Any, fmt: str) -> None:
     """Refuse, before any work, a recipe whose result a ``fmt`` checkpoint cannot hold."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if fmt == "compressed-tensors":
-        schemes = {(c.bits, c.group_size, c.sym) for s in recipe.steps
-                   if (c := getattr(s.config, "scheme", None)) is not None}
-        if len(schemes) > 1:
-            raise ValueError(f"the recipe quantizes with several schemes {sorted(schemes)}; "
-                             "llmc writes compressed-tensors checkpoints with one")
-        for i, step in enumerate(recipe.steps):
-            if getattr(step.config, "act_order", None) == "dynamic":
-                raise ValueError(CT_DYNAMIC.format(where=f"steps[{i}].args.act_order: "))
-        return
-    check_gptq_writable(recipe)
-    if fmt == "awq":
-        from llmc.formats.awq import check_awq_scheme
-
-        for i, step in enumerate(recipe.steps):
-            c = step.config
-            if getattr(c, "scheme", None) is not None:
-                check_awq_scheme(c.bits, c.group_size, f"steps[{i}].args: ")
-            if getattr(c, "act_order", None) == "dynamic":
-                raise ValueError(
-                    f"steps[{i}].args.act_order: dynamic act-order regroups columns, which the "
-                    "AWQ layout (no g_idx) cannot store; use static, or --format gptq"
-                )
+    FORMATS.get(fmt).impl.check_writable(recipe)
 
 
 def recipe_quantizes(recipe: Any) -> bool:
@@ -165,44 +112,6 @@ def is_llmc_checkpoint(path: Path) -> bool:
     return quant_method(path) in FORMATS or (path / "llmc_report.json").is_file()
 
 
-def _quantized_weights(path: Path, qconfig: dict[str, Any], tensors: dict[str, Tensor],
-                       shapes: dict[str, tuple[int, int]]):
-    """Yield ``(prefix, QuantizedWeight, bias)`` for every quantized Linear of the checkpoint,
-    removing its tensors from ``tensors``; 2:4 bitmasks become dense weights in place.
-    ``shapes``: (out, in) features of the model's Linears."""
-    method = qconfig.get("quant_method")
-    if method == "compressed-tensors":
-        from llmc.formats.compressed_tensors import ct_scheme, read_bitmask_tensors, read_ct_tensors
-
-        ct = ct_scheme(qconfig)
-        for prefix in sorted(k[: -len(".weight.compressed")] for k in tensors
-                             if k.endswith(".weight.compressed")):
-            tensors[f"{prefix}.weight"] = read_bitmask_tensors(tensors, prefix)
-            for suffix in ("compressed", "bitmask", "shape"):
-                del tensors[f"{prefix}.weight.{suffix}"]
-        for prefix in sorted(k[: -len(".weight_packed")] for k in tensors
-                             if k.endswith(".weight_packed")):
-            if ct is None:
-                raise ValueError(f"{path}: packed weights without a quantization scheme")
-            qw = read_ct_tensors(tensors, prefix, *ct)
-            for suffix in ("packed", "scale", "zero_point", "g_idx", "shape"):
-                tensors.pop(f"{prefix}.weight_{suffix}", None)
-            yield prefix, qw, tensors.pop(f"{prefix}.bias", None)
-        return
-    for prefix in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
-        N, K = shapes[prefix]
-        if method == "awq":
-            qw = read_awq_tensors(tensors, prefix, qconfig["group_size"], K, N)
-        else:
-            qw = read_gptq_tensors(
-                tensors, prefix, qconfig["bits"], qconfig["group_size"], qconfig["sym"],
-                qconfig.get("checkpoint_format", "gptq"), K, N,
-            )
-        for suffix in ("qweight", "qzeros", "scales", "g_idx"):
-            tensors.pop(f"{prefix}.{suffix}", None)
-        yield prefix, qw, tensors.pop(f"{prefix}.bias", None)
-
-
 def read_model(path: Path, packed: bool = False) -> nn.Module:
     """Build the model from ``config.json`` and fill it from the safetensors files.
 
@@ -215,10 +124,11 @@ def read_model(path: Path, packed: bool = False) -> nn.Module:
     qconfig = config.pop("quantization_config", None) or {}
     method = qconfig.get("quant_method")
     if qconfig and method not in FORMATS:
-        raise ValueError(f"{path}: quant_method {method!r} is not supported")
-    if method == "awq" and (qconfig.get("bits", qconfig.get("w_bit")) != 4
-                            or str(qconfig.get("version", "gemm")).lower() != "gemm"):
-        raise ValueError(f"{path}: only 4-bit AWQ in the GEMM layout can be read")
+        raise ValueError(f"{path}: quant_method {method!r} is not supported; llmc reads "
+                         f"{', '.join(FORMATS.names())}")
+    layout = FORMATS.get(method).impl if qconfig else None
+    if layout is not None:
+        layout.check_readable(path, qconfig)
     model_type = config.pop("model_type")
     hf_config = AutoConfig.for_model(model_type, **config)
     if packed:
@@ -233,7 +143,7 @@ def read_model(path: Path, packed: bool = False) -> nn.Module:
     shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
               if isinstance(m, nn.Linear)}
     quantized = set()
-    for prefix, qw, bias in _quantized_weights(path, qconfig, tensors, shapes):
+    for prefix, qw, bias in (layout.read(path, qconfig, tensors, shapes) if layout else ()):
         quantized.add(prefix)
         if packed:
             from llmc.nn import QuantLinear

@@ -31,19 +31,22 @@ codes like any other).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from llmc.formats.io import write_quantized_checkpoint
-from llmc.prune.masks import nm_slots
-from llmc.quant.pack import pack_rows, unpack_rows
-from llmc.quant.scheme import QuantizedWeight, QuantScheme
+from llmc.core.masks import nm_slots
+from llmc.core.pack import pack_rows, unpack_rows
+from llmc.core.scheme import QuantizedWeight, QuantScheme
+from llmc.registry import FORMATS
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT_VERSION = "0.20.0"  # the package version whose packing this follows
+
+log = logging.getLogger(__name__)
 
 
 def _pack_k(codes: Tensor, bits: int) -> Tensor:
@@ -182,14 +185,94 @@ def ct_scheme(qconfig: dict[str, Any]) -> tuple[int, int | None, bool] | None:
     return w["num_bits"], w.get("group_size"), bool(w.get("symmetric", True))
 
 
-def write_ct_checkpoint(out_dir, state: dict[str, Tensor],
-                        quantized: dict[str, tuple[QuantizedWeight, Tensor | None]],
-                        sparse24: dict[str, Tensor], config_dict: dict[str, Any],
-                        qconfig: dict[str, Any], max_shard_bytes: int) -> list[str]:
-    """Write the checkpoint: ``quantized`` Linears pack-quantized, ``sparse24`` weights
-    (name -> dense 2:4 weight, unquantized) as bitmasks, the rest of ``state`` as it is."""
-    state = {k: v for k, v in state.items() if k[: -len(".weight")] not in sparse24}
-    for prefix, W in sparse24.items():
-        state.update(bitmask_tensors(prefix, W))
-    return write_quantized_checkpoint(out_dir, state, quantized, ct_tensors, config_dict,
-                                      qconfig, max_shard_bytes)
+CT_DYNAMIC = ("{where}dynamic act-order needs a g_idx, which compressed-tensors no longer loads "
+              "(0.20 dropped actorder 'group'); use static act-order, or --format gptq")
+
+
+class CTWriter:
+    """One compressed-tensors checkpoint being written (pack-quantized; unquantized 2:4
+    Linears as bitmasks when nothing is quantized)."""
+
+    def pack(self, name: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[str, Tensor]:
+        if not _trivial_g_idx(qw):
+            raise ValueError(CT_DYNAMIC.format(where=f"{name}: "))
+        return ct_tensors(name, qw, bias)
+
+    def v1_linears(self) -> list[str]:
+        return []
+
+    def quantization_config(self, p: Any) -> dict[str, Any] | None:
+        quantized = set(p.quantized)
+        s = p.sparse24
+        sp = None
+        if s["names"]:
+            names = set(s["names"])
+            sp = sparsity_config("dense" if quantized else "sparse-24-bitmask",
+                                 round(s["zeros"] / s["total"], 6),
+                                 [n for n in p.linears if n not in names])
+        if not quantized and sp is None:
+            return None
+        return ct_quantization_config(p.scheme, p.act(),
+                                      [n for n in p.linears if n not in quantized], sp)
+
+    def finish(self) -> None:
+        pass
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _trivial_g_idx(qw: QuantizedWeight) -> bool:
+    K = qw.g_idx.numel()
+    width = qw.group_size if qw.group_size != -1 else K
+    return torch.equal(qw.g_idx.long().cpu(), torch.arange(K) // width)
+
+
+class CTLayout:
+    """compressed-tensors (``pack-quantized``, ``sparse-24-bitmask``), as vLLM and
+    transformers load it."""
+
+    name = "compressed-tensors"
+    divisible_groups = True
+    bitmasks = True
+
+    def check_writable(self, recipe: Any) -> None:
+        schemes = {(c.bits, c.group_size, c.sym) for s in recipe.steps
+                   if (c := getattr(s.config, "scheme", None)) is not None}
+        if len(schemes) > 1:
+            raise ValueError(f"the recipe quantizes with several schemes {sorted(schemes)}; "
+                             "llmc writes compressed-tensors checkpoints with one")
+        for i, step in enumerate(recipe.steps):
+            if getattr(step.config, "act_order", None) == "dynamic":
+                raise ValueError(CT_DYNAMIC.format(where=f"steps[{i}].args.act_order: "))
+
+    def check_readable(self, path: Any, qconfig: dict[str, Any]) -> None:
+        pass
+
+    def writer(self) -> CTWriter:
+        return CTWriter()
+
+    def read(self, path: Any, qconfig: dict[str, Any], tensors: dict[str, Tensor],
+             shapes: dict[str, tuple[int, int]]):
+        """2:4 bitmasks become dense weights in place; packed weights are yielded."""
+        ct = ct_scheme(qconfig)
+        for prefix in sorted(k[: -len(".weight.compressed")] for k in tensors
+                             if k.endswith(".weight.compressed")):
+            tensors[f"{prefix}.weight"] = read_bitmask_tensors(tensors, prefix)
+            for suffix in ("compressed", "bitmask", "shape"):
+                del tensors[f"{prefix}.weight.{suffix}"]
+        for prefix in sorted(k[: -len(".weight_packed")] for k in tensors
+                             if k.endswith(".weight_packed")):
+            if ct is None:
+                raise ValueError(f"{path}: packed weights without a quantization scheme")
+            qw = read_ct_tensors(tensors, prefix, *ct)
+            for suffix in ("packed", "scale", "zero_point", "g_idx", "shape"):
+                tensors.pop(f"{prefix}.weight_{suffix}", None)
+            yield prefix, qw, tensors.pop(f"{prefix}.bias", None)
+
+
+FORMATS.register("compressed-tensors", object, CTLayout(),
+                 "compressed-tensors pack-quantized / sparse-24-bitmask")

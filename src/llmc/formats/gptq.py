@@ -10,7 +10,7 @@ Per quantized Linear ``{prefix}`` with weight [N, K] (out, in), ``G`` groups:
 
 v1 (``checkpoint_format: "gptq"``) stores ``zero - 1``, so a zero point of 0 (asymmetric
 quantization) cannot be stored; ``gptq_v2`` stores zeros as they are. Packing follows
-:mod:`llmc.quant.pack` (AutoGPTQ's bit layout, 3-bit included).
+:mod:`llmc.core.pack` (AutoGPTQ's bit layout, 3-bit included).
 
 Engines: transformers (through gptqmodel) allocates ``ceil(K / group_size)`` groups and
 loads a narrower last group; vLLM's GPTQ loader requires ``K % group_size == 0``.
@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmc.core.pack import pack_cols, pack_rows, packed_len, unpack_cols, unpack_rows
+from llmc.core.scheme import QuantizedWeight
 from llmc.formats.io import read_checkpoint_tensors, write_quantized_checkpoint
-from llmc.quant.pack import pack_cols, pack_rows, packed_len, unpack_cols, unpack_rows
-from llmc.quant.scheme import QuantizedWeight
+from llmc.registry import FORMATS
 
 __all__ = [
     "choose_checkpoint_format",
@@ -43,14 +44,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("gptq", "gptq_v2")
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 ENGINE_BITS = (2, 3, 4, 8)  # what transformers' GPTQConfig, GPTQModel kernels and vLLM accept
+
+log = logging.getLogger(__name__)
 
 
 def _check_format(checkpoint_format: str) -> None:
-    if checkpoint_format not in FORMATS:
+    if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(
-            f"checkpoint_format: {checkpoint_format!r} is not a GPTQ layout; use one of {FORMATS}"
+            f"checkpoint_format: {checkpoint_format!r} is not a GPTQ layout; use one of "
+            f"{CHECKPOINT_FORMATS}"
         )
 
 
@@ -255,3 +259,115 @@ def write_gptq_checkpoint(
         out_dir, state, quantized, lambda name, qw, bias: gptq_tensors(name, qw, bias, fmt),
         config_dict, qconfig, max_shard_bytes,
     )
+
+
+def _recipe_schemes(recipe: Any) -> dict[tuple[int, int, bool], int]:
+    out = {}
+    for i, step in enumerate(recipe.steps):
+        c = getattr(step.config, "scheme", None)
+        if c is not None:
+            out[(c.bits, c.group_size, c.sym)] = i
+    return out
+
+
+class GPTQWriter:
+    """One GPTQ checkpoint being written: v1 ``gptq`` while every zero point is >= 1 (v1
+    stores zero - 1), ``gptq_v2`` once one is 0; the Linears packed as v1 before that need
+    their qzeros rewritten (:meth:`v1_linears`). Engine-limit warnings are gathered and logged
+    once at the end."""
+
+    def __init__(self) -> None:
+        self.gptq_format = "gptq"
+        self._v1: list[str] = []
+        self._warnings: dict[str, list[str]] = {}
+
+    def pack(self, name: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[str, Tensor]:
+        N, K = qw.q.shape
+        msg = ragged_groups_warning(f"layers with in_features {K}", K, qw.group_size)
+        if msg is None and (K % 32 or N % 32):
+            msg = (f"layers of shape [{N}, {K}]: GPTQ kernels expect in/out features that are "
+                   "multiples of 32; some engines may refuse this checkpoint")
+        if msg is not None:
+            self._warnings.setdefault(msg, []).append(name)
+        if self.gptq_format == "gptq" and qw.zeros.numel() and int(qw.zeros.min()) < 1:
+            log.info("writing checkpoint_format 'gptq_v2': %s has a zero point of 0, which v1 "
+                     "(zero - 1) cannot store; gptqmodel and recent vLLM read gptq_v2", name)
+            self.gptq_format = "gptq_v2"
+        if self.gptq_format == "gptq":
+            self._v1.append(name)
+        return gptq_tensors(name, qw, bias, self.gptq_format)
+
+    def v1_linears(self) -> list[str]:
+        return [] if self.gptq_format == "gptq" else list(self._v1)
+
+    def quantization_config(self, p: Any) -> dict[str, Any] | None:
+        if not p.quantized:
+            return None
+        bits, group_size, sym = p.scheme
+        if bits not in ENGINE_BITS:
+            raise ValueError(f"{bits}-bit weights cannot be written as a GPTQ checkpoint")
+        act = p.act()
+        return quantization_config(
+            bits, group_size, sym, desc_act=act != "none", static_groups=act == "static",
+            checkpoint_format=self.gptq_format,
+            modules_in_block_to_quantize=p.modules_in_block(set(p.quantized)),
+        )
+
+    def finish(self) -> None:
+        for msg, names in self._warnings.items():
+            log.warning("%s (e.g. %s, %d module(s))", msg, names[0], len(names))
+
+    def state(self) -> dict[str, Any]:
+        return {"gptq_format": self.gptq_format, "v1": self._v1, "warnings": self._warnings}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.gptq_format = state["gptq_format"]
+        self._v1 = list(state["v1"])
+        self._warnings = {k: list(v) for k, v in state["warnings"].items()}
+
+
+class GPTQLayout:
+    """The HF GPTQ layout (qweight/qzeros/scales/g_idx), as transformers, GPTQModel and vLLM
+    load it."""
+
+    name = "gptq"
+    divisible_groups = False  # engines pad a last partial group
+    bitmasks = False
+
+    def check_writable(self, recipe: Any) -> None:
+        """Refuse, before any work, a recipe whose result one GPTQ checkpoint cannot hold:
+        widths the engines do not load, or several (bits, group_size, sym) schemes."""
+        schemes = _recipe_schemes(recipe)
+        for (bits, _, _), i in schemes.items():
+            if bits not in ENGINE_BITS:
+                raise ValueError(
+                    f"steps[{i}].args.bits: {bits}-bit weights cannot be written as a GPTQ "
+                    f"checkpoint (engines load {', '.join(map(str, ENGINE_BITS))} bits)"
+                )
+        if len(schemes) > 1:
+            raise ValueError(
+                f"the recipe quantizes with several schemes {sorted(schemes)}; a GPTQ "
+                "checkpoint holds one (bits, group_size, sym)"
+            )
+
+    def check_readable(self, path: Any, qconfig: dict[str, Any]) -> None:
+        pass
+
+    def writer(self) -> GPTQWriter:
+        return GPTQWriter()
+
+    def read(self, path: Any, qconfig: dict[str, Any], tensors: dict[str, Tensor],
+             shapes: dict[str, tuple[int, int]]):
+        """Yield ``(prefix, QuantizedWeight, bias)`` per quantized Linear, removing its
+        tensors from ``tensors``."""
+        for prefix in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
+            N, K = shapes[prefix]
+            qw = read_gptq_tensors(tensors, prefix, qconfig["bits"], qconfig["group_size"],
+                                   qconfig["sym"], qconfig.get("checkpoint_format", "gptq"),
+                                   K, N)
+            for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+                tensors.pop(f"{prefix}.{suffix}", None)
+            yield prefix, qw, tensors.pop(f"{prefix}.bias", None)
+
+
+FORMATS.register("gptq", object, GPTQLayout(), "HF GPTQ (v1, or gptq_v2 when a zero point is 0)")

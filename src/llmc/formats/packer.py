@@ -27,30 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmc.formats.awq import awq_quantization_config, awq_tensors
-from llmc.formats.compressed_tensors import (
-    bitmask_tensors,
-    ct_quantization_config,
-    ct_tensors,
-    sparsity_config,
-)
-from llmc.formats.gptq import (
-    ENGINE_BITS,
-    gptq_tensors,
-    quantization_config,
-    ragged_groups_warning,
-)
+from llmc.core.masks import is_nm
+from llmc.core.pack import pack_cols, unpack_cols
+from llmc.core.scheme import QuantizedWeight
+from llmc.formats.compressed_tensors import bitmask_tensors
 from llmc.models.moe import checkpoint_renames, rename_tree, to_checkpoint_name
-from llmc.prune.masks import is_nm
-from llmc.quant.pack import pack_cols, unpack_cols
-from llmc.quant.scheme import QuantizedWeight
+from llmc.registry import FORMATS
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("gptq", "awq", "compressed-tensors")
 SPARSITY_KEY = "llmc_sparsity"
-CT_DYNAMIC = ("{where}dynamic act-order needs a g_idx, which compressed-tensors no longer loads "
-              "(0.20 dropped actorder 'group'); use static act-order, or --format gptq")
 
 
 def qzeros_to_v2(tensors: dict[str, Tensor], names: list[str], bits: int) -> dict[str, Tensor]:
@@ -84,8 +70,8 @@ class Packer:
                  groups: tuple[tuple[str, ...], ...], blocks_prefix: str, quantizing: bool,
                  act_order: str = "none", save_dtype: torch.dtype = torch.float32,
                  model_class: str | None = None, sparsity: dict[str, Any] | None = None) -> None:
-        if fmt not in FORMATS:
-            raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+        self.layout = FORMATS.get(fmt).impl  # refuses an unknown name with the valid ones
+        self.writer = self.layout.writer()
         self.fmt = fmt
         self.config = config
         self.linears = linears
@@ -103,9 +89,6 @@ class Packer:
         self.scheme: tuple[int, int, bool] | None = None
         self.quantized: list[str] = []
         self.dynamic = False
-        self.gptq_format = "gptq"
-        self._v1: list[str] = []  # Linears packed while the layout was still v1
-        self._warnings: dict[str, list[str]] = {}
         self._pruned = {"structures": set(), "zeros": 0.0, "total": 0, "count": 0}
         self._sparse24 = {"names": [], "zeros": 0, "total": 0}
         self._loaded_sparsity = sparsity  # a pruned checkpoint read back, whose layers are unmarked
@@ -118,7 +101,7 @@ class Packer:
         for m in modules.values():
             if getattr(m, "llmc_sparsity", None):
                 self._note_pruned(m)
-        sparse = self._sparse24_of(modules) if self.fmt == "compressed-tensors" else {}
+        sparse = self._sparse24_of(modules) if self.layout.bitmasks else {}
         bitmasks = sparse if not self.quantizing else {}
         # tensors the layout replaces: a quantized Linear's weight and bias, a bitmask's weight
         replaced = {f"{n}.{t}" for n in quant for t in ("weight", "bias")}
@@ -177,26 +160,7 @@ class Packer:
         self.quantized.append(name)
         if not _is_trivial_g_idx(qw.g_idx, qw.group_size):
             self.dynamic = True
-            if self.fmt == "compressed-tensors":
-                raise ValueError(CT_DYNAMIC.format(where=f"{name}: "))
-        if self.fmt == "awq":
-            return awq_tensors(name, qw, bias)
-        if self.fmt == "compressed-tensors":
-            return ct_tensors(name, qw, bias)
-        N, K = qw.q.shape
-        msg = ragged_groups_warning(f"layers with in_features {K}", K, qw.group_size)
-        if msg is None and (K % 32 or N % 32):
-            msg = (f"layers of shape [{N}, {K}]: GPTQ kernels expect in/out features that are "
-                   "multiples of 32; some engines may refuse this checkpoint")
-        if msg is not None:
-            self._warnings.setdefault(msg, []).append(name)
-        if self.gptq_format == "gptq" and qw.zeros.numel() and int(qw.zeros.min()) < 1:
-            log.info("writing checkpoint_format 'gptq_v2': %s has a zero point of 0, which v1 "
-                     "(zero - 1) cannot store; gptqmodel and recent vLLM read gptq_v2", name)
-            self.gptq_format = "gptq_v2"
-        if self.gptq_format == "gptq":
-            self._v1.append(name)
-        return gptq_tensors(name, qw, bias, self.gptq_format)
+        return self.writer.pack(name, qw, bias)
 
     def rewrite(self, tensors: dict[str, Tensor], linears: list[str]) -> dict[str, Tensor]:
         """``tensors`` of an earlier piece with the qzeros of ``linears`` (from
@@ -207,26 +171,21 @@ class Packer:
     def state(self) -> dict[str, Any]:
         """What the packer has learnt so far, as JSON (a resumed run reloads it)."""
         return {"scheme": self.scheme, "quantized": self.quantized, "dynamic": self.dynamic,
-                "gptq_format": self.gptq_format, "v1": self._v1, "warnings": self._warnings,
                 "pruned": {**self._pruned, "structures": sorted(self._pruned["structures"])},
-                "sparse24": self._sparse24}
+                "sparse24": self._sparse24, **self.writer.state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.scheme = tuple(state["scheme"]) if state["scheme"] is not None else None
         self.quantized = list(state["quantized"])
         self.dynamic = state["dynamic"]
-        self.gptq_format = state["gptq_format"]
-        self._v1 = list(state["v1"])
-        self._warnings = {k: list(v) for k, v in state["warnings"].items()}
         self._pruned = {**state["pruned"], "structures": set(state["pruned"]["structures"])}
         self._sparse24 = dict(state["sparse24"])
+        self.writer.load_state(state)
 
     def v1_linears(self) -> list[str]:
-        """The Linears packed with v1 qzeros that need :func:`qzeros_to_v2` now that the
-        checkpoint is ``gptq_v2`` (none when it stayed v1)."""
-        if self.fmt != "gptq" or self.gptq_format == "gptq":
-            return []
-        return list(self._v1)
+        """The Linears packed with v1 GPTQ qzeros that need :func:`qzeros_to_v2` now that the
+        checkpoint is ``gptq_v2`` (none in other layouts, or when it stayed v1)."""
+        return self.writer.v1_linears()
 
     # -- at the end -----------------------------------------------------------------------------
     def sparsity_record(self) -> dict[str, Any] | None:
@@ -240,8 +199,7 @@ class Packer:
     def finish(self) -> dict[str, Any]:
         """``config.json``: the model's config, its sparsity record, and the layout's
         ``quantization_config`` when it holds quantized Linears."""
-        for msg, names in self._warnings.items():
-            log.warning("%s (e.g. %s, %d module(s))", msg, names[0], len(names))
+        self.writer.finish()
         config = self.config.to_dict()
         config.pop("quantization_config", None)
         config.pop(SPARSITY_KEY, None)
@@ -256,39 +214,17 @@ class Packer:
             config["quantization_config"] = rename_tree(qconfig, self.renames)
         return config
 
-    def _act(self) -> str:
+    def act(self) -> str:
         return "dynamic" if self.dynamic else self.act_order
 
-    def _quantization_config(self) -> dict[str, Any] | None:
-        quantized = set(self.quantized)
-        if self.fmt == "compressed-tensors":
-            s = self._sparse24
-            sp = None
-            if s["names"]:
-                names = set(s["names"])
-                sp = sparsity_config("dense" if quantized else "sparse-24-bitmask",
-                                     round(s["zeros"] / s["total"], 6),
-                                     [n for n in self.linears if n not in names])
-            if not quantized and sp is None:
-                return None
-            return ct_quantization_config(self.scheme, self._act(),
-                                          [n for n in self.linears if n not in quantized], sp)
-        if not quantized:
-            return None
-        bits, group_size, sym = self.scheme
-        if self.fmt == "awq":
-            rest = [n for n in self.block_linears if n not in quantized]
-            return awq_quantization_config(group_size, rest or None)
-        if bits not in ENGINE_BITS:
-            raise ValueError(f"{bits}-bit weights cannot be written as a GPTQ checkpoint")
-        act = self._act()
-        return quantization_config(
-            bits, group_size, sym, desc_act=act != "none", static_groups=act == "static",
-            checkpoint_format=self.gptq_format,
-            modules_in_block_to_quantize=self._modules_in_block(quantized),
-        )
+    @property
+    def sparse24(self) -> dict[str, Any]:
+        return self._sparse24
 
-    def _modules_in_block(self, quantized: set[str]) -> list[list[str]] | None:
+    def _quantization_config(self) -> dict[str, Any] | None:
+        return self.writer.quantization_config(self)
+
+    def modules_in_block(self, quantized: set[str]) -> list[list[str]] | None:
         """GPTQModel's ``modules_in_block_to_quantize`` when only some block Linears are
         quantized (engines then keep the others dense); None when all are."""
         prefix = self.blocks_prefix

@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from llmc.core.masks import nm_slots
+from llmc.core.pack import pack_rows, unpack_cols, unpack_rows
 from llmc.kernels import use_triton
-from llmc.prune.masks import nm_slots
-from llmc.quant.pack import pack_rows, unpack_cols, unpack_rows
 
 
 def _pack_meta(pos: Tensor) -> Tensor:

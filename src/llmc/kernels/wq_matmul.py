@@ -1,6 +1,6 @@
 """Weight-only quantized matmul (W4A16, also 2- and 8-bit): ``y = x @ dequant(W)^T``.
 
-Weights in the GPTQ layout (:mod:`llmc.quant.pack`): ``qweight`` int32 [K * bits / 32, N] with
+Weights in the GPTQ layout (:mod:`llmc.core.pack`): ``qweight`` int32 [K * bits / 32, N] with
 the codes packed along K, ``scales`` [G, N], ``qzeros`` int32 [G, N * bits / 32] holding the
 zero points as they are (not minus one), ``g_idx`` int32 [K] (act order permutes it). The
 kernel dequantizes ``(q - z) * s`` in registers and accumulates in fp32; activations are fp16,
@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from llmc.core.pack import unpack_cols, unpack_rows
 from llmc.kernels import use_triton
-from llmc.quant.pack import unpack_cols, unpack_rows
 
 KERNEL_BITS = (2, 4, 8)  # codes that do not straddle int32 words
 

@@ -11,7 +11,9 @@ from conftest import ARCHS, calib_ids, tiny_config, tiny_model
 
 import llmc
 from llmc import models
-from llmc.quant.awq import (
+from llmc.core.scheme import QuantScheme, output_error
+from llmc.core.stats import HessianStats
+from llmc.methods.awq import (
     AWQConfig,
     apply_scales,
     clip_weight,
@@ -23,9 +25,8 @@ from llmc.quant.awq import (
     refine_for_gptq,
     search_scales,
 )
-from llmc.quant.gptq import GPTQConfig, HessianStats, gptq_quantize
-from llmc.quant.rtn import rtn_quantize
-from llmc.quant.scheme import QuantScheme, output_error
+from llmc.methods.gptq import GPTQConfig, gptq_quantize
+from llmc.methods.rtn import rtn_quantize
 from llmc.recipe import Recipe
 
 

@@ -9,15 +9,18 @@ lie within ``target +- lambda`` and average to the target."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from llmc.core.masks import wanda_scores
+from llmc.core.stats import ColumnNormStats
 from llmc.interfaces import ModelPass
 from llmc.models import block_linears
-from llmc.prune.masks import PruneArgs
-from llmc.prune.wanda import ColumnNormStats, wanda_scores
+
+if TYPE_CHECKING:
+    from llmc.methods.prune import PruneArgs
 
 
 def outlier_ratio(scores: list[Tensor], m: float) -> float:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llmc.quant.pack import pack_cols, pack_rows, unpack_cols, unpack_rows
+from llmc.core.pack import pack_cols, pack_rows, unpack_cols, unpack_rows
 
 
 def _codes(shape: tuple[int, int], bits: int, seed: int = 0) -> torch.Tensor:

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import ARCHS, calib_ids, tiny_model
 
 import llmc
+from llmc.checks import check_model
 from llmc.cli import cli
 from llmc.models import block_linears
 from llmc.recipe import Recipe
@@ -91,8 +92,8 @@ def test_layer_sparsity_and_ignore():
 
 def test_pattern_must_divide_the_input_widths():
     with pytest.raises(ValueError, match="divisible by 5.*ignore"):
-        Recipe.from_dict({"steps": [{"method": "wanda", "args": {"pattern": "2:5"}}]}) \
-            .check_model(tiny_model().config)
+        check_model(Recipe.from_dict({"steps": [{"method": "wanda", "args": {"pattern": "2:5"}}]}),
+                    tiny_model().config)
 
 
 def test_pruned_checkpoint_is_dense_with_its_sparsity_recorded(tmp_path, tokenizer):

@@ -3,19 +3,24 @@ clipping search), every weight rounded on its own."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from llmc.quant.scheme import (
+from llmc.core.scheme import (
     ClipSearch,
     QuantArgs,
     QuantizedWeight,
     QuantScheme,
     grouped_qparams,
+    output_error,
     quantize_dequantize,
     quantize_with_groups,
 )
+from llmc.core.stats import HessianStats
+from llmc.interfaces import CompressResult, LinearCompressor, Stats
+from llmc.registry import METHODS
 
 
 def rtn_quantize(W: Tensor, scheme: QuantScheme, clip: ClipSearch | None = None) -> QuantizedWeight:
@@ -37,3 +42,30 @@ def rtn_compress(W: Tensor, scheme: QuantScheme,
 class RTNConfig(QuantArgs):
     """Arguments of the ``rtn`` recipe step. ``clip`` searches each group's clipping range
     (off by default: plain min/max RTN is the usual baseline)."""
+
+
+class RTN(LinearCompressor):
+    """Round-to-nearest quantization; needs no calibration data."""
+
+    needs_calibration = False
+    sequential = False
+    stats_kind = None
+
+    def __init__(self, config: RTNConfig) -> None:
+        self.config = config
+
+    def new_stats(self, in_features: int) -> None:
+        return None
+
+    def compress(self, name: str, weight: Tensor, stats: Stats | None,
+                 mask: Tensor | None = None) -> CompressResult:
+        # Pruned zeros stay zero: every group's range contains 0 and its zero point is an
+        # integer, so 0 rounds to the zero point's code.
+        t = time.perf_counter()
+        qw, W = rtn_compress(weight, self.config.scheme, self.config.clip_search)
+        err = output_error(weight, W, stats.H) if isinstance(stats, HessianStats) else None
+        return CompressResult(W, qw, err, time.perf_counter() - t)
+
+
+METHODS.register("rtn", RTNConfig, RTN, "round-to-nearest weight quantization (no data)",
+                 role="quantizer")

@@ -6,85 +6,32 @@ the layer's inputs (Algorithm 1, with lazy batch updates and a Cholesky form of 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from llmc.prune.masks import smallest_mask
-from llmc.quant.scheme import (
+from llmc.core.masks import smallest_mask
+from llmc.core.scheme import (
     ClipSearch,
     QuantArgs,
     QuantizedWeight,
     QuantScheme,
     find_qparams,
     grouped_qparams,
+    output_error,
     quantize,
 )
+from llmc.core.stats import HessianStats, consumed, require_inputs
+from llmc.interfaces import CompressResult, LinearCompressor, Stats
+from llmc.methods.rtn import rtn_compress
+from llmc.registry import METHODS
 
 log = logging.getLogger(__name__)
 
 ACT_ORDERS = ("none", "static", "dynamic")
-
-
-class HessianStats:
-    """``H = (2 / n) * sum_x x x^T`` over the n rows of a Linear's inputs (the sum is kept and
-    scaled when read).
-
-    Inputs arrive as ``(..., K)`` in any float dtype; products and sums are float32 (bf16
-    products rounded to bf16 made H indefinite on real attention inputs). Only the upper
-    triangle is accumulated, in column blocks: about 60% of the multiply-adds of ``X^T X``.
-    """
-
-    def __init__(self, in_features: int, chunk: int = 8192) -> None:
-        self._upper = torch.zeros(in_features, in_features, dtype=torch.float32)
-        self._H: Tensor | None = None
-        # The factor of H^-1 the Linears of a group share, kept until the last of them
-        # (``readers``, set by the walker; None: until these statistics are dropped).
-        self.factors: dict = {}
-        self.readers: int | None = None
-        self.nsamples = 0
-        self.chunk = chunk
-        blocks = 4 if in_features >= 1024 else 2 if in_features >= 512 else 1
-        # column blocks [a, b) whose rows [a, b) x columns [a, K) make up the upper triangle
-        self._spans = [
-            (in_features * i // blocks, in_features * (i + 1) // blocks) for i in range(blocks)
-        ]
-
-    def add_batch(self, inp: Tensor) -> None:
-        if self._H is not None:
-            raise RuntimeError("HessianStats: H was read already (it is built in place); "
-                               "feed every batch before reading it")
-        x = inp.detach().reshape(-1, inp.shape[-1])
-        n = x.shape[0]
-        if self._upper.device != x.device:
-            self._upper = self._upper.to(x.device)
-        for r in range(0, n, self.chunk):
-            xs = x[r : r + self.chunk].float()
-            for a, b in self._spans:
-                self._upper[a:b, a:].addmm_(xs[:, a:b].T, xs[:, a:])
-        self.nsamples += n
-
-    def consumed(self) -> None:
-        """One Linear is compressed from these statistics; after the last, the shared factor
-        goes (before that Linear's output error is measured, so the peak does not grow)."""
-        if self.readers is not None:
-            self.readers -= 1
-            if self.readers <= 0:
-                self.factors.clear()
-
-    @property
-    def H(self) -> Tensor:
-        """The full symmetric [K, K] Hessian, built in place of the sums (one K x K matrix, not
-        two: 485 MB for an 11008-wide input)."""
-        if self._H is None:
-            H = self._upper.mul_(2.0 / max(self.nsamples, 1))
-            for a, b in self._spans:
-                H[b:, a:b] = H[a:b, b:].T
-                H[a:b, a:b] = torch.triu(H[a:b, a:b]) + torch.triu(H[a:b, a:b], 1).T
-            self._H = H
-        return self._H
 
 
 def _inverse_cholesky(prepared: Callable[[], Tensor], damp: float,
@@ -383,3 +330,44 @@ class GPTQConfig(QuantArgs):
             raise ValueError(f"damp: {self.damp} must lie in (0, 1); the usual value is 0.01")
         if self.block_size < 1:
             raise ValueError(f"block_size: {self.block_size} must be a positive integer")
+
+
+class GPTQ(LinearCompressor):
+    """GPTQ on the Hessian of each Linear's calibration inputs."""
+
+    needs_calibration = True
+    stats_kind = "hessian"
+
+    def __init__(self, config: GPTQConfig) -> None:
+        self.config = config
+        self.sequential = config.true_sequential
+
+    def new_stats(self, in_features: int) -> HessianStats:
+        return HessianStats(in_features)
+
+    def compress(self, name: str, weight: Tensor, stats: Stats | None,
+                 mask: Tensor | None = None) -> CompressResult:
+        require_inputs(name, stats)
+        c = self.config
+        t = time.perf_counter()
+        qw = gptq_quantize(
+            weight, stats.H, c.scheme, act_order=c.act_order, damp=c.damp,
+            block_size=c.block_size, clip=c.clip_search, keep=mask, name=name,
+            factors=getattr(stats, "factors", None),
+        )
+        consumed(stats)
+        W = qw.dequantize()
+        err = output_error(weight, W, stats.H)
+        return CompressResult(W, qw, err, time.perf_counter() - t)
+
+    def compress_without_data(self, name: str, weight: Tensor,
+                              mask: Tensor | None = None) -> CompressResult:
+        """The fallback for a Linear whose statistics are too thin (a starved MoE expert):
+        RTN on the same scheme."""
+        t = time.perf_counter()
+        qw, W = rtn_compress(weight, self.config.scheme, self.config.clip_search)
+        return CompressResult(W, qw, None, time.perf_counter() - t, info={"fallback": "rtn"})
+
+
+METHODS.register("gptq", GPTQConfig, GPTQ, "GPTQ weight quantization (Frantar et al. 2022)",
+                 role="quantizer")

@@ -18,10 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llmc.core.scheme import QuantScheme, fake_quantize, grouped_qparams, qparams_from_range
+from llmc.core.stats import HessianStats
 from llmc.core.tree import first_tensor, map_tensors
+from llmc.interfaces import BlockTransform
+from llmc.methods.gptq import GPTQConfig, gptq_quantize
 from llmc.models.scaling import ScalePair, apply_scales, expand_tied, head_tie, reduce_tied
-from llmc.quant.gptq import GPTQConfig, HessianStats, gptq_quantize
-from llmc.quant.scheme import QuantScheme, fake_quantize, grouped_qparams, qparams_from_range
+from llmc.registry import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +307,7 @@ def _in_expert(adapter: Any, pair: ScalePair) -> bool:
     return any(pair.linears[0].startswith(path + ".") for path in adapter.experts)
 
 
-class AWQ:
+class AWQ(BlockTransform):
     """The ``awq`` recipe step: a block transform that searches and applies AWQ scales for
     every scaling pair of the architecture whose Linears the step targets, then clips."""
 
@@ -481,3 +484,7 @@ class AWQ:
 
         return loss
 
+
+METHODS.register("awq", AWQConfig, AWQ,
+                 "AWQ activation-aware scales, then clipping (Lin et al. 2024); a quantizer step "
+                 "follows (rtn when the recipe has none)", role="transform")

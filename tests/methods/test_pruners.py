@@ -4,10 +4,10 @@ composed with quantization (zeros stay zero, values on the grid)."""
 import pytest
 import torch
 
-from llmc.compressors import METHODS
-from llmc.quant.gptq import HessianStats
-from llmc.quant.scheme import output_error
+from llmc.core.scheme import output_error
+from llmc.core.stats import HessianStats
 from llmc.recipe import Step
+from llmc.registry import METHODS
 
 
 def layer(N=64, K=128, T=4096, seed=0):

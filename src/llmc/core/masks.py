@@ -1,4 +1,4 @@
-"""Pruning masks and the recipe arguments every pruner shares.
+"""Pruning masks.
 
 A mask here is a bool tensor shaped like the weight [N, K]; ``keep`` masks are True where the
 weight stays. Masks come from a score per weight (|W| for magnitude, |W| * ||X_j|| for Wanda):
@@ -15,13 +15,9 @@ Both are one ``topk`` over a reshaped score tensor, never a loop over columns.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
-
-from llmc.registry import matches
 
 SCOPES = ("row", "layer")
 
@@ -94,78 +90,6 @@ def sparsity(t: Tensor) -> float:
     return float((t == 0).sum()) / max(t.numel(), 1)
 
 
-@dataclass(frozen=True)
-class PruneArgs:
-    """Recipe arguments shared by the pruners.
-
-    ``sparsity``: fraction of each targeted Linear's weights set to zero (unstructured), or
-    ``pattern``: ``"N:M"`` (e.g. ``"2:4"``; N kept of every M consecutive inputs; overrides
-    ``sparsity``). ``scope``: unstructured ranking per output ``row`` or over the ``layer``.
-    ``layer_sparsity``: ``{name pattern: sparsity}``, the first matching pattern (plain name or
-    ``re:``) gives that Linear its own ratio. ``owl``: outlier-weighted layerwise sparsity (Yin
-    et al. 2024): blocks with more outlier Wanda scores (above ``owl_m`` times their block's
-    mean) get lower sparsity, within ``sparsity +- owl_lambda``, averaging to ``sparsity``."""
-
-    sparsity: float = 0.5
-    pattern: str = ""
-    scope: str = "row"
-    layer_sparsity: dict | None = None
-    owl: bool = False
-    owl_lambda: float = 0.08
-    owl_m: float = 5.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity: {self.sparsity} must lie in [0, 1)")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope: {self.scope!r} is not one of {', '.join(SCOPES)}")
-        if self.pattern:
-            parse_pattern(self.pattern)
-            if self.owl or self.layer_sparsity:
-                raise ValueError(
-                    "pattern: N:M fixes every layer's sparsity; owl and layer_sparsity apply to "
-                    "unstructured sparsity only"
-                )
-        for key, ratio in (self.layer_sparsity or {}).items():
-            if not isinstance(key, str) or isinstance(ratio, bool) \
-                    or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-                raise ValueError(
-                    f"layer_sparsity: expected {{name pattern: sparsity in [0, 1)}}, got "
-                    f"{key!r}: {ratio!r}"
-                )
-            if key.startswith("re:"):
-                try:
-                    re.compile(key[3:])
-                except re.error as e:
-                    raise ValueError(f"layer_sparsity: bad regular expression {key!r}: {e}") \
-                        from None
-        if not 0.0 <= self.owl_lambda < 0.5:
-            raise ValueError(f"owl_lambda: {self.owl_lambda} must lie in [0, 0.5)")
-        if self.owl_m <= 0:
-            raise ValueError(f"owl_m: {self.owl_m} must be positive")
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        return parse_pattern(self.pattern) if self.pattern else None
-
-    @property
-    def structure(self) -> str:
-        return self.pattern or "unstructured"
-
-    def sparsity_for(self, name: str, block_sparsity: float | None = None) -> float:
-        """The unstructured ratio of Linear ``name``: a ``layer_sparsity`` match, else its
-        block's OWL ratio when planned, else ``sparsity``."""
-        for key, ratio in (self.layer_sparsity or {}).items():
-            if matches(name, (key,)):
-                return float(ratio)
-        return self.sparsity if block_sparsity is None else block_sparsity
-
-    def keep_mask(self, scores: Tensor, name: str, block_sparsity: float | None = None) -> Tensor:
-        nm = self.nm
-        if nm is not None:
-            return nm_keep(scores, *nm)
-        return unstructured_keep(scores, self.sparsity_for(name, block_sparsity), self.scope)
-
-    def describe(self) -> dict[str, Any]:
-        return {"structure": self.structure, "sparsity": 1 - self.nm[0] / self.nm[1]
-                if self.nm else self.sparsity}
+def wanda_scores(W: Tensor, column_norms: Tensor) -> Tensor:
+    """Wanda's score ``|W_ij| * ||X_j||_2`` (Sun et al. 2023)."""
+    return W.detach().float().abs() * column_norms.to(W.device)[None, :]

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from llmc.prune.masks import PruneArgs, nm_keep, parse_pattern, smallest_mask, unstructured_keep
-from llmc.prune.owl import outlier_ratio, owl_sparsities
-from llmc.prune.sparsegpt import SparseGPTConfig
+from llmc.core.masks import nm_keep, parse_pattern, smallest_mask, unstructured_keep
+from llmc.methods.owl import outlier_ratio, owl_sparsities
+from llmc.methods.prune import PruneArgs
+from llmc.methods.sparsegpt import SparseGPTConfig
 
 
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.77])

@@ -11,8 +11,8 @@ import torch
 from conftest import calib_ids, tiny_model
 
 import llmc
-from llmc.distill import DistillConfig, distill_logits, snapshot_teacher
-from llmc.distill.losses import hidden_loss, kl_loss, lm_loss, teacher_targets
+from llmc.methods.distill import DistillConfig, distill_logits, snapshot_teacher
+from llmc.methods.distill.losses import hidden_loss, kl_loss, lm_loss, teacher_targets
 from llmc.models import block_linears
 
 JOINT = [{"method": "sparsegpt", "args": {"pattern": "2:4", "bits": 4, "group_size": 32}}]

@@ -1,11 +1,11 @@
 """Logit distillation of a compressed student from its uncompressed teacher.
 
-The student's block Linears that a step targets train (under :mod:`llmc.distill.constraints`:
-zeros stay zero, quantized weights stay on their grid); everything else is frozen. The loss is
-the KL divergence between the teacher's and the student's next-token distributions
-(temperature, optional top-k), plus ``lm_weight`` times the LM loss on the training text,
-plus ``hidden_weight`` times the per-layer hidden-state term (relative MSE to the teacher's
-hidden states, averaged over layers).
+The student's block Linears that a step targets train (under
+:mod:`llmc.methods.distill.constraints`: zeros stay zero, quantized weights stay on their
+grid); everything else is frozen. The loss is the KL divergence between the teacher's and the
+student's next-token distributions (temperature, optional top-k), plus ``lm_weight`` times the
+LM loss on the training text, plus ``hidden_weight`` times the per-layer hidden-state term
+(relative MSE to the teacher's hidden states, averaged over layers).
 The held-out windows, never trained on, are scored (mean KL) before the first step and every
 ``eval_every`` steps; the best state is kept, so the student is never worse on them than when
 distillation started, and training stops after ``patience`` evaluations without a gain.
@@ -22,9 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmc.distill.constraints import Best, trained
-from llmc.distill.losses import hidden_loss, kl_loss, lm_loss, teacher_targets
+from llmc.interfaces import MODEL, TRANSFORM, BlockTransform, WholeModelStep
+from llmc.methods.distill.constraints import Best, trained
+from llmc.methods.distill.losses import hidden_loss, kl_loss, lm_loss, teacher_targets
 from llmc.models import block_linears, get_adapter
+from llmc.registry import METHODS
 
 
 @dataclass(frozen=True)
@@ -242,24 +244,23 @@ def snapshot_teacher(model: nn.Module) -> nn.Module:
     return teacher.eval()
 
 
-class Distill:
+class Distill(BlockTransform, WholeModelStep):
     """The ``distill`` recipe step. Logit mode runs after the walk, on the whole model, with the
     model as it was before the recipe's compression steps as the teacher (``llmc.compress``),
     or with a given teacher (``llmc distill``). Block mode is a block transform of the walk,
     after each block's compression steps."""
 
     needs_calibration = True
-    stats_kind = None
-    sequential = False
     stores_outputs = True  # block mode leaves the block's outputs in the walker's cache
 
     def __init__(self, config: DistillConfig) -> None:
         self.config = config
         self.post_walk = config.mode == "logit"
         self.needs_teacher = config.mode == "block"
+        self.kind = MODEL if self.post_walk else TRANSFORM  # (the kinds: llmc.interfaces)
 
     def transform(self, ctx: Any, step: Any) -> dict[str, Any]:
-        from llmc.distill.block import distill_block
+        from llmc.methods.distill.block import distill_block
 
         return distill_block(ctx, step, self.config)
 
@@ -267,3 +268,9 @@ class Distill:
             step: Any, progress: bool = True) -> dict[str, Any]:
         return distill_logits(student, teacher, train, heldout, self.config, step.selects,
                               progress)
+
+
+METHODS.register("distill", DistillConfig, Distill,
+                 "distillation from the uncompressed model: logit KL (optional LM loss) after the "
+                 "walk, or block-wise MSE inside it; keeps zeros and quantization grids; comes "
+                 "after the compression steps", role="distill")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmc.quant.gptq import GPTQConfig, HessianStats, gptq_quantize
-from llmc.quant.rtn import rtn_quantize
-from llmc.quant.scheme import ClipSearch, QuantScheme, output_error, round_half_even
+from llmc.core.scheme import ClipSearch, QuantScheme, output_error, round_half_even
+from llmc.core.stats import HessianStats
+from llmc.methods.gptq import GPTQConfig, gptq_quantize
+from llmc.methods.rtn import rtn_quantize
 
 
 def layer(K: int = 96, N: int = 32, n: int = 2048, seed: int = 0):
@@ -134,8 +135,7 @@ def test_config_errors_name_the_key(args, key):
 def test_a_group_shares_one_factor_and_drops_it_after_its_last_linear():
     """q, k and v compressed from one statistics object reuse the factor of H^-1 (the same
     codes as computing it afresh for each), and it is gone after the last of them."""
-    from llmc.compressors import GPTQ
-    from llmc.quant.gptq import GPTQConfig
+    from llmc.methods.gptq import GPTQ, GPTQConfig
 
     torch.manual_seed(0)
     X = torch.randn(256, 48)
@@ -162,8 +162,8 @@ def test_column_loop_on_contiguous_rows_is_unchanged():
     scheme = QuantScheme(4, 16, False)
     qw = gptq_quantize(W, H, scheme, act_order="none", block_size=16)
     # reference: the textbook loop (Frantar et al., Algorithm 1) on strided columns
-    from llmc.quant.gptq import _inverse_cholesky
-    from llmc.quant.scheme import find_qparams, quantize
+    from llmc.core.scheme import find_qparams, quantize
+    from llmc.methods.gptq import _inverse_cholesky
 
     Hinv, _ = _inverse_cholesky(lambda: H.clone(), 0.01, "ref")
     Wr = W.clone()

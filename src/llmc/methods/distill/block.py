@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmc.distill.constraints import Best, trained
-from llmc.distill.losses import relative_mse
 from llmc.interfaces import BlockContext
+from llmc.methods.distill.constraints import Best, trained
+from llmc.methods.distill.losses import relative_mse
 from llmc.models import block_linears
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from llmc.quant.scheme import QuantState, round_half_even
+from llmc.core.scheme import QuantState, round_half_even
 
 
 def _ste(x: Tensor, y: Tensor) -> Tensor:
