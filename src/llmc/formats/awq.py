@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from llmc.core.scheme import QuantizedWeight
+from llmc.formats.io import StatelessWriter
 from llmc.registry import FORMATS
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -136,14 +137,11 @@ def awq_quantization_config(
     }
 
 
-class AWQWriter:
+class AWQWriter(StatelessWriter):
     """One AWQ (GEMM) checkpoint being written."""
 
     def pack(self, name: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[str, Tensor]:
         return awq_tensors(name, qw, bias)
-
-    def v1_linears(self) -> list[str]:
-        return []
 
     def quantization_config(self, p: Any) -> dict[str, Any] | None:
         if not p.quantized:
@@ -151,15 +149,6 @@ class AWQWriter:
         quantized = set(p.quantized)
         rest = [n for n in p.block_linears if n not in quantized]
         return awq_quantization_config(p.scheme[1], rest or None)
-
-    def finish(self) -> None:
-        pass
-
-    def state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class AWQLayout:

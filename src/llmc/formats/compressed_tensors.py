@@ -41,6 +41,7 @@ from torch import Tensor
 from llmc.core.masks import nm_slots
 from llmc.core.pack import pack_rows, unpack_rows
 from llmc.core.scheme import QuantizedWeight, QuantScheme
+from llmc.formats.io import StatelessWriter
 from llmc.registry import FORMATS
 
 QUANT_METHOD = "compressed-tensors"
@@ -189,17 +190,14 @@ CT_DYNAMIC = ("{where}dynamic act-order needs a g_idx, which compressed-tensors 
               "(0.20 dropped actorder 'group'); use static act-order, or --format gptq")
 
 
-class CTWriter:
+class CTWriter(StatelessWriter):
     """One compressed-tensors checkpoint being written (pack-quantized; unquantized 2:4
     Linears as bitmasks when nothing is quantized)."""
 
     def pack(self, name: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[str, Tensor]:
-        if not _trivial_g_idx(qw):
+        if not is_trivial_g_idx(qw.g_idx, qw.group_size):
             raise ValueError(CT_DYNAMIC.format(where=f"{name}: "))
         return ct_tensors(name, qw, bias)
-
-    def v1_linears(self) -> list[str]:
-        return []
 
     def quantization_config(self, p: Any) -> dict[str, Any] | None:
         quantized = set(p.quantized)
@@ -215,20 +213,12 @@ class CTWriter:
         return ct_quantization_config(p.scheme, p.act(),
                                       [n for n in p.linears if n not in quantized], sp)
 
-    def finish(self) -> None:
-        pass
 
-    def state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
-
-
-def _trivial_g_idx(qw: QuantizedWeight) -> bool:
-    K = qw.g_idx.numel()
-    width = qw.group_size if qw.group_size != -1 else K
-    return torch.equal(qw.g_idx.long().cpu(), torch.arange(K) // width)
+def is_trivial_g_idx(g_idx: Tensor, group_size: int) -> bool:
+    """Whether ``g_idx`` is the plain column -> group map (no act-order regrouping)."""
+    K = g_idx.numel()
+    width = group_size if group_size != -1 else K
+    return torch.equal(g_idx.long().cpu(), torch.arange(K) // width)
 
 
 class CTLayout:

@@ -204,3 +204,20 @@ def write_quantized_checkpoint(
     logger.info("wrote %d tensors (%d %s modules) to %s", len(tensors), len(quantized),
                 qconfig.get("quant_method"), out_dir)
     return [*files, "config.json"]
+
+
+class StatelessWriter:
+    """What a layout's checkpoint writer needs when it learns nothing while packing (AWQ,
+    compressed-tensors): no GPTQ v1 qzeros to rewrite, nothing to report, no resume state."""
+
+    def v1_linears(self) -> list[str]:
+        return []
+
+    def finish(self) -> None:
+        pass
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from llmc.core.masks import is_nm
 from llmc.core.pack import pack_cols, unpack_cols
 from llmc.core.scheme import QuantizedWeight
-from llmc.formats.compressed_tensors import bitmask_tensors
+from llmc.formats.compressed_tensors import bitmask_tensors, is_trivial_g_idx
 from llmc.models.moe import checkpoint_renames, rename_tree, to_checkpoint_name
 from llmc.registry import FORMATS
 
@@ -49,12 +49,6 @@ def qzeros_to_v2(tensors: dict[str, Tensor], names: list[str], bits: int) -> dic
             N = tensors[f"{name}.scales"].shape[1]
             out[key] = pack_cols(unpack_cols(tensors[key], bits, N) + 1, bits)
     return out
-
-
-def _is_trivial_g_idx(g_idx: Tensor, group_size: int) -> bool:
-    K = g_idx.numel()
-    width = group_size if group_size != -1 else K
-    return torch.equal(g_idx.long().cpu(), torch.arange(K) // width)
 
 
 class Packer:
@@ -158,7 +152,7 @@ class Packer:
                 f"{self.fmt} checkpoint holds one (bits, group_size, sym)"
             )
         self.quantized.append(name)
-        if not _is_trivial_g_idx(qw.g_idx, qw.group_size):
+        if not is_trivial_g_idx(qw.g_idx, qw.group_size):
             self.dynamic = True
         return self.writer.pack(name, qw, bias)
 
