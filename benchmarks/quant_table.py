@@ -23,8 +23,8 @@ def gptq(bits: int, group: int, dtype: str = "bfloat16", **extra) -> dict:
             "walker": {"dtype": dtype}}
 
 
-def rtn(bits: int, group: int) -> dict:
-    return {"steps": [{"method": "rtn", "args": {"bits": bits, "group_size": group}}]}
+def rtn(bits: int, group: int, **extra) -> dict:
+    return {"steps": [{"method": "rtn", "args": {"bits": bits, "group_size": group, **extra}}]}
 
 
 def awq(bits: int, group: int, then: str = "rtn", dtype: str | None = None) -> dict:
@@ -36,11 +36,25 @@ def awq(bits: int, group: int, then: str = "rtn", dtype: str | None = None) -> d
     return {"steps": steps, **({"walker": {"dtype": dtype}} if dtype else {})}
 
 
+FP8 = {"bits": 8, "group_size": -1, "type": "float", "act_bits": 8, "act_type": "float"}
+W8A8 = {"bits": 8, "group_size": -1, "act_bits": 8, "act_type": "int"}
+
+
+def w8a8(method: str, args: dict, smooth: float | None = None) -> dict:
+    """8-bit weights and activations: ``method`` (rtn or gptq) on ``args``, after SmoothQuant
+    with migration strength ``smooth`` when given."""
+    steps = [{"method": "smoothquant", "args": {"alpha": smooth}}] if smooth is not None else []
+    return {"steps": [*steps, {"method": method, "args": args}]}
+
+
 ROWS = {
     "fp": None,
     "rtn-w4g64": rtn(4, 64),
     "gptq-w4g64": gptq(4, 64),
     "gptq-w4g64-fp32": gptq(4, 64, dtype="float32"),
+    "rtn-w4g64-asym": rtn(4, 64, sym=False),
+    "gptq-w4g64-asym": gptq(4, 64, sym=False),
+    "gptq-w4g64-asym-fp32": gptq(4, 64, dtype="float32", sym=False),
     "rtn-w4g-1": rtn(4, -1),
     "gptq-w4g-1": gptq(4, -1),
     "rtn-w3g64": rtn(3, 64),
@@ -52,24 +66,45 @@ ROWS = {
     "awq+gptq-w4g64-fp32": awq(4, 64, then="gptq", dtype="float32"),
     "awq-w3g64": awq(3, 64),
     "awq+gptq-w3g64": awq(3, 64, then="gptq"),
+    "fp8-dynamic": w8a8("rtn", FP8),
+    "fp8-dynamic-gptq": w8a8("gptq", FP8),
+    "w8a8-int8-rtn": w8a8("rtn", W8A8),
+    "w8a8-int8-gptq": w8a8("gptq", W8A8),
+    "w8a8-int8-sq0.8-gptq": w8a8("gptq", W8A8, smooth=0.8),
+    "w8a8-int8-sq0.5-gptq": w8a8("gptq", W8A8, smooth=0.5),
 }
 
 
 def _step(r: dict) -> dict:
-    return r["recipe"]["steps"][0]
+    """The first step that quantizes (AWQ's scheme is the quantizer's)."""
+    return next(s for s in r["recipe"]["steps"] if "bits" in s["args"])
 
 
 def _method(r: dict) -> str:
     steps = r["recipe"]["steps"]
-    if len(steps) == 1 or steps[1]["method"] == "rtn":
+    if len(steps) == 1 or (steps[0]["method"] == "awq" and steps[1]["method"] == "rtn"):
         return steps[0]["method"]
     return "+".join(s["method"] for s in steps)
 
 
+def _acts(r: dict) -> str:
+    a = _step(r)["args"]
+    if a.get("act_bits", 16) == 16:
+        return ""
+    return f"{a['act_type']}{a['act_bits']} per {a['act_strategy']}"
+
+
+def _weights(r: dict) -> str:
+    a = _step(r)["args"]
+    return "fp8" if a.get("type") == "float" else f"int{a['bits']}"
+
+
 COLUMNS: list[table.Column] = [
     ("method", lambda r: _method(r) if "recipe" in r else "fp"),
-    ("bits", lambda r: str(_step(r)["args"]["bits"])),
+    ("weights", _weights),
     ("group", lambda r: str(_step(r)["args"]["group_size"])),
+    ("sym", lambda r: "sym" if _step(r)["args"].get("sym", True) else "asym"),
+    ("activations", _acts),
     ("walker dtype", lambda r: r["recipe"]["walker"]["dtype"] if _method(r) != "rtn" else ""),
 ]
 

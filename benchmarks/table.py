@@ -131,7 +131,7 @@ def write(results: dict, name: str, columns: list[Column], ratio: bool = False) 
     CURRENT.update(results)
     fp = results["rows"].get("fp", {}).get("perplexity")
     headers = ["row", *(h for h, _ in columns), "perplexity", "vs FP", "compress s",
-               "peak RSS growth MiB"]
+               "peak RSS growth MiB", "eval s"]
     lines = [f"# {results['title']}", "", results["protocol"], "",
              f"Machine: {results['machine']}", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -142,7 +142,7 @@ def write(results: dict, name: str, columns: list[Column], ratio: bool = False) 
                    else f"{(r['perplexity'] / fp - 1) * 100:+.1f}%")
         cells = [key, *(f(r) if key != "fp" else "" for _, f in columns),
                  f"{r['perplexity']:.3f}", rel, fmt(r.get("compress_seconds"), ".1f"),
-                 fmt(r.get("peak_rss_growth_mib"), ".0f")]
+                 fmt(r.get("peak_rss_growth_mib"), ".0f"), fmt(r.get("eval_seconds"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 

@@ -9,6 +9,10 @@ windows of the same split that overlap no calibration window
     python benchmarks/tune.py awq     # AWQ's scale form and clipping grid (4-bit, group 64)
     python benchmarks/tune.py prune   # the pruners' ranking scope (50% unstructured)
     python benchmarks/tune.py awq3gptq  # AWQ before GPTQ at 3 bits: which AWQ parts help GPTQ
+    python benchmarks/tune.py gemma3    # GPTQ 4-bit group 64 on Gemma 3 270M (float32 walker)
+
+A set names its model (SmolLM2-135M unless it says otherwise); a candidate is a list of steps
+or a whole recipe.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ RESULTS = Path(__file__).parent / "results"
 
 def gptq(**args) -> list[dict]:
     return [{"method": "gptq", "args": {"bits": 4, "group_size": 64, **args}}]
+
+
+def gptq32(**args) -> dict:
+    """GPTQ 4-bit group 64 with the float32 walker."""
+    return {"steps": gptq(**args), "walker": {"dtype": "float32"}}
 
 
 def awq(**args) -> list[dict]:
@@ -66,6 +75,14 @@ SETS = {
             {"method": "awq", "args": {"bits": 3, "group_size": 64}},
             {"method": "gptq", "args": {"bits": 3, "group_size": 64, "clip": False}}],
     }),
+    "gemma3": ("Gemma 3 270M: GPTQ 4-bit group 64, float32 walker", {
+        "rtn (reference)": [{"method": "rtn", "args": {"bits": 4, "group_size": 64}}],
+        "sym (default)": gptq32(),
+        "asym": gptq32(sym=False),
+        "asym, dynamic act-order": gptq32(sym=False, act_order="dynamic"),
+        "asym, damp 0.1": gptq32(sym=False, damp=0.1),
+        "sym, damp 0.1": gptq32(damp=0.1),
+    }, "gemma3-270m"),
     "prune": ("Wanda and SparseGPT, 50% unstructured, per row or per layer", {
         "wanda row (default)": [{"method": "wanda", "args": {"sparsity": 0.5}}],
         "wanda layer": [{"method": "wanda", "args": {"sparsity": 0.5, "scope": "layer"}}],
@@ -86,9 +103,9 @@ def main() -> None:
     ap.add_argument("set", choices=list(SETS))
     ap.add_argument("--only", nargs="*", help="Run these candidates only (kept: the others)")
     args = ap.parse_args()
-    what, candidates = SETS[args.set]
+    what, candidates, *rest = SETS[args.set]
     out = RESULTS / f"tune_{args.set}.json"
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(rest[0] if rest else "smollm2-135m")
     src = TokenSource(tok)
     cfg = CalibrationConfig(samples=128, seqlen=512, seed=0)
     calib = calibration_windows(src, cfg)
@@ -101,16 +118,17 @@ def main() -> None:
         results = {"protocol": protocol, "candidates": {}}
     results["fp"] = heldout_ppl(model, held)
     print("fp", results["fp"], flush=True)
-    for name, steps in candidates.items():
+    for name, recipe in candidates.items():
         if args.only and name not in args.only:
             continue
         m = copy.deepcopy(model)
         with PeakRSS() as mem:
             t = time.perf_counter()
-            m, _ = llmc.compress(m, {"steps": steps}, calibration=calib, progress=False)
+            recipe = recipe if isinstance(recipe, dict) else {"steps": recipe}
+            m, _ = llmc.compress(m, recipe, calibration=calib, progress=False)
             secs = time.perf_counter() - t
         results["candidates"][name] = {
-            "steps": steps, "heldout_ppl": heldout_ppl(m, held), "compress_seconds": secs,
+            **recipe, "heldout_ppl": heldout_ppl(m, held), "compress_seconds": secs,
             "peak_rss_growth_mib": (mem.peak - mem.start) / 2**20,
         }
         print(name, results["candidates"][name], flush=True)

@@ -193,3 +193,35 @@ def test_distill_command(model_dir, text_file, tmp_path):
     res = run("distill", model_dir, "--teacher", model_dir, *calib_flags(text_file), "-o",
               tmp_path / "x", ok=False)
     assert res.exit_code != 0 and "compress a model first" in res.output
+
+
+def test_quantize_with_a_named_scheme(model_dir, text_file, tmp_path):
+    out = tmp_path / "fp8"
+    run("quantize", model_dir, "--scheme", "fp8-dynamic", *calib_flags(text_file), "-o", out)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["format"] == "float-quantized"
+    recipe = llmc.Recipe.from_yaml(out / "recipe.yaml")
+    assert [s.method for s in recipe.steps] == ["rtn"]  # data-free by default
+    assert recipe.steps[0].config.type == "float" and recipe.steps[0].config.act_type == "float"
+    out = tmp_path / "w8a8"
+    run("quantize", model_dir, "--scheme", "w8a8-int8", "--method", "smoothquant+gptq",
+        "--alpha", 0.6, *calib_flags(text_file), "-o", out)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["format"] == "int-quantized"
+    assert q["config_groups"]["group_0"]["input_activations"]["type"] == "int"
+    recipe = llmc.Recipe.from_yaml(out / "recipe.yaml")
+    assert [s.method for s in recipe.steps] == ["smoothquant", "gptq"]
+    assert recipe.steps[0].config.alpha == 0.6
+    res = run("evaluate", out, "--dataset", text_file, "--seqlen", 64, "--windows", 2, "--json")
+    assert json.loads(res.stdout)["perplexity"] > 1
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--method", "gptq", "--alpha", "0.5"], "--alpha is SmoothQuant's"),
+    (["--scheme", "w8a8-int8", "--method", "awq"], "AWQ"),
+    (["--scheme", "fp8-dynamic", "--format", "gptq"], "use --format compressed-tensors"),
+])
+def test_bad_scheme_combinations_are_refused(model_dir, tmp_path, args, match):
+    res = run("quantize", model_dir, *args, "-o", tmp_path / "x", "--quiet", ok=False)
+    assert res.exit_code != 0 and match in res.output
+    assert not (tmp_path / "x").exists()

@@ -14,6 +14,7 @@ import click
 
 from llmc.calibration import CalibrationConfig
 from llmc.engine.config import DTYPES, WalkerConfig
+from llmc.recipe import SCHEME_PRESETS
 
 log = logging.getLogger("llmc")
 
@@ -150,10 +151,18 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("model")
-@click.option("--method", type=click.Choice(["gptq", "rtn", "awq", "awq+gptq"]), default="gptq",
-              show_default=True,
+@click.option("--method", type=click.Choice(["gptq", "rtn", "awq", "awq+gptq", "smoothquant+gptq",
+                                            "smoothquant+rtn"]), default=None,
               help="Quantization method (awq: AWQ scales then RTN; awq+gptq: AWQ scales then "
-                   "GPTQ, in one walk)")
+                   "GPTQ, in one walk; smoothquant+...: SmoothQuant scales first, for 8-bit "
+                   "activations) [default: gptq; rtn for --scheme fp8-dynamic, data-free]")
+@click.option("--scheme", type=click.Choice(sorted(SCHEME_PRESETS)), default=None,
+              help="A named scheme: w4a16 (the --bits/--group-size default), w8a16, "
+                   "w8a8-int8 (INT8 weights per channel, INT8 activations per token), "
+                   "fp8-dynamic (FP8 E4M3 weights per channel, FP8 activations per token); "
+                   "sets --bits and --group-size")
+@click.option("--alpha", type=float, default=None,
+              help="SmoothQuant migration strength [default: 0.5]")
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8)")
 @click.option("--group-size", type=int, default=128, show_default=True,
               help="Input columns per scale; -1 for one scale per output channel")
@@ -168,22 +177,37 @@ def cli() -> None:
 @calibration_options
 @engine_options
 @_errors
-def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, act_order: str,
-             damp: float, clip: bool | None, **opts: Any) -> None:
+def quantize(model: str, method: str | None, scheme: str | None, alpha: float | None, bits: int,
+             group_size: int, sym: bool, act_order: str, damp: float, clip: bool | None,
+             **opts: Any) -> None:
     """Quantize MODEL (a demo name such as smollm2-135m, an HF id or directory, or a .gguf
     file) and write a checkpoint to -o."""
     from llmc.recipe import Recipe
 
     _setup_logging(opts["quiet"])
-    scheme: dict[str, Any] = {"bits": bits, "group_size": group_size, "sym": sym}
-    gptq = {**scheme, "act_order": act_order, "damp": damp}
+    preset = dict(SCHEME_PRESETS[scheme]) if scheme else {}
+    if method is None:
+        method = "rtn" if scheme == "fp8-dynamic" else "gptq"
+    if alpha is not None and not method.startswith("smoothquant"):
+        raise click.UsageError("--alpha is SmoothQuant's; use --method smoothquant+gptq or "
+                               "smoothquant+rtn")
+    args: dict[str, Any] = {"bits": bits, "group_size": group_size, "sym": sym, **preset}
+    gptq = {**args, "act_order": act_order, "damp": damp}
     clipping = {} if clip is None else {"clip": clip}
+    smooth = {"method": "smoothquant", "args": {} if alpha is None else {"alpha": alpha}}
+    scheme_args = args
+    if method.startswith("awq") and ("act_bits" in preset or "type" in preset):
+        raise click.UsageError(f"--scheme {scheme} quantizes activations or FP8 weights, which "
+                               "AWQ's scales are not searched for; use --method gptq, rtn or "
+                               "smoothquant+gptq")
     steps = {
         "gptq": [{"method": "gptq", "args": {**gptq, **clipping}}],
-        "rtn": [{"method": "rtn", "args": {**scheme, **clipping}}],
-        "awq": [{"method": "awq", "args": {**scheme, **clipping}}],
-        "awq+gptq": [{"method": "awq", "args": scheme},
+        "rtn": [{"method": "rtn", "args": {**scheme_args, **clipping}}],
+        "awq": [{"method": "awq", "args": {**scheme_args, **clipping}}],
+        "awq+gptq": [{"method": "awq", "args": scheme_args},
                      {"method": "gptq", "args": {**gptq, **clipping}}],
+        "smoothquant+gptq": [smooth, {"method": "gptq", "args": {**gptq, **clipping}}],
+        "smoothquant+rtn": [smooth, {"method": "rtn", "args": {**scheme_args, **clipping}}],
     }[method]
     recipe = _with_overrides(Recipe.from_dict({"steps": steps}), opts)
     _run(model, recipe, opts)

@@ -18,6 +18,15 @@ import yaml
 
 from llmc.registry import METHODS, SECTIONS, build_dataclass, matches
 
+# Named schemes (``llmc quantize --scheme``): the quantizer arguments each one sets.
+SCHEME_PRESETS: dict[str, dict[str, Any]] = {
+    "w4a16": {"bits": 4, "group_size": 128},
+    "w8a16": {"bits": 8, "group_size": -1, "sym": True},
+    "w8a8-int8": {"bits": 8, "group_size": -1, "sym": True, "act_bits": 8, "act_type": "int"},
+    "fp8-dynamic": {"bits": 8, "group_size": -1, "sym": True, "type": "float", "act_bits": 8,
+                    "act_type": "float"},
+}
+
 DEFAULT_TARGETS = ("re:.*",)
 DEFAULT_IGNORE = ("lm_head",)
 

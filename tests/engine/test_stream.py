@@ -28,6 +28,13 @@ RECIPES = {
                       "walker": {"batch_size": 2, "dtype": "float32"}},
     "sparsegpt50": {"steps": [{"method": "sparsegpt", "args": {"sparsity": 0.5}}],
                     "walker": W},
+    "smoothquant+gptq-w8a8": {"steps": [{"method": "smoothquant"},
+                                        {"method": "gptq", "args": {"bits": 8, "group_size": -1,
+                                                                    "act_bits": 8}}],
+                              "walker": W},
+    "fp8-dynamic": {"steps": [{"method": "rtn", "args": {"bits": 8, "group_size": -1,
+                                                         "type": "float", "act_bits": 8,
+                                                         "act_type": "float"}}]},
 }
 
 

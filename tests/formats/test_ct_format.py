@@ -126,3 +126,77 @@ def test_dynamic_act_order_is_refused(tmp_path):
     with pytest.raises(ValueError, match="static act-order, or --format gptq"):
         llmc.save(model, tmp_path / "d", format="compressed-tensors")
     assert not (tmp_path / "d").exists()
+
+
+FP8 = {"bits": 8, "group_size": -1, "type": "float", "act_bits": 8, "act_type": "float"}
+W8A8 = {"bits": 8, "group_size": -1, "act_bits": 8, "act_type": "int"}
+W8A8_SCHEMES = {
+    "fp8-dynamic": ([{"method": "rtn", "args": FP8}], "float-quantized", torch.float8_e4m3fn),
+    "fp8-gptq": ([{"method": "gptq", "args": FP8}], "float-quantized", torch.float8_e4m3fn),
+    "w8a8-sq-gptq": ([{"method": "smoothquant"}, {"method": "gptq", "args": W8A8}],
+                     "int-quantized", torch.int8),
+}
+
+
+@pytest.mark.parametrize("case", list(W8A8_SCHEMES))
+def test_w8a8_round_trip_is_bit_exact(tmp_path, case):
+    steps, fmt, dtype = W8A8_SCHEMES[case]
+    model = compressed(steps)
+    out = llmc.save(model, tmp_path / case)  # compressed-tensors by default for these
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    group = q["config_groups"]["group_0"]
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == group["format"] == fmt
+    acts = group["input_activations"]
+    assert acts["strategy"] == "token" and acts["dynamic"] and acts["num_bits"] == 8
+    assert acts["type"] == ("float" if "fp8" in case else "int")
+    assert group["weights"]["strategy"] == "channel"
+    from conftest import output_tensors
+    t = output_tensors(out)
+    w = t["model.layers.0.self_attn.q_proj.weight"]
+    assert w.dtype == dtype and w.shape == (64, 64)
+    assert t["model.layers.0.self_attn.q_proj.weight_scale"].shape == (64, 1)
+    back, _ = llmc.load(out)
+    linears_equal(model, back)
+    down = (back.model.layers[1].mlp.down_proj, model.model.layers[1].mlp.down_proj)
+    assert down[0].llmc_act == down[1].llmc_act
+    x = calib_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)
+
+
+@has_ct
+@pytest.mark.parametrize("case", list(W8A8_SCHEMES))
+def test_transformers_runs_w8a8_like_llmc(tmp_path, case, monkeypatch):
+    """transformers (through the compressed-tensors package) quantizes the activations in the
+    forward on the CPU too. Its INT8 reference divides each token's amax by 127.5 where vLLM's
+    kernel, and llmc, divide by 127: with llmc set to the package's constant the logits agree."""
+    from transformers import AutoModelForCausalLM
+
+    from llmc.core import act
+
+    if "fp8" not in case:
+        monkeypatch.setattr(act, "INT8_MAX", 127.5)
+    model = compressed(W8A8_SCHEMES[case][0])
+    out = llmc.save(model, tmp_path / case)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    x = calib_ids(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_weight_only_formats_refuse_w8a8(tmp_path, fmt):
+    recipe = llmc.Recipe.from_dict({"steps": [{"method": "rtn", "args": FP8}]})
+    from llmc.formats.checkpoint import check_writable
+    with pytest.raises(ValueError, match="use --format compressed-tensors"):
+        check_writable(recipe, fmt)
+    model = compressed([{"method": "rtn", "args": W8A8}])
+    with pytest.raises(ValueError, match="use --format compressed-tensors"):
+        llmc.save(model, tmp_path / fmt, format=fmt)
+    assert not (tmp_path / fmt).exists()
+
+
+def test_w8a8_checkpoints_do_not_load_packed(tmp_path):
+    out = llmc.save(compressed([{"method": "rtn", "args": W8A8}]), tmp_path / "w8a8")
+    with pytest.raises(ValueError, match="packed=False"):
+        llmc.load(out, packed=True)

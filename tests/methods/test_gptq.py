@@ -174,7 +174,7 @@ def test_column_loop_on_contiguous_rows_is_unchanged():
         s, z = find_qparams(W1, scheme, None, torch.diag(H)[i1:i1 + 16])  # act_order none
         for j in range(16):
             i = i1 + j
-            q = quantize(W1[:, j], s, z, scheme.maxq)
+            q = quantize(W1[:, j], s, z, scheme)
             Q[:, i] = q
             err = (W1[:, j] - (q - z) * s) / Hinv[i, i]
             W1[:, j:] -= err[:, None] * Hinv[i, i:i1 + 16][None, :]

@@ -9,6 +9,10 @@ one scale and one integer zero point per row:
 
 Symmetric schemes use the GPTQ convention ``zero = 2^(bits-1)``. A group size that does not
 divide ``K`` leaves a narrower last group.
+
+Floating-point schemes (``type="float"``, 8 bits: FP8 E4M3) put ``W / scale`` on the E4M3 grid
+instead of the integers: the codes ``q`` are ``float8_e4m3fn`` values, zero points are 0 and the
+scale of a group is ``amax / 448``, so ``W' = q * scale`` with the same formula.
 """
 
 from __future__ import annotations
@@ -20,17 +24,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+WEIGHT_TYPES = ("int", "float")
+
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """Integer weight-only quantization: ``bits`` in 2..8, ``group_size`` columns per scale
-    (-1 = one scale per output channel), symmetric or asymmetric."""
+    """Weight quantization: integer (``bits`` in 2..8, symmetric or asymmetric) or
+    floating-point (``type="float"``: 8 bits, FP8 E4M3, symmetric), ``group_size`` columns per
+    scale (-1 = one scale per output channel)."""
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    type: str = "int"
 
     def __post_init__(self) -> None:
+        if self.type not in WEIGHT_TYPES:
+            raise ValueError(f"type: {self.type!r} is not one of {', '.join(WEIGHT_TYPES)}")
+        if self.type == "float" and (self.bits != 8 or not self.sym):
+            raise ValueError(f"type float: bits {self.bits}, sym {self.sym} is not supported; "
+                             "floating-point weights are FP8 E4M3 (bits 8, symmetric)")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits: {self.bits!r} is not supported; use an integer from 2 to 8")
         if (
@@ -46,6 +60,15 @@ class QuantScheme:
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
+
+    @property
+    def is_float(self) -> bool:
+        return self.type == "float"
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """The dtype the codes ``q`` are kept in."""
+        return torch.float8_e4m3fn if self.is_float else torch.uint8
 
     def group_width(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -83,24 +106,47 @@ class ClipSearch:
 
 @dataclass(frozen=True)
 class QuantArgs:
-    """Recipe arguments shared by the quantizers: the scheme and the clipping search."""
+    """Recipe arguments shared by the quantizers: the weight scheme, the clipping search, and
+    the activation scheme (``act_bits`` 8 quantizes each targeted Linear's input in the forward,
+    see :mod:`llmc.core.act`; 16 leaves activations alone)."""
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    type: str = "int"
     clip: bool = False
     clip_grid: int = 100
     clip_max_shrink: float = 0.8
     clip_norm: float = 2.4
+    act_bits: int = 16
+    act_type: str = "int"
+    act_strategy: str = "token"
+    act_dynamic: bool = True
 
     def __post_init__(self) -> None:
-        QuantScheme(self.bits, self.group_size, self.sym)
+        QuantScheme(self.bits, self.group_size, self.sym, self.type)
         if self.clip:
             ClipSearch(self.clip_grid, self.clip_max_shrink, self.clip_norm)
+        if self.act_bits != 16:
+            act = self.act_scheme
+            if not act.dynamic:
+                raise ValueError("act_dynamic: false (static activation scales calibrated on "
+                                 "the calibration windows) is not implemented yet; use "
+                                 "act_dynamic: true")
+
+    @property
+    def act_scheme(self):
+        """The :class:`~llmc.core.act.ActScheme` of the inputs, None when they stay as they
+        are."""
+        from llmc.core.act import ActScheme
+
+        if self.act_bits == 16:
+            return None
+        return ActScheme(self.act_type, self.act_strategy, self.act_dynamic, self.act_bits)
 
     @property
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.group_size, self.sym)
+        return QuantScheme(self.bits, self.group_size, self.sym, self.type)
 
     @property
     def clip_search(self) -> ClipSearch | None:
@@ -124,13 +170,24 @@ class QuantState:
     bits: int
     group_size: int
     sym: bool
+    type: str = "int"
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.group_size, self.sym, self.type)
 
     def codes(self, W: Tensor, name: str = "weight") -> QuantizedWeight:
-        """The integer form of the dense weight ``W``; refuses a weight that left the grid."""
+        """The integer (or FP8) form of the dense weight ``W``; refuses a weight that left the
+        grid."""
         maxq = 2**self.bits - 1
-        q = by_group(W.detach().float(), self.g_idx, self.group_size,
-                     lambda w, s, z: _round_half_even_(w / s).add_(z).clamp_(0, maxq),
-                     self.scales.float(), self.zeros.float(), out_dtype=torch.uint8)
+        if self.type == "float":
+            def fn(w, s, z):
+                return (w / s).to(torch.float8_e4m3fn)
+        else:
+            def fn(w, s, z):
+                return _round_half_even_(w / s).add_(z).clamp_(0, maxq)
+        q = by_group(W.detach().float(), self.g_idx, self.group_size, fn,
+                     self.scales.float(), self.zeros.float(), out_dtype=self.scheme.code_dtype)
         qw = QuantizedWeight(**vars(self), q=q)
         if not torch.equal(qw.dequantize(), W.detach().float()):
             raise ValueError(
@@ -159,14 +216,19 @@ class QuantizedWeight(QuantState):
 
     def state(self) -> QuantState:
         return QuantState(self.scales, self.zeros, self.g_idx, self.bits, self.group_size,
-                          self.sym)
+                          self.sym, self.type)
 
 
 def qparams_from_range(
     xmin: Tensor, xmax: Tensor, scheme: QuantScheme
 ) -> tuple[Tensor, Tensor]:
-    """Scale and integer zero point (as float) for ranges ``[xmin, xmax]`` that contain 0."""
+    """Scale and integer zero point (as float) for ranges ``[xmin, xmax]`` that contain 0
+    (FP8: ``amax / 448`` in float32, zero 0)."""
     maxq = scheme.maxq
+    if scheme.is_float:
+        amax = torch.maximum(xmin.abs(), xmax)
+        amax = torch.where(amax == 0, torch.ones_like(amax), amax)
+        return (amax / FP8_MAX).clamp(min=2**-126), torch.zeros_like(amax)
     if scheme.sym:
         amax = torch.maximum(xmin.abs(), xmax)
         amax = torch.where(amax == 0, torch.ones_like(amax), amax)
@@ -202,16 +264,20 @@ def _round_half_even_(x: Tensor) -> Tensor:
     return x.add_(_MAGIC).sub_(_MAGIC)
 
 
-def quantize(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
-    """Integer codes (as float) of ``w`` on the grid ``(q - zero) * scale``; broadcasts.
+def quantize(w: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> Tensor:
+    """Codes (as float32) of ``w`` on the grid ``(q - zero) * scale``; broadcasts.
     One new tensor, the rest in place: each pass over a 45M-weight matrix that allocates
     costs about three that do not (page faults)."""
+    if scheme.is_float:
+        x = (w / scale).clamp_(-FP8_MAX, FP8_MAX)
+        return x.to(torch.float8_e4m3fn).float()
+    maxq = scheme.maxq
     x = (w / scale).clamp_(-maxq - 1, maxq + 1)
     return _round_half_even_(x).add_(zero).clamp_(0, maxq)
 
 
-def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
-    return (quantize(w, scale, zero, maxq) - zero) * scale
+def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> Tensor:
+    return (quantize(w, scale, zero, scheme) - zero) * scale
 
 
 _CHUNK = 2**18  # elements per chunk of a row-wise pass that should stay in the CPU's cache
@@ -251,7 +317,7 @@ def find_qparams(
         nonlocal best, scale, zero, best_i
         p = 1 - torch.as_tensor(i, dtype=w.dtype) / clip.grid
         s, z = qparams_from_range(p * xmin, p * xmax, scheme)
-        err = (fake_quantize(w, s[..., None], z[..., None], scheme.maxq) - w).abs_()
+        err = (fake_quantize(w, s[..., None], z[..., None], scheme) - w).abs_()
         err = err.square_() if clip.norm == 2 else err.pow_(clip.norm)
         if importance is not None:
             err = err * importance
@@ -347,21 +413,21 @@ def quantize_dequantize(
     if not trivial_groups(g_idx, scheme.group_size) or K % width:
         qw = quantize_with_groups(W, scales, zeros, g_idx, scheme)
         return qw, qw.dequantize()
-    maxq, G = scheme.maxq, K // width
+    G = K // width
     Wv = W.float().reshape(N, G, width)
     s, z = scales.float()[:, :, None], zeros.float()[:, :, None]
-    q = torch.empty(N, G, width, dtype=torch.uint8, device=W.device)
+    q = torch.empty(N, G, width, dtype=scheme.code_dtype, device=W.device)
     dense = torch.empty(N, G, width, dtype=torch.float32, device=W.device)
     rows = max(1, _CHUNK // K)
     for i in range(0, N, rows):
         j = min(i + rows, N)
-        x = quantize(Wv[i:j], s[i:j], z[i:j], maxq)
+        x = quantize(Wv[i:j], s[i:j], z[i:j], scheme)
         q[i:j] = x
         dense[i:j] = x.sub_(z[i:j]).mul_(s[i:j])
     qw = QuantizedWeight(q=q.reshape(N, K), scales=scales.float().contiguous(),
                          zeros=zeros.to(torch.int32).contiguous(),
                          g_idx=g_idx.to(torch.int32).contiguous(), bits=scheme.bits,
-                         group_size=scheme.group_size, sym=scheme.sym)
+                         group_size=scheme.group_size, sym=scheme.sym, type=scheme.type)
     return qw, dense.reshape(N, K)
 
 
@@ -370,8 +436,8 @@ def quantize_with_groups(
 ) -> QuantizedWeight:
     """Integer codes of ``W`` under given per-group qparams and column groups."""
     q = by_group(W.float(), g_idx, scheme.group_size,
-                 lambda w, s, z: quantize(w, s, z, scheme.maxq), scales, zeros,
-                 out_dtype=torch.uint8)
+                 lambda w, s, z: quantize(w, s, z, scheme), scales, zeros,
+                 out_dtype=scheme.code_dtype)
     return QuantizedWeight(
         q=q,
         scales=scales.float().contiguous(),
@@ -380,6 +446,7 @@ def quantize_with_groups(
         bits=scheme.bits,
         group_size=scheme.group_size,
         sym=scheme.sym,
+        type=scheme.type,
     )
 
 

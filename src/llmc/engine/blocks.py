@@ -136,7 +136,7 @@ class LazyBlocks:
     def unload(self, b: int) -> None:
         block = self.blocks[b]
         for m in block.modules():
-            for attr in ("llmc_quant", "llmc_codes", "llmc_mask", "llmc_sparsity"):
+            for attr in ("llmc_quant", "llmc_codes", "llmc_mask", "llmc_sparsity", "llmc_act"):
                 if hasattr(m, attr):
                     delattr(m, attr)
         self.lazy.release(self.prefix(b))

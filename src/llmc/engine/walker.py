@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llmc.core import act as act_quant
 from llmc.core.tree import cast_floats
 from llmc.engine.blocks import move_block
 from llmc.engine.cache import ActivationCache
@@ -207,6 +208,10 @@ class Engine:
                     copies[n].weight.data.copy_(res.weight.to(copies[n].weight.dtype))
                 if res.quant is not None:
                     master.llmc_quant = res.quant.state()  # qparams; writers recover the codes
+                act = getattr(step.config, "act_scheme", None)
+                if act is not None:  # its input quantized in the forward from now on
+                    for m in {id(master): master, id(copies[n]): copies[n]}.values():
+                        act_quant.attach(m, act)
                 if self.checkpoint is not None:
                     # Streaming: the block is packed right after its steps, so its codes are
                     # kept until then rather than recovered from the weight again.

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llmc.core import act as act_quant
 from llmc.formats.io import read_checkpoint_tensors, save_json, save_sharded_safetensors
 from llmc.formats.packer import SPARSITY_KEY, Packer
 from llmc.models.moe import checkpoint_renames, from_checkpoint_name, unfuse_experts
@@ -28,9 +29,12 @@ def recipe_act_order(recipe: Any) -> str:
 
 
 def default_format(recipe: Any) -> str:
-    """``awq`` for a recipe whose quantization follows an ``awq`` step at 4 bits, else
-    ``gptq``."""
+    """``compressed-tensors`` for a recipe with FP8 weights or quantized activations, ``awq``
+    for one whose quantization follows an ``awq`` step at 4 bits, else ``gptq``."""
     steps = list(getattr(recipe, "steps", ()))
+    if any(getattr(s.config, "type", "int") == "float" or getattr(s.config, "act_bits", 16) != 16
+           for s in steps):
+        return "compressed-tensors"
     if steps and steps[0].method == "awq" and steps[0].config.bits == 4:
         return "awq"
     return "gptq"
@@ -143,8 +147,13 @@ def read_model(path: Path, packed: bool = False) -> nn.Module:
     shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
               if isinstance(m, nn.Linear)}
     quantized = set()
+    act = layout.act_scheme(qconfig) if hasattr(layout, "act_scheme") else None
     for prefix, qw, bias in (layout.read(path, qconfig, tensors, shapes) if layout else ()):
         quantized.add(prefix)
+        if packed and (act is not None or qw.type != "int"):
+            raise ValueError(f"{path}: packed=True holds integer weight-only Linears; load this "
+                             "checkpoint (FP8 weights or quantized activations) with "
+                             "packed=False")
         if packed:
             from llmc.nn import QuantLinear
 
@@ -154,6 +163,8 @@ def read_model(path: Path, packed: bool = False) -> nn.Module:
         module = model.get_submodule(prefix)
         module.weight.data = qw.dequantize()
         module.llmc_quant = qw.state()
+        if act is not None:
+            act_quant.attach(module, act)
         if bias is not None:
             module.bias.data = bias.float()
     missing, unexpected = model.load_state_dict(

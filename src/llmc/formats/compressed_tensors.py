@@ -27,6 +27,16 @@ differs: older versions padded 10 codes per word).
 
 2:4 with quantization is pack-quantized with ``sparsity_config.format: dense`` (the zeros are
 codes like any other).
+
+FP8 weights, format ``float-quantized``, and 8-bit integer weights with quantized activations
+(W8A8), format ``int-quantized``, are stored unpacked:
+
+    weight             float8_e4m3fn / int8 [N, K]  the code (int8: code - 128)
+    weight_scale       float32 [N, G]               (G = 1 per channel)
+
+Quantized activations are the config group's ``input_activations`` (8 bits, symmetric, int or
+float, per token dynamic); the reader attaches them to the Linears it reads
+(:func:`llmc.core.act.attach`).
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llmc.core.act import ActScheme
 from llmc.core.masks import nm_slots
 from llmc.core.pack import pack_rows, unpack_rows
 from llmc.core.scheme import QuantizedWeight, QuantScheme
@@ -59,7 +70,19 @@ def _unpack_k(packed: Tensor, bits: int, cols: int) -> Tensor:
     return unpack_rows(packed.t().contiguous(), bits, cols).t().contiguous()
 
 
-def ct_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[str, Tensor]:
+def ct_format(weight_type: str, bits: int, act: ActScheme | None) -> str:
+    """The compressed-tensors format of a scheme: ``float-quantized`` for FP8 weights,
+    ``int-quantized`` for 8-bit integer weights with quantized activations, else
+    ``pack-quantized``."""
+    if weight_type == "float":
+        return "float-quantized"
+    if act is not None and bits == 8:
+        return "int-quantized"
+    return "pack-quantized"
+
+
+def ct_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None,
+               act: ActScheme | None = None) -> dict[str, Tensor]:
     """Checkpoint tensors of one quantized Linear (see the module docstring)."""
     N, K = qw.shape
     if qw.group_size != -1 and K % qw.group_size:
@@ -68,6 +91,16 @@ def ct_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[st
             "compressed-tensors package needs whole groups. Use a group size that divides every "
             "layer's input width, or --format gptq"
         )
+    fmt = ct_format(qw.type, qw.bits, act)
+    if fmt != "pack-quantized":
+        if not qw.sym:
+            raise ValueError(f"{prefix}: {fmt} weights are symmetric; use sym: true")
+        weight = qw.q if qw.type == "float" else (qw.q.to(torch.int16) - 128).to(torch.int8)
+        out = {f"{prefix}.weight": weight.contiguous(),
+               f"{prefix}.weight_scale": qw.scales.float().contiguous()}
+        if bias is not None:
+            out[f"{prefix}.bias"] = bias.detach().contiguous()
+        return out
     out = {
         f"{prefix}.weight_packed": _pack_k(qw.q, qw.bits),
         f"{prefix}.weight_scale": qw.scales.to(torch.float16).contiguous(),
@@ -80,9 +113,28 @@ def ct_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[st
     return out
 
 
+def read_unpacked_tensors(tensors: dict[str, Tensor], prefix: str, scheme: QuantScheme
+                          ) -> QuantizedWeight:
+    """Inverse of :func:`ct_tensors` for ``float-quantized`` and ``int-quantized`` (pops
+    nothing)."""
+    w = tensors[f"{prefix}.weight"]
+    N, K = w.shape
+    if scheme.is_float:
+        q, zero = w.to(torch.float8_e4m3fn), 0
+    else:
+        q, zero = (w.to(torch.int16) + 128).to(torch.uint8), 128
+    scales = tensors[f"{prefix}.weight_scale"].float().reshape(N, -1).contiguous()
+    return QuantizedWeight(
+        q=q.contiguous(), scales=scales,
+        zeros=torch.full(scales.shape, zero, dtype=torch.int32),
+        g_idx=scheme.default_g_idx(K), bits=scheme.bits, group_size=scheme.group_size,
+        sym=True, type=scheme.type,
+    )
+
+
 def read_ct_tensors(tensors: dict[str, Tensor], prefix: str, bits: int, group_size: int | None,
                     sym: bool) -> QuantizedWeight:
-    """Inverse of :func:`ct_tensors` (pops nothing)."""
+    """Inverse of :func:`ct_tensors` for ``pack-quantized`` (pops nothing)."""
     N, K = (int(v) for v in tensors[f"{prefix}.weight_shape"])
     scheme = QuantScheme(bits, group_size or -1, sym)
     G = scheme.num_groups(K)
@@ -129,9 +181,10 @@ def read_bitmask_tensors(tensors: dict[str, Tensor], prefix: str) -> Tensor:
     return dense
 
 
-def _weights_args(bits: int, group_size: int, sym: bool, act_order: str) -> dict[str, Any]:
+def _weights_args(bits: int, group_size: int, sym: bool, act_order: str,
+                  weight_type: str = "int") -> dict[str, Any]:
     return {
-        "num_bits": bits, "type": "int", "symmetric": sym,
+        "num_bits": bits, "type": weight_type, "symmetric": sym,
         "strategy": "channel" if group_size == -1 else "group",
         "group_size": None if group_size == -1 else group_size,
         "actorder": "weight" if act_order == "static" else None,
@@ -147,29 +200,35 @@ def sparsity_config(fmt: str, sparsity: float, ignore: list[str]) -> dict[str, A
 
 def ct_quantization_config(
     scheme: tuple[int, int, bool] | None, act_order: str, ignore: list[str],
-    sparsity: dict[str, Any] | None,
+    sparsity: dict[str, Any] | None, weight_type: str = "int", act: ActScheme | None = None,
 ) -> dict[str, Any]:
     """``quantization_config`` for ``config.json``: one config group targeting ``Linear``
-    with the scheme (pack-quantized), the Linears left out in ``ignore``, and the sparsity
-    config when 2:4."""
+    with the scheme (its format from :func:`ct_format`) and the inputs' quantization, the
+    Linears left out in ``ignore``, and the sparsity config when 2:4."""
     groups = {}
+    fmt = "dense"
     if scheme is not None:
+        fmt = ct_format(weight_type, scheme[0], act)
         groups["group_0"] = {
-            "targets": ["Linear"], "weights": _weights_args(*scheme, act_order),
-            "input_activations": None, "output_activations": None, "format": "pack-quantized",
+            "targets": ["Linear"], "weights": _weights_args(*scheme, act_order, weight_type),
+            "input_activations": None if act is None else act.to_ct(),
+            "output_activations": None, "format": fmt,
         }
     return {
         "quant_method": QUANT_METHOD, "version": FORMAT_VERSION,
-        "format": "pack-quantized" if scheme is not None else "dense",
+        "format": fmt,
         "quantization_status": "compressed", "config_groups": groups, "ignore": ignore,
         "kv_cache_scheme": None, "global_compression_ratio": None,
         "sparsity_config": sparsity or {}, "transform_config": {},
     }
 
 
-def ct_scheme(qconfig: dict[str, Any]) -> tuple[int, int | None, bool] | None:
-    """(bits, group_size, sym) of a config's single weight group; refuses what llmc cannot
-    read (several groups, float or activation quantization)."""
+READABLE = ("pack-quantized", "int-quantized", "float-quantized")
+
+
+def ct_scheme(qconfig: dict[str, Any]) -> tuple[str, QuantScheme, ActScheme | None] | None:
+    """(format, weight scheme, activation scheme) of a config's single group; refuses what llmc
+    cannot read (several groups, other formats)."""
     groups = qconfig.get("config_groups") or {}
     if not groups:
         return None
@@ -178,12 +237,17 @@ def ct_scheme(qconfig: dict[str, Any]) -> tuple[int, int | None, bool] | None:
                          "supported")
     g = next(iter(groups.values()))
     w = g.get("weights") or {}
-    if w.get("type", "int") != "int" or g.get("input_activations"):
-        raise ValueError("only integer weight-only compressed-tensors checkpoints can be read")
-    if qconfig.get("format", g.get("format")) != "pack-quantized":
-        raise ValueError(f"compressed-tensors format {qconfig.get('format')!r} is not "
-                         "supported; llmc reads pack-quantized")
-    return w["num_bits"], w.get("group_size"), bool(w.get("symmetric", True))
+    fmt = g.get("format") or qconfig.get("format")
+    if fmt not in READABLE:
+        raise ValueError(f"compressed-tensors format {fmt!r} is not supported; llmc reads "
+                         f"{', '.join(READABLE)}")
+    if w.get("strategy") not in (None, "channel", "group"):
+        raise ValueError(f"compressed-tensors weight strategy {w.get('strategy')!r} is not "
+                         "supported; llmc reads channel and group")
+    scheme = QuantScheme(w["num_bits"], w.get("group_size") or -1,
+                         bool(w.get("symmetric", True)), w.get("type", "int"))
+    acts = g.get("input_activations")
+    return fmt, scheme, ActScheme.from_ct(acts) if acts else None
 
 
 CT_DYNAMIC = ("{where}dynamic act-order needs a g_idx, which compressed-tensors no longer loads "
@@ -194,10 +258,11 @@ class CTWriter(StatelessWriter):
     """One compressed-tensors checkpoint being written (pack-quantized; unquantized 2:4
     Linears as bitmasks when nothing is quantized)."""
 
-    def pack(self, name: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[str, Tensor]:
+    def pack(self, name: str, qw: QuantizedWeight, bias: Tensor | None,
+             act: ActScheme | None = None) -> dict[str, Tensor]:
         if not is_trivial_g_idx(qw.g_idx, qw.group_size):
             raise ValueError(CT_DYNAMIC.format(where=f"{name}: "))
-        return ct_tensors(name, qw, bias)
+        return ct_tensors(name, qw, bias, act)
 
     def quantization_config(self, p: Any) -> dict[str, Any] | None:
         quantized = set(p.quantized)
@@ -211,7 +276,8 @@ class CTWriter(StatelessWriter):
         if not quantized and sp is None:
             return None
         return ct_quantization_config(p.scheme, p.act(),
-                                      [n for n in p.linears if n not in quantized], sp)
+                                      [n for n in p.linears if n not in quantized], sp,
+                                      p.weight_type, p.activations)
 
 
 def is_trivial_g_idx(g_idx: Tensor, group_size: int) -> bool:
@@ -228,9 +294,11 @@ class CTLayout:
     name = "compressed-tensors"
     divisible_groups = True
     bitmasks = True
+    activations = True  # FP8 weights and quantized activations too
 
     def check_writable(self, recipe: Any) -> None:
-        schemes = {(c.bits, c.group_size, c.sym) for s in recipe.steps
+        schemes = {(c.bits, c.group_size, c.sym, c.type,
+                    getattr(s.config, "act_scheme", None)) for s in recipe.steps
                    if (c := getattr(s.config, "scheme", None)) is not None}
         if len(schemes) > 1:
             raise ValueError(f"the recipe quantizes with several schemes {sorted(schemes)}; "
@@ -238,17 +306,35 @@ class CTLayout:
         for i, step in enumerate(recipe.steps):
             if getattr(step.config, "act_order", None) == "dynamic":
                 raise ValueError(CT_DYNAMIC.format(where=f"steps[{i}].args.act_order: "))
+            c = step.config
+            if getattr(c, "act_bits", 16) == 8 and c.bits == 8 and c.type == "int" and not c.sym:
+                raise ValueError(f"steps[{i}].args.sym: int-quantized (W8A8) weights are "
+                                 "symmetric; use sym: true")
 
     def check_readable(self, path: Any, qconfig: dict[str, Any]) -> None:
         pass
+
+    def act_scheme(self, qconfig: dict[str, Any]) -> ActScheme | None:
+        """How the checkpoint's quantized Linears quantize their inputs (None: they do not)."""
+        ct = ct_scheme(qconfig)
+        return ct[2] if ct is not None else None
 
     def writer(self) -> CTWriter:
         return CTWriter()
 
     def read(self, path: Any, qconfig: dict[str, Any], tensors: dict[str, Tensor],
              shapes: dict[str, tuple[int, int]]):
-        """2:4 bitmasks become dense weights in place; packed weights are yielded."""
+        """2:4 bitmasks become dense weights in place; quantized weights are yielded."""
         ct = ct_scheme(qconfig)
+        if ct is not None and ct[0] != "pack-quantized":
+            fmt, scheme, _ = ct
+            for prefix in sorted(k[: -len(".weight_scale")] for k in tensors
+                                 if k.endswith(".weight_scale")):
+                qw = read_unpacked_tensors(tensors, prefix, scheme)
+                for suffix in ("weight", "weight_scale", "input_scale"):
+                    tensors.pop(f"{prefix}.{suffix}", None)
+                yield prefix, qw, tensors.pop(f"{prefix}.bias", None)
+            return
         for prefix in sorted(k[: -len(".weight.compressed")] for k in tensors
                              if k.endswith(".weight.compressed")):
             tensors[f"{prefix}.weight"] = read_bitmask_tensors(tensors, prefix)
@@ -258,7 +344,10 @@ class CTLayout:
                              if k.endswith(".weight_packed")):
             if ct is None:
                 raise ValueError(f"{path}: packed weights without a quantization scheme")
-            qw = read_ct_tensors(tensors, prefix, *ct)
+            scheme = ct[1]
+            qw = read_ct_tensors(tensors, prefix, scheme.bits,
+                                 None if scheme.group_size == -1 else scheme.group_size,
+                                 scheme.sym)
             for suffix in ("packed", "scale", "zero_point", "g_idx", "shape"):
                 tensors.pop(f"{prefix}.weight_{suffix}", None)
             yield prefix, qw, tensors.pop(f"{prefix}.bias", None)

@@ -29,7 +29,11 @@ from torch import Tensor
 
 from llmc.core.pack import pack_cols, pack_rows, packed_len, unpack_cols, unpack_rows
 from llmc.core.scheme import QuantizedWeight
-from llmc.formats.io import read_checkpoint_tensors, write_quantized_checkpoint
+from llmc.formats.io import (
+    read_checkpoint_tensors,
+    refuse_beyond_weight_only,
+    write_quantized_checkpoint,
+)
 from llmc.registry import FORMATS
 
 __all__ = [
@@ -336,7 +340,9 @@ class GPTQLayout:
 
     def check_writable(self, recipe: Any) -> None:
         """Refuse, before any work, a recipe whose result one GPTQ checkpoint cannot hold:
-        widths the engines do not load, or several (bits, group_size, sym) schemes."""
+        widths the engines do not load, several (bits, group_size, sym) schemes, FP8 weights
+        or quantized activations."""
+        refuse_beyond_weight_only(recipe, self.name)
         schemes = _recipe_schemes(recipe)
         for (bits, _, _), i in schemes.items():
             if bits not in ENGINE_BITS:

@@ -21,12 +21,14 @@ stored them in.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from llmc.core.act import ActScheme
 from llmc.core.masks import is_nm
 from llmc.core.pack import pack_cols, unpack_cols
 from llmc.core.scheme import QuantizedWeight
@@ -81,6 +83,8 @@ class Packer:
         # the original names, which engines' loaders read
         self.renames = checkpoint_renames(getattr(config, "model_type", None))
         self.scheme: tuple[int, int, bool] | None = None
+        self.weight_type = "int"  # or "float" (FP8)
+        self.activations: ActScheme | None = None  # the inputs' quantization (one)
         self.quantized: list[str] = []
         self.dynamic = False
         self._pruned = {"structures": set(), "zeros": 0.0, "total": 0, "count": 0}
@@ -144,16 +148,26 @@ class Packer:
             qw = m.llmc_quant.codes(m.weight.data.cpu(), name)
         bias = m.bias.data.to(self.save_dtype) if m.bias is not None else None
         scheme = (qw.bits, qw.group_size, qw.sym)
-        if self.scheme is None:
-            self.scheme = scheme
-        elif scheme != self.scheme:
+        act = getattr(m, "llmc_act", None)
+        if (qw.type != "int" or act is not None) and not getattr(self.layout, "activations",
+                                                                  False):
             raise ValueError(
-                f"the model mixes quantization schemes {sorted({self.scheme, scheme})}; one "
-                f"{self.fmt} checkpoint holds one (bits, group_size, sym)"
+                f"{name}: FP8 weights and quantized activations cannot be written as a "
+                f"{self.fmt} checkpoint (integer weight-only); use --format compressed-tensors"
+            )
+        if self.scheme is None:
+            self.scheme, self.weight_type, self.activations = scheme, qw.type, act
+        elif (scheme, qw.type, act) != (self.scheme, self.weight_type, self.activations):
+            raise ValueError(
+                f"{name}: the model mixes quantization schemes ({scheme}, {qw.type}, "
+                f"activations {act}) and ({self.scheme}, {self.weight_type}, activations "
+                f"{self.activations}); one {self.fmt} checkpoint holds one"
             )
         self.quantized.append(name)
         if not is_trivial_g_idx(qw.g_idx, qw.group_size):
             self.dynamic = True
+        if act is not None:
+            return self.writer.pack(name, qw, bias, act=act)
         return self.writer.pack(name, qw, bias)
 
     def rewrite(self, tensors: dict[str, Tensor], linears: list[str]) -> dict[str, Tensor]:
@@ -164,12 +178,18 @@ class Packer:
 
     def state(self) -> dict[str, Any]:
         """What the packer has learnt so far, as JSON (a resumed run reloads it)."""
-        return {"scheme": self.scheme, "quantized": self.quantized, "dynamic": self.dynamic,
+        return {"scheme": self.scheme, "weight_type": self.weight_type,
+                "activations": (None if self.activations is None
+                                else dataclasses.asdict(self.activations)),
+                "quantized": self.quantized, "dynamic": self.dynamic,
                 "pruned": {**self._pruned, "structures": sorted(self._pruned["structures"])},
                 "sparse24": self._sparse24, **self.writer.state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.scheme = tuple(state["scheme"]) if state["scheme"] is not None else None
+        self.weight_type = state.get("weight_type", "int")
+        self.activations = (ActScheme(**state["activations"]) if state.get("activations")
+                            else None)
         self.quantized = list(state["quantized"])
         self.dynamic = state["dynamic"]
         self._pruned = {**state["pruned"], "structures": set(state["pruned"]["structures"])}

@@ -126,7 +126,7 @@ def fake_quant_scaled(W: Tensor, s: Tensor, scheme: QuantScheme) -> Tensor:
     Ws = W.float() * s
     scales, zeros = grouped_qparams(Ws, scheme)
     g = scheme.default_g_idx(W.shape[1]).long()
-    return fake_quantize(Ws, scales[:, g], zeros[:, g], scheme.maxq) / s
+    return fake_quantize(Ws, scales[:, g], zeros[:, g], scheme) / s
 
 
 @dataclass
@@ -241,7 +241,7 @@ def _clip_error(w: Tensor, Hg: Tensor, m: Tensor, scheme: QuantScheme) -> Tensor
     m = m[:, None]
     c = torch.maximum(torch.minimum(w, m), -m)
     s, z = qparams_from_range(c.amin(dim=1).clamp(max=0), c.amax(dim=1).clamp(min=0), scheme)
-    dW = fake_quantize(c, s[:, None], z[:, None], scheme.maxq) - w
+    dW = fake_quantize(c, s[:, None], z[:, None], scheme) - w
     return ((dW @ Hg) * dW).sum(dim=1)
 
 

@@ -245,7 +245,7 @@ def obs_compress(
                         g = i // width
                         scales[:, g], zeros[:, g] = find_qparams(cols, scheme, clip, imp)
                     s, z = scales[:, i // width], zeros[:, i // width]
-                q = quantize(w, s, z, scheme.maxq)
+                q = quantize(w, s, z, scheme)
                 if prune is not None:
                     q = torch.where(mask1[j], z, q)
                 if keep1 is not None:
@@ -275,13 +275,14 @@ def obs_compress(
     else:
         g_idx = scheme.default_g_idx(K)
     qw = QuantizedWeight(
-        q=Q.to(torch.uint8),
+        q=Q.to(scheme.code_dtype),
         scales=scales.float().contiguous(),
         zeros=zeros.to(torch.int32).contiguous(),
         g_idx=g_idx.to(torch.int32),
         bits=scheme.bits,
         group_size=scheme.group_size,
         sym=scheme.sym,
+        type=scheme.type,
     )
     return qw.dequantize(), qw, pruned
 

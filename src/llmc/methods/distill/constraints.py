@@ -92,6 +92,9 @@ def constrain(module: nn.Linear, trainable: str) -> str:
     """Parametrize ``module.weight`` for training; returns what it became ('masked', 'grid',
     'scales' or 'free')."""
     state: QuantState | None = getattr(module, "llmc_quant", None)
+    if state is not None and state.type != "int":
+        raise ValueError("distillation keeps weights on an integer grid; FP8 weights cannot be "
+                         "distilled yet (drop the distill step)")
     mask = keep_mask(module)
     if state is None:
         if mask is None:
