@@ -38,6 +38,7 @@ def awq(bits: int, group: int, then: str = "rtn", dtype: str | None = None) -> d
 
 FP8 = {"bits": 8, "group_size": -1, "type": "float", "act_bits": 8, "act_type": "float"}
 W8A8 = {"bits": 8, "group_size": -1, "act_bits": 8, "act_type": "int"}
+NVFP4 = {"bits": 4, "group_size": 16, "type": "float"}
 
 
 def w8a8(method: str, args: dict, smooth: float | None = None) -> dict:
@@ -66,6 +67,8 @@ ROWS = {
     "awq+gptq-w4g64-fp32": awq(4, 64, then="gptq", dtype="float32"),
     "awq-w3g64": awq(3, 64),
     "awq+gptq-w3g64": awq(3, 64, then="gptq"),
+    "nvfp4-rtn": {"steps": [{"method": "rtn", "args": NVFP4}]},
+    "nvfp4-gptq": {"steps": [{"method": "gptq", "args": NVFP4}], "walker": {"dtype": "bfloat16"}},
     "fp8-dynamic": w8a8("rtn", FP8),
     "fp8-dynamic-gptq": w8a8("gptq", FP8),
     "w8a8-int8-rtn": w8a8("rtn", W8A8),
@@ -96,7 +99,9 @@ def _acts(r: dict) -> str:
 
 def _weights(r: dict) -> str:
     a = _step(r)["args"]
-    return "fp8" if a.get("type") == "float" else f"int{a['bits']}"
+    if a.get("type") == "float":
+        return "nvfp4" if a["bits"] == 4 else "fp8"
+    return f"int{a['bits']}"
 
 
 COLUMNS: list[table.Column] = [

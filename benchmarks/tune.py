@@ -10,6 +10,7 @@ windows of the same split that overlap no calibration window
     python benchmarks/tune.py prune   # the pruners' ranking scope (50% unstructured)
     python benchmarks/tune.py awq3gptq  # AWQ before GPTQ at 3 bits: which AWQ parts help GPTQ
     python benchmarks/tune.py gemma3    # GPTQ 4-bit group 64 on Gemma 3 270M (float32 walker)
+    python benchmarks/tune.py smoothquant  # SmoothQuant's alpha before GPTQ W8A8
 
 A set names its model (SmolLM2-135M unless it says otherwise); a candidate is a list of steps
 or a whole recipe.
@@ -83,6 +84,11 @@ SETS = {
         "asym, damp 0.1": gptq32(sym=False, damp=0.1),
         "sym, damp 0.1": gptq32(damp=0.1),
     }, "gemma3-270m"),
+    "smoothquant": ("SmoothQuant, then GPTQ W8A8 INT8 (per channel, per-token activations)", {
+        f"alpha {a}": [{"method": "smoothquant", "args": {"alpha": a}},
+                       {"method": "gptq", "args": {"bits": 8, "group_size": -1, "act_bits": 8}}]
+        for a in (0.5, 0.65, 0.8)
+    }),
     "prune": ("Wanda and SparseGPT, 50% unstructured, per row or per layer", {
         "wanda row (default)": [{"method": "wanda", "args": {"sparsity": 0.5}}],
         "wanda layer": [{"method": "wanda", "args": {"sparsity": 0.5, "scope": "layer"}}],

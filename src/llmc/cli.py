@@ -158,11 +158,12 @@ def cli() -> None:
                    "activations) [default: gptq; rtn for --scheme fp8-dynamic, data-free]")
 @click.option("--scheme", type=click.Choice(sorted(SCHEME_PRESETS)), default=None,
               help="A named scheme: w4a16 (the --bits/--group-size default), w8a16, "
+                   "nvfp4 (NVFP4 weights: E2M1 in groups of 16, E4M3 scales), "
                    "w8a8-int8 (INT8 weights per channel, INT8 activations per token), "
                    "fp8-dynamic (FP8 E4M3 weights per channel, FP8 activations per token); "
                    "sets --bits and --group-size")
 @click.option("--alpha", type=float, default=None,
-              help="SmoothQuant migration strength [default: 0.5]")
+              help="SmoothQuant migration strength [default: 0.8]")
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8)")
 @click.option("--group-size", type=int, default=128, show_default=True,
               help="Input columns per scale; -1 for one scale per output channel")

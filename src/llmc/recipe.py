@@ -23,6 +23,7 @@ SCHEME_PRESETS: dict[str, dict[str, Any]] = {
     "w4a16": {"bits": 4, "group_size": 128},
     "w8a16": {"bits": 8, "group_size": -1, "sym": True},
     "w8a8-int8": {"bits": 8, "group_size": -1, "sym": True, "act_bits": 8, "act_type": "int"},
+    "nvfp4": {"bits": 4, "group_size": 16, "sym": True, "type": "float"},
     "fp8-dynamic": {"bits": 8, "group_size": -1, "sym": True, "type": "float", "act_bits": 8,
                     "act_type": "float"},
 }

@@ -200,3 +200,67 @@ def test_w8a8_checkpoints_do_not_load_packed(tmp_path):
     out = llmc.save(compressed([{"method": "rtn", "args": W8A8}]), tmp_path / "w8a8")
     with pytest.raises(ValueError, match="packed=False"):
         llmc.load(out, packed=True)
+
+
+NVFP4 = {"bits": 4, "group_size": 16, "type": "float"}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_nvfp4_round_trip_is_bit_exact(tmp_path, method):
+    model = compressed([{"method": method, "args": NVFP4}])
+    W = model.model.layers[0].mlp.down_proj.weight
+    st = model.model.layers[0].mlp.down_proj.llmc_quant
+    assert st.type == "float" and st.bits == 4 and st.global_scale > 0
+    assert set((W / st.scales.repeat_interleave(16, dim=1)).abs().unique().tolist()) <= {
+        0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
+    out = llmc.save(model, tmp_path / method)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    w = q["config_groups"]["group_0"]["weights"]
+    assert q["format"] == "nvfp4-pack-quantized"
+    assert (w["strategy"], w["group_size"], w["type"], w["num_bits"]) == ("tensor_group", 16,
+                                                                          "float", 4)
+    from conftest import output_tensors
+    t = output_tensors(out)
+    p = "model.layers.0.mlp.down_proj"
+    assert t[f"{p}.weight_packed"].dtype == torch.uint8
+    assert t[f"{p}.weight_packed"].shape == (64, 64)  # [N, K / 2], K = 128
+    assert t[f"{p}.weight_scale"].dtype == torch.float8_e4m3fn
+    assert t[f"{p}.weight_scale"].shape == (64, 8)
+    back, _ = llmc.load(out)
+    linears_equal(model, back)
+
+
+@has_ct
+def test_nvfp4_is_the_packages_layout(tmp_path):
+    """The package's own unpacker and dequantization formula give llmc's weights."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    model = compressed([{"method": "gptq", "args": NVFP4}])
+    out = llmc.save(model, tmp_path / "nv")
+    from conftest import output_tensors
+    t = output_tensors(out)
+    for name, m in model.named_modules():
+        if not hasattr(m, "llmc_quant"):
+            continue
+        packed = t[f"{name}.weight_packed"]
+        v = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2,
+                                  dtype=torch.float32)
+        scale = t[f"{name}.weight_scale"].float() / t[f"{name}.weight_global_scale"]
+        assert torch.equal(v * scale.repeat_interleave(16, dim=1), m.weight), name
+
+
+@has_ct
+def test_transformers_runs_nvfp4(tmp_path):
+    """transformers keeps NVFP4 compressed and runs it in bfloat16 on the CPU: its logits
+    agree with llmc's bfloat16 model to that precision."""
+    from transformers import AutoModelForCausalLM
+
+    model = compressed([{"method": "gptq", "args": NVFP4}])
+    out = llmc.save(model, tmp_path / "nv")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    x = calib_ids(2, 16)
+    with torch.no_grad():
+        y32 = model(x).logits
+        y = model.bfloat16()(x).logits.float()
+        yh = hf(x).logits.float()
+    assert (yh - y).abs().max() <= 2 * (y - y32).abs().max() + 1e-3

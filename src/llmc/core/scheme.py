@@ -13,10 +13,18 @@ divide ``K`` leaves a narrower last group.
 Floating-point schemes (``type="float"``, 8 bits: FP8 E4M3) put ``W / scale`` on the E4M3 grid
 instead of the integers: the codes ``q`` are ``float8_e4m3fn`` values, zero points are 0 and the
 scale of a group is ``amax / 448``, so ``W' = q * scale`` with the same formula.
+
+NVFP4 (``type="float"``, 4 bits, groups of 16) puts ``W / scale`` on the E2M1 grid
+(0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives, kept as ``float8_e4m3fn`` codes, which hold
+them exactly). Each group's scale is an E4M3 number divided by the tensor's FP32 global scale
+``g = 448 * 6 / amax(W)``: ``scale = e4m3(g * amax_group / 6) / g`` (compressed-tensors'
+convention). :meth:`QuantScheme.for_weight` fixes ``g`` from a weight before its groups are
+quantized.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +33,23 @@ import torch
 from torch import Tensor
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+FP4_MAX = 6.0  # the largest E2M1 value
+FP4_GROUP = 16  # NVFP4's group width
 WEIGHT_TYPES = ("int", "float")
+_FP4_LEVELS = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_FP4_MIDPOINTS = (_FP4_LEVELS[1:] + _FP4_LEVELS[:-1]) / 2
+
+
+def round_fp4(x: Tensor) -> Tensor:
+    """``x`` (float32, already within [-6, 6]) rounded to the nearest E2M1 value; a tie goes to
+    the value with the even mantissa (0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 5 -> 4)."""
+    a = x.abs()
+    mids = _FP4_MIDPOINTS.to(x.device)
+    idx = torch.bucketize(a, mids, right=False)  # a == midpoint: the lower level
+    levels = _FP4_LEVELS.to(x.device)
+    up = torch.isin(a, mids[[1, 3, 5]])  # ties whose even neighbour is the upper one: 0.75...
+    idx = torch.where(up, idx + 1, idx)
+    return torch.copysign(levels[idx], x)
 
 
 @dataclass(frozen=True)
@@ -38,13 +62,17 @@ class QuantScheme:
     group_size: int = 128
     sym: bool = True
     type: str = "int"
+    global_scale: float = 0.0  # NVFP4: the weight's FP32 global scale (0: not fixed yet)
 
     def __post_init__(self) -> None:
         if self.type not in WEIGHT_TYPES:
             raise ValueError(f"type: {self.type!r} is not one of {', '.join(WEIGHT_TYPES)}")
-        if self.type == "float" and (self.bits != 8 or not self.sym):
-            raise ValueError(f"type float: bits {self.bits}, sym {self.sym} is not supported; "
-                             "floating-point weights are FP8 E4M3 (bits 8, symmetric)")
+        if self.type == "float" and (self.bits not in (4, 8) or not self.sym
+                                     or (self.bits == 4 and self.group_size != FP4_GROUP)):
+            raise ValueError(
+                f"type float: bits {self.bits}, group_size {self.group_size}, sym {self.sym} "
+                "is not supported; floating-point weights are FP8 E4M3 (bits 8) or NVFP4 "
+                "(bits 4, group_size 16), symmetric")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits: {self.bits!r} is not supported; use an integer from 2 to 8")
         if (
@@ -64,6 +92,18 @@ class QuantScheme:
     @property
     def is_float(self) -> bool:
         return self.type == "float"
+
+    @property
+    def is_fp4(self) -> bool:
+        return self.type == "float" and self.bits == 4
+
+    def for_weight(self, W: Tensor) -> QuantScheme:
+        """This scheme with NVFP4's global scale fixed from ``W`` (other schemes: itself)."""
+        if not self.is_fp4 or self.global_scale:
+            return self
+        amax = float(W.detach().abs().max())
+        g = FP8_MAX * FP4_MAX / amax if amax > 0 else 1.0
+        return dataclasses.replace(self, global_scale=float(torch.tensor(g, dtype=torch.float32)))
 
     @property
     def code_dtype(self) -> torch.dtype:
@@ -171,10 +211,11 @@ class QuantState:
     group_size: int
     sym: bool
     type: str = "int"
+    global_scale: float = 0.0
 
     @property
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.group_size, self.sym, self.type)
+        return QuantScheme(self.bits, self.group_size, self.sym, self.type, self.global_scale)
 
     def codes(self, W: Tensor, name: str = "weight") -> QuantizedWeight:
         """The integer (or FP8) form of the dense weight ``W``; refuses a weight that left the
@@ -216,7 +257,7 @@ class QuantizedWeight(QuantState):
 
     def state(self) -> QuantState:
         return QuantState(self.scales, self.zeros, self.g_idx, self.bits, self.group_size,
-                          self.sym, self.type)
+                          self.sym, self.type, self.global_scale)
 
 
 def qparams_from_range(
@@ -225,6 +266,15 @@ def qparams_from_range(
     """Scale and integer zero point (as float) for ranges ``[xmin, xmax]`` that contain 0
     (FP8: ``amax / 448`` in float32, zero 0)."""
     maxq = scheme.maxq
+    if scheme.is_fp4:
+        if not scheme.global_scale:
+            raise ValueError("NVFP4 qparams need the weight's global scale: "
+                             "use scheme.for_weight(W)")
+        g = scheme.global_scale
+        amax = torch.maximum(xmin.abs(), xmax)
+        s8 = (amax / FP4_MAX * g).clamp_(max=FP8_MAX).to(torch.float8_e4m3fn).float()
+        s8 = torch.where(s8 == 0, torch.full_like(s8, 2.0**-9), s8)  # E4M3's smallest
+        return s8 / g, torch.zeros_like(amax)
     if scheme.is_float:
         amax = torch.maximum(xmin.abs(), xmax)
         amax = torch.where(amax == 0, torch.ones_like(amax), amax)
@@ -268,6 +318,8 @@ def quantize(w: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> Ten
     """Codes (as float32) of ``w`` on the grid ``(q - zero) * scale``; broadcasts.
     One new tensor, the rest in place: each pass over a 45M-weight matrix that allocates
     costs about three that do not (page faults)."""
+    if scheme.is_fp4:
+        return round_fp4((w / scale).clamp_(-FP4_MAX, FP4_MAX))
     if scheme.is_float:
         x = (w / scale).clamp_(-FP8_MAX, FP8_MAX)
         return x.to(torch.float8_e4m3fn).float()
@@ -427,7 +479,8 @@ def quantize_dequantize(
     qw = QuantizedWeight(q=q.reshape(N, K), scales=scales.float().contiguous(),
                          zeros=zeros.to(torch.int32).contiguous(),
                          g_idx=g_idx.to(torch.int32).contiguous(), bits=scheme.bits,
-                         group_size=scheme.group_size, sym=scheme.sym, type=scheme.type)
+                         group_size=scheme.group_size, sym=scheme.sym, type=scheme.type,
+                         global_scale=scheme.global_scale)
     return qw, dense.reshape(N, K)
 
 
@@ -447,6 +500,7 @@ def quantize_with_groups(
         group_size=scheme.group_size,
         sym=scheme.sym,
         type=scheme.type,
+        global_scale=scheme.global_scale,
     )
 
 

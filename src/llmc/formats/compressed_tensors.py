@@ -34,6 +34,14 @@ FP8 weights, format ``float-quantized``, and 8-bit integer weights with quantize
     weight             float8_e4m3fn / int8 [N, K]  the code (int8: code - 128)
     weight_scale       float32 [N, G]               (G = 1 per channel)
 
+NVFP4 weights, format ``nvfp4-pack-quantized`` (``strategy: tensor_group``, groups of 16):
+
+    weight_packed        uint8 [N, K/2]         two E2M1 codes per byte (sign in bit 3, the
+                                                magnitude's index in 0 0.5 1 1.5 2 3 4 6), the
+                                                even column in the low nibble
+    weight_scale         float8_e4m3fn [N, K/16] group scale times the global scale
+    weight_global_scale  float32 [1]            448 * 6 / amax(W)
+
 Quantized activations are the config group's ``input_activations`` (8 bits, symmetric, int or
 float, per token dynamic); the reader attaches them to the Linears it reads
 (:func:`llmc.core.act.attach`).
@@ -75,7 +83,7 @@ def ct_format(weight_type: str, bits: int, act: ActScheme | None) -> str:
     ``int-quantized`` for 8-bit integer weights with quantized activations, else
     ``pack-quantized``."""
     if weight_type == "float":
-        return "float-quantized"
+        return "nvfp4-pack-quantized" if bits == 4 else "float-quantized"
     if act is not None and bits == 8:
         return "int-quantized"
     return "pack-quantized"
@@ -92,6 +100,8 @@ def ct_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None,
             "layer's input width, or --format gptq"
         )
     fmt = ct_format(qw.type, qw.bits, act)
+    if fmt == "nvfp4-pack-quantized":
+        return fp4_tensors(prefix, qw, bias)
     if fmt != "pack-quantized":
         if not qw.sym:
             raise ValueError(f"{prefix}: {fmt} weights are symmetric; use sym: true")
@@ -111,6 +121,51 @@ def ct_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None,
     if bias is not None:
         out[f"{prefix}.bias"] = bias.detach().contiguous()
     return out
+
+
+_FP4_LEVELS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def fp4_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[str, Tensor]:
+    """``nvfp4-pack-quantized`` tensors of one Linear (see the module docstring)."""
+    N, K = qw.shape
+    v = qw.q.float()
+    idx = torch.full(v.shape, -1, dtype=torch.uint8)
+    for i, level in enumerate(_FP4_LEVELS):
+        idx[v.abs() == level] = i
+    if (idx == 255).any():
+        raise ValueError(f"{prefix}: codes off the E2M1 grid")
+    code = idx | (torch.signbit(v) & (v != 0)).to(torch.uint8) << 3
+    g = torch.tensor([qw.global_scale], dtype=torch.float32)
+    s8 = (qw.scales.float() * g).to(torch.float8_e4m3fn)
+    if not torch.equal(s8.float() / g, qw.scales.float()):
+        raise ValueError(f"{prefix}: NVFP4 scales are not E4M3 numbers over the global scale")
+    out = {f"{prefix}.weight_packed": (code[:, 0::2] | code[:, 1::2] << 4).contiguous(),
+           f"{prefix}.weight_scale": s8.contiguous(),
+           f"{prefix}.weight_global_scale": g}
+    if bias is not None:
+        out[f"{prefix}.bias"] = bias.detach().contiguous()
+    return out
+
+
+def read_fp4_tensors(tensors: dict[str, Tensor], prefix: str, scheme: QuantScheme
+                     ) -> QuantizedWeight:
+    """Inverse of :func:`fp4_tensors` (pops nothing)."""
+    packed = tensors[f"{prefix}.weight_packed"]
+    N = packed.shape[0]
+    code = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(N, -1)
+    levels = torch.tensor(_FP4_LEVELS)
+    v = levels[(code & 7).long()]
+    v = torch.where((code & 8) != 0, -v, v)
+    g = float(tensors[f"{prefix}.weight_global_scale"].float().reshape(-1)[0])
+    gt = torch.tensor(g, dtype=torch.float32)
+    scales = (tensors[f"{prefix}.weight_scale"].float() / gt).contiguous()
+    return QuantizedWeight(
+        q=v.to(torch.float8_e4m3fn), scales=scales, zeros=torch.zeros(scales.shape,
+                                                                      dtype=torch.int32),
+        g_idx=scheme.default_g_idx(v.shape[1]), bits=4, group_size=scheme.group_size, sym=True,
+        type="float", global_scale=g,
+    )
 
 
 def read_unpacked_tensors(tensors: dict[str, Tensor], prefix: str, scheme: QuantScheme
@@ -183,9 +238,11 @@ def read_bitmask_tensors(tensors: dict[str, Tensor], prefix: str) -> Tensor:
 
 def _weights_args(bits: int, group_size: int, sym: bool, act_order: str,
                   weight_type: str = "int") -> dict[str, Any]:
+    fp4 = weight_type == "float" and bits == 4
     return {
         "num_bits": bits, "type": weight_type, "symmetric": sym,
-        "strategy": "channel" if group_size == -1 else "group",
+        "strategy": "tensor_group" if fp4 else "channel" if group_size == -1 else "group",
+        **({"scale_dtype": "torch.float8_e4m3fn"} if fp4 else {}),
         "group_size": None if group_size == -1 else group_size,
         "actorder": "weight" if act_order == "static" else None,
         "dynamic": False, "observer": "minmax", "observer_kwargs": {},
@@ -223,7 +280,7 @@ def ct_quantization_config(
     }
 
 
-READABLE = ("pack-quantized", "int-quantized", "float-quantized")
+READABLE = ("pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized")
 
 
 def ct_scheme(qconfig: dict[str, Any]) -> tuple[str, QuantScheme, ActScheme | None] | None:
@@ -241,7 +298,7 @@ def ct_scheme(qconfig: dict[str, Any]) -> tuple[str, QuantScheme, ActScheme | No
     if fmt not in READABLE:
         raise ValueError(f"compressed-tensors format {fmt!r} is not supported; llmc reads "
                          f"{', '.join(READABLE)}")
-    if w.get("strategy") not in (None, "channel", "group"):
+    if w.get("strategy") not in (None, "channel", "group", "tensor_group"):
         raise ValueError(f"compressed-tensors weight strategy {w.get('strategy')!r} is not "
                          "supported; llmc reads channel and group")
     scheme = QuantScheme(w["num_bits"], w.get("group_size") or -1,
@@ -326,6 +383,14 @@ class CTLayout:
              shapes: dict[str, tuple[int, int]]):
         """2:4 bitmasks become dense weights in place; quantized weights are yielded."""
         ct = ct_scheme(qconfig)
+        if ct is not None and ct[0] == "nvfp4-pack-quantized":
+            for prefix in sorted(k[: -len(".weight_packed")] for k in tensors
+                                 if k.endswith(".weight_packed")):
+                qw = read_fp4_tensors(tensors, prefix, ct[1])
+                for suffix in ("packed", "scale", "global_scale"):
+                    tensors.pop(f"{prefix}.weight_{suffix}", None)
+                yield prefix, qw, tensors.pop(f"{prefix}.bias", None)
+            return
         if ct is not None and ct[0] != "pack-quantized":
             fmt, scheme, _ = ct
             for prefix in sorted(k[: -len(".weight_scale")] for k in tensors

@@ -131,6 +131,8 @@ def obs_compress(
     if prune is not None and act_order != "none" and scheme is not None:
         raise ValueError("pruning walks the columns in order: use act_order 'none'")
     W = W.detach().float().clone()
+    if scheme is not None:
+        scheme = scheme.for_weight(W)  # NVFP4: the global scale, from the original weight
     H_in = H.detach().float().to(W.device)  # the caller's (the statistics keep it anyway)
     del H
     N, K = W.shape
@@ -283,6 +285,7 @@ def obs_compress(
         group_size=scheme.group_size,
         sym=scheme.sym,
         type=scheme.type,
+        global_scale=scheme.global_scale,
     )
     return qw.dequantize(), qw, pruned
 

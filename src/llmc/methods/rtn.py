@@ -26,6 +26,7 @@ from llmc.registry import METHODS
 def rtn_quantize(W: Tensor, scheme: QuantScheme, clip: ClipSearch | None = None) -> QuantizedWeight:
     """Quantize ``W`` ([N, K]) group by group in the original column order."""
     W = W.detach().float()
+    scheme = scheme.for_weight(W)
     scales, zeros = grouped_qparams(W, scheme, clip)
     return quantize_with_groups(W, scales, zeros, scheme.default_g_idx(W.shape[1]), scheme)
 
@@ -34,6 +35,7 @@ def rtn_compress(W: Tensor, scheme: QuantScheme,
                  clip: ClipSearch | None = None) -> tuple[QuantizedWeight, Tensor]:
     """:func:`rtn_quantize` and the dequantized weight, made together."""
     W = W.detach().float()
+    scheme = scheme.for_weight(W)
     scales, zeros = grouped_qparams(W, scheme, clip)
     return quantize_dequantize(W, scales, zeros, scheme.default_g_idx(W.shape[1]), scheme)
 
