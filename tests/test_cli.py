@@ -225,3 +225,15 @@ def test_bad_scheme_combinations_are_refused(model_dir, tmp_path, args, match):
     res = run("quantize", model_dir, *args, "-o", tmp_path / "x", "--quiet", ok=False)
     assert res.exit_code != 0 and match in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_nvfp4(model_dir, text_file, tmp_path):
+    out = tmp_path / "nv"
+    run("quantize", model_dir, "--scheme", "nvfp4", *calib_flags(text_file), "-o", out)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["format"] == "nvfp4-pack-quantized"
+    step = llmc.Recipe.from_yaml(out / "recipe.yaml").steps[0]
+    assert (step.method, step.config.bits, step.config.group_size, step.config.type) == (
+        "gptq", 4, 16, "float")
+    model, _ = llmc.load(out)
+    assert model.model.layers[0].mlp.up_proj.llmc_quant.global_scale > 0
