@@ -200,3 +200,23 @@ def test_cli_resume_flag(src, reference, tmp_path, text_file):
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert_same_checkpoint(out, reference["rtn"])
+
+
+W8A8_RECIPE = {"steps": [{"method": "smoothquant"},
+                         {"method": "gptq", "args": {"bits": 8, "group_size": -1, "act_bits": 8}}],
+               "walker": {"batch_size": 3, "dtype": "bfloat16"}}
+
+
+def test_resume_keeps_the_activation_scheme(src, tmp_path, monkeypatch):
+    """A W8A8 run killed after block 1 resumes into the checkpoint an uninterrupted run writes:
+    the later blocks calibrate on quantized activations and the config keeps them."""
+    x = calib_ids(7, 24)
+    ref, _ = llmc.compress(str(src), W8A8_RECIPE, calibration=x, out=tmp_path / "ref",
+                           progress=False)
+    out = tmp_path / "o"
+    with monkeypatch.context() as m:
+        kill_at_boundary(m, 1)
+        with pytest.raises(Killed):
+            llmc.compress(str(src), W8A8_RECIPE, calibration=x, out=out, progress=False)
+    llmc.compress(str(src), W8A8_RECIPE, calibration=x, out=out, progress=False, resume=True)
+    assert_same_checkpoint(out, ref)
