@@ -36,8 +36,8 @@ FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 FP4_MAX = 6.0  # the largest E2M1 value
 FP4_GROUP = 16  # NVFP4's group width
 WEIGHT_TYPES = ("int", "float")
-_FP4_LEVELS = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-_FP4_MIDPOINTS = (_FP4_LEVELS[1:] + _FP4_LEVELS[:-1]) / 2
+FP4_LEVELS = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # E2M1's magnitudes
+_FP4_MIDPOINTS = (FP4_LEVELS[1:] + FP4_LEVELS[:-1]) / 2
 
 
 def round_fp4(x: Tensor) -> Tensor:
@@ -46,7 +46,7 @@ def round_fp4(x: Tensor) -> Tensor:
     a = x.abs()
     mids = _FP4_MIDPOINTS.to(x.device)
     idx = torch.bucketize(a, mids, right=False)  # a == midpoint: the lower level
-    levels = _FP4_LEVELS.to(x.device)
+    levels = FP4_LEVELS.to(x.device)
     up = torch.isin(a, mids[[1, 3, 5]])  # ties whose even neighbour is the upper one: 0.75...
     idx = torch.where(up, idx + 1, idx)
     return torch.copysign(levels[idx], x)

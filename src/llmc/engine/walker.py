@@ -210,8 +210,9 @@ class Engine:
                     master.llmc_quant = res.quant.state()  # qparams; writers recover the codes
                 act = getattr(step.config, "act_scheme", None)
                 if act is not None:  # its input quantized in the forward from now on
-                    for m in {id(master): master, id(copies[n]): copies[n]}.values():
-                        act_quant.attach(m, act)
+                    act_quant.attach(master, act)
+                    if copies[n] is not master:
+                        act_quant.attach(copies[n], act)
                 if self.checkpoint is not None:
                     # Streaming: the block is packed right after its steps, so its codes are
                     # kept until then rather than recovered from the weight again.

@@ -13,7 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from llmc.core import act as act_quant
-from llmc.formats.io import read_checkpoint_tensors, save_json, save_sharded_safetensors
+from llmc.formats.io import (
+    beyond_weight_only,
+    read_checkpoint_tensors,
+    save_json,
+    save_sharded_safetensors,
+)
 from llmc.formats.packer import SPARSITY_KEY, Packer
 from llmc.models.moe import checkpoint_renames, from_checkpoint_name, unfuse_experts
 from llmc.registry import FORMATS
@@ -32,8 +37,7 @@ def default_format(recipe: Any) -> str:
     """``compressed-tensors`` for a recipe with FP8 weights or quantized activations, ``awq``
     for one whose quantization follows an ``awq`` step at 4 bits, else ``gptq``."""
     steps = list(getattr(recipe, "steps", ()))
-    if any(getattr(s.config, "type", "int") == "float" or getattr(s.config, "act_bits", 16) != 16
-           for s in steps):
+    if any(beyond_weight_only(s.config) for s in steps):
         return "compressed-tensors"
     if steps and steps[0].method == "awq" and steps[0].config.bits == 4:
         return "awq"

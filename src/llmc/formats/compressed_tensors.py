@@ -59,7 +59,7 @@ from torch import Tensor
 from llmc.core.act import ActScheme
 from llmc.core.masks import nm_slots
 from llmc.core.pack import pack_rows, unpack_rows
-from llmc.core.scheme import QuantizedWeight, QuantScheme
+from llmc.core.scheme import FP4_LEVELS, QuantizedWeight, QuantScheme
 from llmc.formats.io import StatelessWriter
 from llmc.registry import FORMATS
 
@@ -123,15 +123,12 @@ def ct_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None,
     return out
 
 
-_FP4_LEVELS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-
-
 def fp4_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[str, Tensor]:
     """``nvfp4-pack-quantized`` tensors of one Linear (see the module docstring)."""
     N, K = qw.shape
     v = qw.q.float()
     idx = torch.full(v.shape, -1, dtype=torch.uint8)
-    for i, level in enumerate(_FP4_LEVELS):
+    for i, level in enumerate(FP4_LEVELS.tolist()):
         idx[v.abs() == level] = i
     if (idx == 255).any():
         raise ValueError(f"{prefix}: codes off the E2M1 grid")
@@ -154,8 +151,7 @@ def read_fp4_tensors(tensors: dict[str, Tensor], prefix: str, scheme: QuantSchem
     packed = tensors[f"{prefix}.weight_packed"]
     N = packed.shape[0]
     code = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(N, -1)
-    levels = torch.tensor(_FP4_LEVELS)
-    v = levels[(code & 7).long()]
+    v = FP4_LEVELS[(code & 7).long()]
     v = torch.where((code & 8) != 0, -v, v)
     g = float(tensors[f"{prefix}.weight_global_scale"].float().reshape(-1)[0])
     gt = torch.tensor(g, dtype=torch.float32)

@@ -25,12 +25,17 @@ from llmc.core.safetensors import SafetensorsFile, write_file
 logger = logging.getLogger(__name__)
 
 
+def beyond_weight_only(config: Any) -> bool:
+    """Whether a step's config puts weights on a floating-point grid or quantizes activations
+    (what only the compressed-tensors layout holds)."""
+    return getattr(config, "type", "int") == "float" or getattr(config, "act_bits", 16) != 16
+
+
 def refuse_beyond_weight_only(recipe: Any, fmt: str) -> None:
     """Refuse a recipe with FP8 weights or quantized activations for a ``fmt`` layout that
     holds integer weight-only Linears."""
     for i, step in enumerate(getattr(recipe, "steps", ())):
-        c = step.config
-        if getattr(c, "type", "int") == "float" or getattr(c, "act_bits", 16) != 16:
+        if beyond_weight_only(step.config):
             raise ValueError(
                 f"steps[{i}].args: FP8 weights and quantized activations cannot be written as "
                 f"a {fmt} checkpoint (integer weight-only); use --format compressed-tensors"

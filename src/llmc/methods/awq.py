@@ -218,10 +218,6 @@ def refine_for_gptq(
                  ones)
 
 
-
-
-
-
 def hessian_loss(H: Tensor, originals: list[Tensor]) -> Callable[[list[Tensor]], float]:
     """``sum tr(dW H dW^T)``: the squared output error on the inputs that built ``H``."""
     H = H.float()
@@ -295,12 +291,6 @@ def search_windows(n_windows: int, samples: int, seed: int) -> list[int]:
 def _rows(obj: Any, rows: Tensor, n: int) -> Any:
     """The ``rows`` of every tensor in ``obj`` whose first dimension is the batch ``n``."""
     return map_tensors(obj, lambda t: t[rows] if t.dim() > 0 and t.shape[0] == n else t)
-
-
-
-
-
-
 
 
 def _in_expert(adapter: Any, pair: ScalePair) -> bool:
