@@ -75,6 +75,8 @@ ROWS = {
     "w8a8-int8-gptq": w8a8("gptq", W8A8),
     "w8a8-int8-sq0.8-gptq": w8a8("gptq", W8A8, smooth=0.8),
     "w8a8-int8-sq0.5-gptq": w8a8("gptq", W8A8, smooth=0.5),
+    "gptq-w4g64+kv-fp8": {**gptq(4, 64), "kv_cache": {"strategy": "tensor"}},
+    "gptq-w4g64+kv-fp8-head": {**gptq(4, 64), "kv_cache": {"strategy": "attn_head"}},
 }
 
 
@@ -110,6 +112,8 @@ COLUMNS: list[table.Column] = [
     ("group", lambda r: str(_step(r)["args"]["group_size"])),
     ("sym", lambda r: "sym" if _step(r)["args"].get("sym", True) else "asym"),
     ("activations", _acts),
+    ("kv cache", lambda r: {"tensor": "fp8", "attn_head": "fp8 per head"}[kv["strategy"]]
+     if (kv := r.get("recipe", {}).get("kv_cache")) else ""),
     ("walker dtype", lambda r: r["recipe"]["walker"]["dtype"] if _method(r) != "rtn" else ""),
 ]
 

@@ -247,7 +247,8 @@ def _compress_resident(model: nn.Module, recipe: Recipe, *, tokenizer: Any, cali
             options = EngineOptions(dev, plan.cache, Path(offload_dir or tmp),
                                     plan.lockstep if plan.lockstep != "n/a" else "lockstep")
             engine = Engine(ResidentBlocks(model, adapter, dev), adapter, walk_steps,
-                            recipe.walker, options, progress=progress)
+                            recipe.walker, options, progress=progress,
+                            kv_cache=recipe.kv_cache)
             walk = engine.run(windows)
     distilled = []
     for idx, step, comp in post_steps:
@@ -391,7 +392,7 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
                                 the_plan.lockstep if the_plan.lockstep != "n/a" else "lockstep")
         engine = Engine(LazyBlocks(lazy, adapter, dev, prefetch=the_plan.prefetch), adapter,
                         walk_steps, recipe.walker, options, checkpoint=checkpoint,
-                        progress=progress)
+                        progress=progress, kv_cache=recipe.kv_cache)
         walk = engine.run(windows)
         checkpoint.finish()
         walk.engine["read_ahead"] = the_plan.prefetch

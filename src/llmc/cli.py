@@ -164,6 +164,10 @@ def cli() -> None:
                    "sets --bits and --group-size")
 @click.option("--alpha", type=float, default=None,
               help="SmoothQuant migration strength [default: 0.8]")
+@click.option("--kv-cache", type=click.Choice(["fp8", "fp8-head"]), default=None,
+              help="Also quantize the KV cache to FP8 E4M3 with static scales calibrated on the "
+                   "calibration windows: one per tensor (fp8) or per key/value head (fp8-head) "
+                   "[default: not quantized]")
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8)")
 @click.option("--group-size", type=int, default=128, show_default=True,
               help="Input columns per scale; -1 for one scale per output channel")
@@ -178,9 +182,9 @@ def cli() -> None:
 @calibration_options
 @engine_options
 @_errors
-def quantize(model: str, method: str | None, scheme: str | None, alpha: float | None, bits: int,
-             group_size: int, sym: bool, act_order: str, damp: float, clip: bool | None,
-             **opts: Any) -> None:
+def quantize(model: str, method: str | None, scheme: str | None, alpha: float | None,
+             kv_cache: str | None, bits: int, group_size: int, sym: bool, act_order: str,
+             damp: float, clip: bool | None, **opts: Any) -> None:
     """Quantize MODEL (a demo name such as smollm2-135m, an HF id or directory, or a .gguf
     file) and write a checkpoint to -o."""
     from llmc.recipe import Recipe
@@ -210,7 +214,9 @@ def quantize(model: str, method: str | None, scheme: str | None, alpha: float | 
         "smoothquant+gptq": [smooth, {"method": "gptq", "args": {**gptq, **clipping}}],
         "smoothquant+rtn": [smooth, {"method": "rtn", "args": {**scheme_args, **clipping}}],
     }[method]
-    recipe = _with_overrides(Recipe.from_dict({"steps": steps}), opts)
+    kv = {} if kv_cache is None else {
+        "kv_cache": {"strategy": "attn_head" if kv_cache == "fp8-head" else "tensor"}}
+    recipe = _with_overrides(Recipe.from_dict({"steps": steps, **kv}), opts)
     _run(model, recipe, opts)
 
 

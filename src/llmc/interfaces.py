@@ -64,6 +64,8 @@ class BlockContext:
     # MoE: an expert whose Linears saw fewer calibration rows than this gets a method's
     # data-free fallback (WalkerConfig.min_expert_tokens)
     min_tokens: int = 0
+    # a context manager factory the storing passes run in (the walker's KV-cache observer)
+    store_scope: Callable[[], Any] | None = None
 
     @property
     def n_windows(self) -> int:
@@ -108,7 +110,13 @@ class BlockContext:
         return first_tensor(module(x, *a, **kw))
 
     def forward_chunk(self, module: nn.Module, c: int, store: bool = False) -> None:
-        out = self.run(module, c)
+        """Chunk ``c`` through ``module``; with ``store``, its outputs become the block's (the
+        pass the final weights run, inside :attr:`store_scope`)."""
+        if store and self.store_scope is not None:
+            with self.store_scope():
+                out = self.run(module, c)
+        else:
+            out = self.run(module, c)
         if store:
             self.store(c, out)
 

@@ -82,7 +82,7 @@ class Step:
 
 
 _STEP_KEYS = {"method", "targets", "ignore", "args"}
-_RECIPE_KEYS = {"steps", "calibration", "walker"}
+_RECIPE_KEYS = {"steps", "calibration", "walker", "kv_cache"}
 
 
 def _build(cls: type, data: Any, where: str):
@@ -144,6 +144,9 @@ class Recipe:
     # llmc.engine.config.WalkerConfig), so that the recipe imports nothing else
     calibration: Any = field(default_factory=lambda: SECTIONS["calibration"]())
     walker: Any = field(default_factory=lambda: SECTIONS["walker"]())
+    # llmc.core.act.KVCacheScheme: keys and values quantized with calibrated static scales
+    # (None: the cache stays in the model's dtype)
+    kv_cache: Any = None
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -194,6 +197,8 @@ class Recipe:
             steps=tuple(steps),
             calibration=_build(SECTIONS["calibration"], data.get("calibration"), "calibration"),
             walker=_build(SECTIONS["walker"], data.get("walker"), "walker"),
+            kv_cache=(None if data.get("kv_cache") is None else
+                      _build(SECTIONS["kv_cache"], data["kv_cache"], "kv_cache")),
         )
 
     @classmethod
@@ -221,15 +226,20 @@ class Recipe:
         return cls.from_yaml(recipe)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "steps": [s.to_dict() for s in self.steps],
             "calibration": dataclasses.asdict(self.calibration),
             "walker": dataclasses.asdict(self.walker),
         }
+        if self.kv_cache is not None:
+            out["kv_cache"] = dataclasses.asdict(self.kv_cache)
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @property
     def needs_calibration(self) -> bool:
-        return any(s.compressor().needs_calibration for s in self.steps)
+        """Whether a step needs calibration data, or scales are calibrated (the KV cache's)."""
+        return self.kv_cache is not None or any(s.compressor().needs_calibration
+                                                for s in self.steps)

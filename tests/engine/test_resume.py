@@ -207,16 +207,22 @@ W8A8_RECIPE = {"steps": [{"method": "smoothquant"},
                "walker": {"batch_size": 3, "dtype": "bfloat16"}}
 
 
-def test_resume_keeps_the_activation_scheme(src, tmp_path, monkeypatch):
-    """A W8A8 run killed after block 1 resumes into the checkpoint an uninterrupted run writes:
-    the later blocks calibrate on quantized activations and the config keeps them."""
+KV_RECIPE = {"steps": [{"method": "gptq", "args": {"bits": 4, "group_size": 32}}],
+             "kv_cache": {}, "walker": {"batch_size": 3, "dtype": "bfloat16"}}
+
+
+@pytest.mark.parametrize("recipe", [W8A8_RECIPE, KV_RECIPE], ids=["w8a8", "kv-fp8"])
+def test_resume_keeps_the_activation_scheme(src, tmp_path, monkeypatch, recipe):
+    """A W8A8 (or FP8 KV-cache) run killed after block 1 resumes into the checkpoint an
+    uninterrupted run writes: the later blocks calibrate on quantized activations (KV scales
+    of their own) and the config keeps the scheme."""
     x = calib_ids(7, 24)
-    ref, _ = llmc.compress(str(src), W8A8_RECIPE, calibration=x, out=tmp_path / "ref",
+    ref, _ = llmc.compress(str(src), recipe, calibration=x, out=tmp_path / "ref",
                            progress=False)
     out = tmp_path / "o"
     with monkeypatch.context() as m:
         kill_at_boundary(m, 1)
         with pytest.raises(Killed):
-            llmc.compress(str(src), W8A8_RECIPE, calibration=x, out=out, progress=False)
-    llmc.compress(str(src), W8A8_RECIPE, calibration=x, out=out, progress=False, resume=True)
+            llmc.compress(str(src), recipe, calibration=x, out=out, progress=False)
+    llmc.compress(str(src), recipe, calibration=x, out=out, progress=False, resume=True)
     assert_same_checkpoint(out, ref)

@@ -35,6 +35,10 @@ RECIPES = {
     "fp8-dynamic": {"steps": [{"method": "rtn", "args": {"bits": 8, "group_size": -1,
                                                          "type": "float", "act_bits": 8,
                                                          "act_type": "float"}}]},
+    "gptq+kv-fp8": {"steps": [{"method": "gptq", "args": {"bits": 4, "group_size": 32}}],
+                    "kv_cache": {"strategy": "attn_head"}, "walker": W},
+    "rtn+kv-fp8": {"steps": [{"method": "rtn", "args": {"bits": 4, "group_size": 32}}],
+                   "kv_cache": {}},
 }
 
 

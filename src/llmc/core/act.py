@@ -119,3 +119,57 @@ def detach(linear: nn.Module) -> None:
     for attr in ("llmc_act", "llmc_act_scale"):
         if hasattr(linear, attr):
             delattr(linear, attr)
+
+
+KV_STRATEGIES = ("tensor", "attn_head")
+
+
+@dataclass(frozen=True)
+class KVCacheScheme:
+    """Quantization of the attention's keys (after the rotary embedding) and values as an
+    engine stores them in its KV cache: FP8 E4M3 with static scales calibrated on the
+    calibration windows, one per tensor (``k_scale``, ``v_scale`` of shape [1], what vLLM's
+    FP8 cache reads) or one per key/value head (``attn_head``: [H_kv, 1, 1])."""
+
+    type: str = "float"
+    bits: int = 8
+    strategy: str = "tensor"
+
+    def __post_init__(self) -> None:
+        if (self.type, self.bits) != ("float", 8):
+            raise ValueError(f"kv_cache: type {self.type!r} bits {self.bits} is not supported; "
+                             "the KV cache is quantized to FP8 E4M3 (type float, bits 8)")
+        if self.strategy not in KV_STRATEGIES:
+            raise ValueError(f"kv_cache.strategy: {self.strategy!r} is not one of "
+                             f"{', '.join(KV_STRATEGIES)}")
+
+    @property
+    def act(self) -> ActScheme:
+        """The static activation scheme each of k and v is fake-quantized with."""
+        return ActScheme(self.type, "tensor", dynamic=False, bits=self.bits)
+
+    def scale(self, head_amax: Tensor) -> Tensor:
+        """The static scale from the calibrated maxima of ``|k|`` (or ``|v|``) per head
+        ([H_kv]): [1] per tensor, [H_kv, 1, 1] per head (float32)."""
+        a = head_amax.detach().float()
+        a = a.amax().reshape(1) if self.strategy == "tensor" else a.reshape(-1, 1, 1)
+        return (a / self.act.qmax).clamp(min=MIN_SCALE)
+
+    def to_ct(self) -> dict[str, Any]:
+        """compressed-tensors ``kv_cache_scheme``."""
+        return {"num_bits": self.bits, "type": self.type, "symmetric": True,
+                "strategy": self.strategy, "dynamic": False, "group_size": None,
+                "observer": "minmax", "observer_kwargs": {}, "block_structure": None,
+                "actorder": None}
+
+    @classmethod
+    def from_ct(cls, args: dict[str, Any]) -> KVCacheScheme:
+        if not args.get("symmetric", True) or args.get("dynamic", False):
+            raise ValueError("kv_cache_scheme: llmc reads symmetric static KV-cache scales")
+        return cls(type=args.get("type", "float"), bits=int(args.get("num_bits", 8)),
+                   strategy=args.get("strategy", "tensor"))
+
+
+def head_amax(x: Tensor) -> Tensor:
+    """``max |x|`` per head of keys or values [B, H, S, D]: [H] float32."""
+    return x.detach().abs().float().amax(dim=(0, 2, 3))

@@ -45,6 +45,7 @@ from llmc.engine.config import WalkerConfig
 from llmc.engine.lockstep import Lockstep, Reached
 from llmc.engine.memory import release_memory
 from llmc.interfaces import LINEAR, TRANSFORM, BlockArgs, BlockContext, Planner
+from llmc.models import kvcache
 from llmc.models.adapters import Adapter, block_linears
 from llmc.models.moe import expert_lists
 
@@ -113,7 +114,7 @@ class Engine:
 
     def __init__(self, blocks: Any, adapter: Adapter, steps: list[tuple[int, Any, Any]],
                  config: WalkerConfig, options: EngineOptions | None = None,
-                 checkpoint: Any = None, progress: bool = True) -> None:
+                 checkpoint: Any = None, progress: bool = True, kv_cache: Any = None) -> None:
         self.blocks = blocks
         self.adapter = adapter
         self.steps = steps
@@ -122,6 +123,8 @@ class Engine:
         self.device = torch.device(self.options.device)
         self.checkpoint = checkpoint
         self.progress = progress
+        self.kv_cache = kv_cache  # a KVCacheScheme: each block's k/v scales from its outputs pass
+        self._kv_ranges = kvcache.KVRanges()
         self.report = WalkReport()
         self._load_seconds = 0.0
         self._fwd: nn.Module | None = None  # the block copy the current Linear phase runs
@@ -157,7 +160,22 @@ class Engine:
             {n: cast_floats(a, dtype, self.device) for n, a in args.items()},
             self.config.batch_size, dtype, self.device, raw_args=args,
             min_tokens=self.config.min_expert_tokens,
+            store_scope=(None if self.kv_cache is None
+                         else lambda: kvcache.observing(self._kv_ranges)),
         )
+
+    @property
+    def calibrating(self) -> bool:
+        """Whether the walk runs the calibration windows (a step needs them, or the KV cache's
+        scales are calibrated on them)."""
+        return self.kv_cache is not None or any(c.needs_calibration for _, _, c in self.steps)
+
+    def _kv_scales(self, ctx: BlockContext) -> None:
+        """The block's attention modules get the static k/v scales of what their keys and
+        values were in the block's outputs pass (the final weights)."""
+        for name, m in kvcache.attention_modules(ctx.block).items():
+            k, v = self._kv_ranges.pop_scales(ctx.prefix + name, self.kv_cache)
+            kvcache.set_scales(m, self.kv_cache, k, v)
 
     # -- groups and compression ------------------------------------------------------------
     def _groups(self, block_index: int, linears: dict[str, nn.Linear],
@@ -320,6 +338,8 @@ class Engine:
 
     def run_block(self, ctx: BlockContext) -> None:
         """Compress one block; its outputs on the compressed weights go to ``ctx.cache``."""
+        if self.kv_cache is not None:
+            kvcache.mark(ctx.block, self.kv_cache, ctx.prefix)
         stored = False
         for m in expert_lists(ctx.block).values():  # copies made for forwards inherit it
             m.route_all = self.config.all_experts
@@ -342,6 +362,8 @@ class Engine:
             m.route_all = False
         self._report_experts(ctx.index)
         _drop_masks(ctx.block)
+        if self.kv_cache is not None:
+            self._kv_scales(ctx)
 
     def _linear_phase(self, ctx: BlockContext, steps: list) -> None:
         """Compress the Linears that ``steps`` target; the block's outputs on the compressed
@@ -531,11 +553,18 @@ class Engine:
     def run(self, windows: Tensor | None) -> WalkReport:
         """Compress every block; ``windows`` ([S, T] token ids) may be None when no step needs
         calibration data."""
-        if not any(c.needs_calibration for _, _, c in self.steps):
+        if not self.calibrating:
             self.compress_without_data()
             return self.report
         if windows is None:
             raise ValueError("this recipe needs calibration data")
+        if self.kv_cache is not None:
+            first = self.adapter.get_blocks(self.blocks.model)[0]
+            if not kvcache.attention_modules(first):
+                raise ValueError(f"kv_cache: no attention module (a module named *Attention* "
+                                 f"with k_proj and v_proj) in {type(first).__name__}; this "
+                                 "architecture's KV cache cannot be quantized")
+            kvcache.enable(self.blocks.model)
         ck = self.checkpoint
         start = ck.resume_point() if ck is not None else None  # None: a fresh run
         S, T = windows.shape

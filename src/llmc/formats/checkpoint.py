@@ -37,7 +37,8 @@ def default_format(recipe: Any) -> str:
     """``compressed-tensors`` for a recipe with FP8 weights or quantized activations, ``awq``
     for one whose quantization follows an ``awq`` step at 4 bits, else ``gptq``."""
     steps = list(getattr(recipe, "steps", ()))
-    if any(beyond_weight_only(s.config) for s in steps):
+    if getattr(recipe, "kv_cache", None) is not None or any(beyond_weight_only(s.config)
+                                                             for s in steps):
         return "compressed-tensors"
     if steps and steps[0].method == "awq" and steps[0].config.bits == 4:
         return "awq"
@@ -151,6 +152,7 @@ def read_model(path: Path, packed: bool = False) -> nn.Module:
     shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
               if isinstance(m, nn.Linear)}
     quantized = set()
+    _read_kv_scales(model, qconfig, tensors)
     act = layout.act_scheme(qconfig) if hasattr(layout, "act_scheme") else None
     for prefix, qw, bias in (layout.read(path, qconfig, tensors, shapes) if layout else ()):
         quantized.add(prefix)
@@ -188,6 +190,26 @@ def read_model(path: Path, packed: bool = False) -> nn.Module:
         _materialise_buffers(model)
     model.eval()
     return model
+
+
+def _read_kv_scales(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str, Tensor]
+                    ) -> None:
+    """A checkpoint with ``kv_cache_scheme``: its ``{attention}.k_scale`` / ``v_scale`` go to the
+    attention modules, whose keys and values are quantized on them from now on."""
+    args = qconfig.get("kv_cache_scheme")
+    if not args:
+        return
+    from llmc.core.act import KVCacheScheme
+    from llmc.models import kvcache
+
+    scheme = KVCacheScheme.from_ct(args)
+    modules = kvcache.attention_modules(model)
+    for name, m in modules.items():
+        k, v = tensors.pop(f"{name}.k_scale", None), tensors.pop(f"{name}.v_scale", None)
+        if k is None or v is None:
+            raise ValueError(f"kv_cache_scheme is set but {name} has no k_scale/v_scale")
+        kvcache.set_scales(m, scheme, k, v)
+    kvcache.enable(model)
 
 
 def _materialise_buffers(model: nn.Module) -> None:

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from llmc.core.act import ActScheme
+from llmc.core.act import ActScheme, KVCacheScheme
 from llmc.core.masks import nm_slots
 from llmc.core.pack import pack_rows, unpack_rows
 from llmc.core.scheme import FP4_LEVELS, QuantizedWeight, QuantScheme
@@ -254,6 +254,7 @@ def sparsity_config(fmt: str, sparsity: float, ignore: list[str]) -> dict[str, A
 def ct_quantization_config(
     scheme: tuple[int, int, bool] | None, act_order: str, ignore: list[str],
     sparsity: dict[str, Any] | None, weight_type: str = "int", act: ActScheme | None = None,
+    kv_cache: KVCacheScheme | None = None,
 ) -> dict[str, Any]:
     """``quantization_config`` for ``config.json``: one config group targeting ``Linear``
     with the scheme (its format from :func:`ct_format`) and the inputs' quantization, the
@@ -271,7 +272,8 @@ def ct_quantization_config(
         "quant_method": QUANT_METHOD, "version": FORMAT_VERSION,
         "format": fmt,
         "quantization_status": "compressed", "config_groups": groups, "ignore": ignore,
-        "kv_cache_scheme": None, "global_compression_ratio": None,
+        "kv_cache_scheme": None if kv_cache is None else kv_cache.to_ct(),
+        "global_compression_ratio": None,
         "sparsity_config": sparsity or {}, "transform_config": {},
     }
 
@@ -326,11 +328,11 @@ class CTWriter(StatelessWriter):
             sp = sparsity_config("dense" if quantized else "sparse-24-bitmask",
                                  round(s["zeros"] / s["total"], 6),
                                  [n for n in p.linears if n not in names])
-        if not quantized and sp is None:
+        if not quantized and sp is None and p.kv_cache is None:
             return None
         return ct_quantization_config(p.scheme, p.act(),
                                       [n for n in p.linears if n not in quantized], sp,
-                                      p.weight_type, p.activations)
+                                      p.weight_type, p.activations, p.kv_cache)
 
 
 def is_trivial_g_idx(g_idx: Tensor, group_size: int) -> bool:

@@ -32,8 +32,11 @@ def beyond_weight_only(config: Any) -> bool:
 
 
 def refuse_beyond_weight_only(recipe: Any, fmt: str) -> None:
-    """Refuse a recipe with FP8 weights or quantized activations for a ``fmt`` layout that
-    holds integer weight-only Linears."""
+    """Refuse a recipe with FP8 weights, quantized activations or a quantized KV cache for a
+    ``fmt`` layout that holds integer weight-only Linears."""
+    if getattr(recipe, "kv_cache", None) is not None:
+        raise ValueError(f"kv_cache: KV-cache scales cannot be written as a {fmt} checkpoint; "
+                         "use --format compressed-tensors")
     for i, step in enumerate(getattr(recipe, "steps", ())):
         if beyond_weight_only(step.config):
             raise ValueError(

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmc.core.act import ActScheme
+from llmc.core.act import ActScheme, KVCacheScheme
 from llmc.core.masks import is_nm
 from llmc.core.pack import pack_cols, unpack_cols
 from llmc.core.scheme import QuantizedWeight
@@ -85,6 +85,7 @@ class Packer:
         self.scheme: tuple[int, int, bool] | None = None
         self.weight_type = "int"  # or "float" (FP8)
         self.activations: ActScheme | None = None  # the inputs' quantization (one)
+        self.kv_cache: KVCacheScheme | None = None  # the KV cache's scheme, once a block has one
         self.quantized: list[str] = []
         self.dynamic = False
         self._pruned = {"structures": set(), "zeros": 0.0, "total": 0, "count": 0}
@@ -111,6 +112,9 @@ class Packer:
             out.update(bitmask_tensors(n, m.weight.data.to(self.save_dtype)))
         for n, m in quant.items():
             out.update(self._pack_quantized(n, m))
+        for n, m in modules.items():
+            if getattr(m, "llmc_kv", None) is not None:
+                out.update(self._kv_tensors(n, m))
         if self.renames:
             out = {to_checkpoint_name(k, self.renames): v for k, v in out.items()}
         return out
@@ -170,6 +174,23 @@ class Packer:
             return self.writer.pack(name, qw, bias, act=act)
         return self.writer.pack(name, qw, bias)
 
+    def _kv_tensors(self, name: str, m: nn.Module) -> dict[str, Tensor]:
+        """``{name}.k_scale`` and ``{name}.v_scale`` of an attention module with a quantized
+        KV cache."""
+        if not getattr(self.layout, "activations", False):
+            raise ValueError(f"{name}: KV-cache scales cannot be written as a {self.fmt} "
+                             "checkpoint; use --format compressed-tensors")
+        scales = getattr(m, "llmc_kv_scales", None)
+        if scales is None:
+            raise ValueError(f"{name}: its KV-cache scales were never calibrated")
+        if self.kv_cache is None:
+            self.kv_cache = m.llmc_kv
+        elif m.llmc_kv != self.kv_cache:
+            raise ValueError(f"{name}: KV-cache scheme {m.llmc_kv} differs from the model's "
+                             f"{self.kv_cache}; one checkpoint holds one")
+        return {f"{name}.{s}": t.detach().float().cpu().contiguous()
+                for s, t in zip(("k_scale", "v_scale"), scales)}
+
     def rewrite(self, tensors: dict[str, Tensor], linears: list[str]) -> dict[str, Tensor]:
         """``tensors`` of an earlier piece with the qzeros of ``linears`` (from
         :meth:`v1_linears`) in the final layout."""
@@ -181,6 +202,8 @@ class Packer:
         return {"scheme": self.scheme, "weight_type": self.weight_type,
                 "activations": (None if self.activations is None
                                 else dataclasses.asdict(self.activations)),
+                "kv_cache": (None if self.kv_cache is None
+                             else dataclasses.asdict(self.kv_cache)),
                 "quantized": self.quantized, "dynamic": self.dynamic,
                 "pruned": {**self._pruned, "structures": sorted(self._pruned["structures"])},
                 "sparse24": self._sparse24, **self.writer.state()}
@@ -190,6 +213,8 @@ class Packer:
         self.weight_type = state.get("weight_type", "int")
         self.activations = (ActScheme(**state["activations"]) if state.get("activations")
                             else None)
+        self.kv_cache = (KVCacheScheme(**state["kv_cache"]) if state.get("kv_cache")
+                         else None)
         self.quantized = list(state["quantized"])
         self.dynamic = state["dynamic"]
         self._pruned = {**state["pruned"], "structures": set(state["pruned"]["structures"])}

@@ -1,6 +1,7 @@
 """Models: loading (whole, or lazily tensor by tensor) and their structure, found by running a
 small copy of the architecture (the adapters)."""
 
+from llmc.models import kvcache  # noqa: F401  (registers the recipe's kv_cache section)
 from llmc.models.adapters import OVERRIDES, Adapter, block_linears, get_adapter
 from llmc.models.loading import (
     DEMO_MODELS,
