@@ -39,6 +39,7 @@ def awq(bits: int, group: int, then: str = "rtn", dtype: str | None = None) -> d
 FP8 = {"bits": 8, "group_size": -1, "type": "float", "act_bits": 8, "act_type": "float"}
 W8A8 = {"bits": 8, "group_size": -1, "act_bits": 8, "act_type": "int"}
 NVFP4 = {"bits": 4, "group_size": 16, "type": "float"}
+STATIC = {"act_strategy": "tensor", "act_dynamic": False}  # one calibrated scale per Linear
 
 
 def w8a8(method: str, args: dict, smooth: float | None = None) -> dict:
@@ -75,6 +76,8 @@ ROWS = {
     "w8a8-int8-gptq": w8a8("gptq", W8A8),
     "w8a8-int8-sq0.8-gptq": w8a8("gptq", W8A8, smooth=0.8),
     "w8a8-int8-sq0.5-gptq": w8a8("gptq", W8A8, smooth=0.5),
+    "fp8-static-gptq": w8a8("gptq", {**FP8, **STATIC}),
+    "w8a8-int8-static-sq0.8-gptq": w8a8("gptq", {**W8A8, **STATIC}, smooth=0.8),
     "gptq-w4g64+kv-fp8": {**gptq(4, 64), "kv_cache": {"strategy": "tensor"}},
     "gptq-w4g64+kv-fp8-head": {**gptq(4, 64), "kv_cache": {"strategy": "attn_head"}},
 }
@@ -96,7 +99,8 @@ def _acts(r: dict) -> str:
     a = _step(r)["args"]
     if a.get("act_bits", 16) == 16:
         return ""
-    return f"{a['act_type']}{a['act_bits']} per {a['act_strategy']}"
+    static = "" if a.get("act_dynamic", True) else " static"
+    return f"{a['act_type']}{a['act_bits']} per {a['act_strategy']}{static}"
 
 
 def _weights(r: dict) -> str:

@@ -199,3 +199,34 @@ def test_partial_quantization_names_the_quantized_modules(tmp_path):
     back, _ = llmc.load(tmp_path / "m")
     up, up_back = model.model.layers[0].mlp.up_proj, back.model.layers[0].mlp.up_proj
     assert torch.equal(up_back.weight, up.weight)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("act_type", ["int", "float"])
+def test_static_activation_scales_are_the_calibrated_ranges(method, act_type):
+    """A static scheme's one scale per Linear is ``max |x| / 127`` (INT8) or ``/ 448`` (FP8)
+    over the inputs that Linear saw in the walk: through the earlier Linears of its block
+    already quantized, their inputs quantized too."""
+    from llmc.core.act import FP8_MAX, INT8_MAX
+
+    args = {"bits": 8, "group_size": -1, "act_bits": 8, "act_type": act_type,
+            "act_strategy": "tensor", "act_dynamic": False}
+    x = calib_ids()
+    model, _ = llmc.compress(tiny_model("llama"), {"steps": [{"method": method, "args": args}],
+                                                   "walker": {"dtype": "float32"}},
+                             calibration=x, progress=False)
+    seen = {}
+    linears = {n: m for n, m in model.named_modules() if hasattr(m, "llmc_act_scale")}
+    assert len(linears) == 14  # every block Linear, not the head
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, inp, n=n: seen.__setitem__(n, inp[0].abs().amax()), prepend=True)
+        for n, m in linears.items()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    qmax = INT8_MAX if act_type == "int" else FP8_MAX
+    for n, m in linears.items():
+        assert m.llmc_act.dynamic is False and m.llmc_act_scale.shape == (1,)
+        torch.testing.assert_close(m.llmc_act_scale[0], seen[n] / qmax, rtol=1e-4, atol=0,
+                                   msg=n)

@@ -144,7 +144,7 @@ def _make_plan(model: nn.Module, adapter: Any, recipe: Recipe, steps: list, *,
     else:
         budget = memory_budget()
     return make_plan(
-        shape, Work.of(steps), samples=samples, seqlen=seqlen,
+        shape, Work.of(steps, recipe.kv_cache), samples=samples, seqlen=seqlen,
         batch_size=recipe.walker.batch_size, walker_dtype=recipe.walker.torch_dtype,
         device=device, mode=mode, cache=cache, lockstep=lockstep, baseline=rss_bytes(),
         budget=budget, stored_bytes=stored_bytes, save_bytes=save_bytes,

@@ -160,7 +160,9 @@ def cli() -> None:
               help="A named scheme: w4a16 (the --bits/--group-size default), w8a16, "
                    "nvfp4 (NVFP4 weights: E2M1 in groups of 16, E4M3 scales), "
                    "w8a8-int8 (INT8 weights per channel, INT8 activations per token), "
-                   "fp8-dynamic (FP8 E4M3 weights per channel, FP8 activations per token); "
+                   "fp8-dynamic (FP8 E4M3 weights per channel, FP8 activations per token), "
+                   "w8a8-int8-static and fp8-static (one activation scale per Linear, "
+                   "calibrated); "
                    "sets --bits and --group-size")
 @click.option("--alpha", type=float, default=None,
               help="SmoothQuant migration strength [default: 0.8]")

@@ -26,6 +26,11 @@ SCHEME_PRESETS: dict[str, dict[str, Any]] = {
     "nvfp4": {"bits": 4, "group_size": 16, "sym": True, "type": "float"},
     "fp8-dynamic": {"bits": 8, "group_size": -1, "sym": True, "type": "float", "act_bits": 8,
                     "act_type": "float"},
+    # static: one activation scale per Linear, calibrated on the calibration windows
+    "w8a8-int8-static": {"bits": 8, "group_size": -1, "sym": True, "act_bits": 8,
+                         "act_type": "int", "act_strategy": "tensor", "act_dynamic": False},
+    "fp8-static": {"bits": 8, "group_size": -1, "sym": True, "type": "float", "act_bits": 8,
+                   "act_type": "float", "act_strategy": "tensor", "act_dynamic": False},
 }
 
 DEFAULT_TARGETS = ("re:.*",)
@@ -93,6 +98,12 @@ def _build(cls: type, data: Any, where: str):
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
     return build_dataclass(cls, data, where)
+
+
+def _static_acts(config: Any) -> bool:
+    """Whether a step's activation scales are calibrated (static)."""
+    act = getattr(config, "act_scheme", None)
+    return act is not None and not act.dynamic
 
 
 def _scheme(config: Any) -> tuple[int, int, bool]:
@@ -241,5 +252,5 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         """Whether a step needs calibration data, or scales are calibrated (the KV cache's)."""
-        return self.kv_cache is not None or any(s.compressor().needs_calibration
-                                                for s in self.steps)
+        return self.kv_cache is not None or any(
+            s.compressor().needs_calibration or _static_acts(s.config) for s in self.steps)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from llmc.core import act
-from llmc.core.act import ActScheme, fake_quantize_act
+from llmc.core.act import ActScheme, attach, fake_quantize_act
 from llmc.core.scheme import FP8_MAX, QuantArgs, QuantScheme
 from llmc.methods.rtn import rtn_compress
 
@@ -74,9 +74,14 @@ def test_bad_activation_schemes_are_refused(kw, match):
         ActScheme(**kw)
 
 
-def test_static_activations_are_refused_until_calibrated():
-    with pytest.raises(ValueError, match="not implemented yet"):
-        QuantArgs(bits=8, group_size=-1, act_bits=8, act_strategy="tensor", act_dynamic=False)
+def test_activation_arguments():
+    static = QuantArgs(bits=8, group_size=-1, act_bits=8, act_strategy="tensor",
+                       act_dynamic=False)
+    assert static.act_scheme == ActScheme("int", "tensor", dynamic=False)
+    with pytest.raises(ValueError, match="per-token"):
+        QuantArgs(bits=8, group_size=-1, act_bits=8, act_dynamic=False)
+    with pytest.raises(ValueError, match="static activation scheme needs"):
+        attach(torch.nn.Linear(4, 4), static.act_scheme)
     assert QuantArgs().act_scheme is None
     assert QuantArgs(act_bits=8, act_type="float").act_scheme == ActScheme("float")
 

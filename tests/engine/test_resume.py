@@ -211,7 +211,16 @@ KV_RECIPE = {"steps": [{"method": "gptq", "args": {"bits": 4, "group_size": 32}}
              "kv_cache": {}, "walker": {"batch_size": 3, "dtype": "bfloat16"}}
 
 
-@pytest.mark.parametrize("recipe", [W8A8_RECIPE, KV_RECIPE], ids=["w8a8", "kv-fp8"])
+MIXED_RECIPE = {"steps": [
+    {"method": "gptq", "targets": ["re:.*self_attn.*"],
+     "args": {"bits": 8, "group_size": -1, "act_bits": 8, "act_strategy": "tensor",
+              "act_dynamic": False}},
+    {"method": "gptq", "targets": ["re:.*mlp.*"], "args": {"bits": 4, "group_size": 32}}],
+    "walker": {"batch_size": 3, "dtype": "bfloat16"}}
+
+
+@pytest.mark.parametrize("recipe", [W8A8_RECIPE, KV_RECIPE, MIXED_RECIPE],
+                         ids=["w8a8", "kv-fp8", "mixed-static-w8a8+w4"])
 def test_resume_keeps_the_activation_scheme(src, tmp_path, monkeypatch, recipe):
     """A W8A8 (or FP8 KV-cache) run killed after block 1 resumes into the checkpoint an
     uninterrupted run writes: the later blocks calibrate on quantized activations (KV scales

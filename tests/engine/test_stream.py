@@ -39,6 +39,15 @@ RECIPES = {
                     "kv_cache": {"strategy": "attn_head"}, "walker": W},
     "rtn+kv-fp8": {"steps": [{"method": "rtn", "args": {"bits": 4, "group_size": 32}}],
                    "kv_cache": {}},
+    "mixed-fp8-attn+w4-mlp": {"steps": [
+        {"method": "gptq", "targets": ["re:.*self_attn.*"],
+         "args": {"bits": 8, "group_size": -1, "type": "float", "act_bits": 8,
+                  "act_type": "float"}},
+        {"method": "gptq", "targets": ["re:.*mlp.*"], "args": {"bits": 4, "group_size": 32}}],
+        "walker": W},
+    "w8a8-static-rtn": {"steps": [{"method": "rtn", "args": {
+        "bits": 8, "group_size": -1, "act_bits": 8, "act_strategy": "tensor",
+        "act_dynamic": False}}]},
 }
 
 
@@ -102,19 +111,30 @@ def test_cache_place_and_lockstep_mode_give_the_same_tensors(sharded, tmp_path, 
     assert not (tmp_path / "scratch").exists() or not any((tmp_path / "scratch").iterdir())
 
 
-def test_replay_equals_lockstep_in_memory():
-    """The resident API too: replay passes per group give the lockstep walk's weights."""
+STATIC_W8A8 = {"steps": [{"method": "gptq", "args": {
+    "bits": 8, "group_size": -1, "act_bits": 8, "act_strategy": "tensor", "act_dynamic": False}}],
+    "walker": W}
+
+
+@pytest.mark.parametrize("name", ["gptq", "static-w8a8"])
+def test_replay_equals_lockstep_in_memory(name):
+    """The resident API too: replay passes per group give the lockstep walk's weights (and,
+    with quantized activations, the same calibrated scales: each group's inputs quantized
+    from the call it is compressed in)."""
     from conftest import tiny_model
 
+    recipe = RECIPES.get(name, STATIC_W8A8)
     x = calib_ids(7, 24)
-    a, _ = llmc.compress(tiny_model("llama"), RECIPES["gptq"], calibration=x, progress=False,
+    a, _ = llmc.compress(tiny_model("llama"), recipe, calibration=x, progress=False,
                          lockstep="lockstep")
-    b, rep = llmc.compress(tiny_model("llama"), RECIPES["gptq"], calibration=x, progress=False,
+    b, rep = llmc.compress(tiny_model("llama"), recipe, calibration=x, progress=False,
                            lockstep="replay")
     assert rep.engine["lockstep"] == "replay"
     for (n, ma), mb in zip(a.named_modules(), b.modules()):
         if hasattr(ma, "weight") and isinstance(ma.weight, torch.Tensor):
             assert torch.equal(ma.weight, mb.weight), n
+        if getattr(ma, "llmc_act_scale", None) is not None:
+            assert torch.equal(ma.llmc_act_scale, mb.llmc_act_scale), n
 
 
 def test_gguf_streams_like_transformers_loads_it(tmp_path):

@@ -130,11 +130,16 @@ def test_dynamic_act_order_is_refused(tmp_path):
 
 FP8 = {"bits": 8, "group_size": -1, "type": "float", "act_bits": 8, "act_type": "float"}
 W8A8 = {"bits": 8, "group_size": -1, "act_bits": 8, "act_type": "int"}
+STATIC = {"act_strategy": "tensor", "act_dynamic": False}
 W8A8_SCHEMES = {
     "fp8-dynamic": ([{"method": "rtn", "args": FP8}], "float-quantized", torch.float8_e4m3fn),
     "fp8-gptq": ([{"method": "gptq", "args": FP8}], "float-quantized", torch.float8_e4m3fn),
     "w8a8-sq-gptq": ([{"method": "smoothquant"}, {"method": "gptq", "args": W8A8}],
                      "int-quantized", torch.int8),
+    "fp8-static-gptq": ([{"method": "gptq", "args": {**FP8, **STATIC}}], "float-quantized",
+                        torch.float8_e4m3fn),
+    "w8a8-static-rtn": ([{"method": "rtn", "args": {**W8A8, **STATIC}}], "int-quantized",
+                        torch.int8),
 }
 
 
@@ -147,7 +152,9 @@ def test_w8a8_round_trip_is_bit_exact(tmp_path, case):
     group = q["config_groups"]["group_0"]
     assert q["quant_method"] == "compressed-tensors" and q["format"] == group["format"] == fmt
     acts = group["input_activations"]
-    assert acts["strategy"] == "token" and acts["dynamic"] and acts["num_bits"] == 8
+    static = "static" in case
+    assert acts["strategy"] == ("tensor" if static else "token") and acts["num_bits"] == 8
+    assert acts["dynamic"] is not static
     assert acts["type"] == ("float" if "fp8" in case else "int")
     assert group["weights"]["strategy"] == "channel"
     from conftest import output_tensors
@@ -155,6 +162,12 @@ def test_w8a8_round_trip_is_bit_exact(tmp_path, case):
     w = t["model.layers.0.self_attn.q_proj.weight"]
     assert w.dtype == dtype and w.shape == (64, 64)
     assert t["model.layers.0.self_attn.q_proj.weight_scale"].shape == (64, 1)
+    if static:  # the calibrated scale of each Linear's input
+        scale = t["model.layers.0.self_attn.q_proj.input_scale"]
+        assert scale.shape == (1,) and scale.dtype == torch.float32 and scale.item() > 0
+        assert torch.equal(scale, model.model.layers[0].self_attn.q_proj.llmc_act_scale)
+    else:
+        assert "model.layers.0.self_attn.q_proj.input_scale" not in t
     back, _ = llmc.load(out)
     linears_equal(model, back)
     down = (back.model.layers[1].mlp.down_proj, model.model.layers[1].mlp.down_proj)
@@ -169,12 +182,13 @@ def test_w8a8_round_trip_is_bit_exact(tmp_path, case):
 def test_transformers_runs_w8a8_like_llmc(tmp_path, case, monkeypatch):
     """transformers (through the compressed-tensors package) quantizes the activations in the
     forward on the CPU too. Its INT8 reference divides each token's amax by 127.5 where vLLM's
-    kernel, and llmc, divide by 127: with llmc set to the package's constant the logits agree."""
+    kernel, and llmc, divide by 127: with llmc set to the package's constant the logits agree.
+    Static scales are the checkpoint's, which both use as they are."""
     from transformers import AutoModelForCausalLM
 
     from llmc.core import act
 
-    if "fp8" not in case:
+    if "fp8" not in case and "static" not in case:
         monkeypatch.setattr(act, "INT8_MAX", 127.5)
     model = compressed(W8A8_SCHEMES[case][0])
     out = llmc.save(model, tmp_path / case)
@@ -264,3 +278,61 @@ def test_transformers_runs_nvfp4(tmp_path):
         y = model.bfloat16()(x).logits.float()
         yh = hf(x).logits.float()
     assert (yh - y).abs().max() <= 2 * (y - y32).abs().max() + 1e-3
+
+
+MIXED = [{"method": "gptq", "targets": ["re:.*self_attn.*"], "args": FP8},
+         {"method": "gptq", "targets": ["re:.*mlp.*"], "args": {"bits": 4, "group_size": 32}}]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_mixed_precision_is_one_config_group_per_scheme(tmp_path, arch):
+    """FP8 W8A8 attention with W4A16 MLPs from a recipe with two steps: two config groups
+    targeting their Linears (in the checkpoint's names: Mixtral's block_sparse_moe), a
+    mixed-precision format, read back bit-exactly, each Linear with its own scheme."""
+    model, _ = llmc.compress(tiny_model(arch), {"steps": MIXED}, calibration=calib_ids(),
+                             progress=False)
+    out = llmc.save(model, tmp_path / "mixed")  # compressed-tensors by default
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["format"] == "mixed-precision" and q["ignore"] == ["lm_head"]
+    g0, g1 = q["config_groups"]["group_0"], q["config_groups"]["group_1"]
+    assert (g0["format"], g1["format"]) == ("float-quantized", "pack-quantized")
+    assert g0["input_activations"]["type"] == "float" and g1["input_activations"] is None
+    assert r"re:.*\.self_attn\.q_proj$" in g0["targets"]
+    mlp = "block_sparse_moe" if arch == "mixtral" else "mlp"
+    assert all(t.startswith(f"re:.*\\.{mlp}\\.") for t in g1["targets"])
+    back, _ = llmc.load(out)
+    linears_equal(model, back)
+    layer = back.model.layers[1]
+    assert layer.self_attn.o_proj.llmc_quant.type == "float"
+    assert layer.self_attn.o_proj.llmc_act.type == "float"
+    up = next(m for n, m in layer.mlp.named_modules() if n.endswith(("up_proj", "w3")))
+    assert up.llmc_quant.bits == 4 and getattr(up, "llmc_act", None) is None
+    x = calib_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)
+
+
+@has_ct
+def test_transformers_runs_mixed_precision_like_llmc(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = compressed(MIXED)
+    out = llmc.save(model, tmp_path / "mixed")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    x = calib_ids(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_group_targets_fall_back_to_names():
+    """A name quantized with one scheme in some blocks and another in others is targeted by
+    its full names."""
+    from llmc.formats.compressed_tensors import group_of, group_targets
+
+    a = ["m.layers.0.attn.q", "m.layers.0.mlp.up", "m.layers.1.attn.q"]
+    b = ["m.layers.1.mlp.up"]
+    ta, tb = group_targets(a, b), group_targets(b, a)
+    assert ta == [r"re:.*\.attn\.q$", "m.layers.0.mlp.up"] and tb == ["m.layers.1.mlp.up"]
+    groups = [(ta, "A"), (tb, "B")]
+    assert [group_of(groups, n) for n in a + b] == ["A", "A", "A", "B"]
+    assert group_of(groups, "m.layers.2.mlp.up") is None

@@ -73,6 +73,18 @@ class ActScheme:
                    dynamic=bool(args.get("dynamic", True)), bits=int(args.get("num_bits", 8)))
 
 
+def static_scale(amax: Tensor, scheme: ActScheme) -> Tensor:
+    """A static per-tensor scale [1] (float32) from the calibrated ``max |x|``."""
+    return (amax.detach().float().reshape(1) / scheme.qmax).clamp(min=MIN_SCALE).cpu()
+
+
+def calibrated(config: Any) -> ActScheme | None:
+    """The static activation scheme of a step's config (its scale calibrated on the
+    calibration windows), None when it has none or a dynamic one."""
+    act = getattr(config, "act_scheme", None)
+    return act if act is not None and not act.dynamic else None
+
+
 def act_scale(x: Tensor, scheme: ActScheme) -> Tensor:
     """The dynamic scale of ``x`` ([..., K]): per token [..., 1], or per tensor [] (float32)."""
     a = x.detach().abs().float()
@@ -92,7 +104,9 @@ def fake_quantize_act(x: Tensor, scheme: ActScheme, scale: Tensor | None = None)
     return (y * s).to(x.dtype)
 
 
-def _act_hook(module: nn.Module, args: tuple) -> tuple | None:
+def quantize_inputs(module: nn.Module, args: tuple) -> tuple | None:
+    """``args`` of a call of ``module`` with its input quantized on the module's activation
+    scheme (None when it has none): the pre-hook :func:`attach` registers."""
     scheme = getattr(module, "llmc_act", None)
     if scheme is None or not args:
         return None
@@ -110,7 +124,7 @@ def attach(linear: nn.Module, scheme: ActScheme, scale: Tensor | None = None) ->
     linear.llmc_act = scheme
     linear.llmc_act_scale = scale
     if not getattr(linear, "_llmc_act_hooked", False):
-        linear.register_forward_pre_hook(_act_hook)
+        linear.register_forward_pre_hook(quantize_inputs)
         linear._llmc_act_hooked = True
 
 

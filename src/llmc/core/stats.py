@@ -87,6 +87,20 @@ class ColumnNormStats:
         return self.sq.sqrt()
 
 
+class AbsMaxStats:
+    """``max |x|`` over every calibration input of a Linear (a static activation scale's
+    range), float32."""
+
+    def __init__(self, in_features: int) -> None:
+        self.amax = torch.zeros((), dtype=torch.float32)
+        self.nsamples = 0
+
+    def add_batch(self, inp: Tensor) -> None:
+        a = inp.detach().abs().amax().float()
+        self.amax = torch.maximum(self.amax.to(a.device), a)
+        self.nsamples += inp.numel() // inp.shape[-1]
+
+
 def require_inputs(name: str, stats: object) -> None:
     """Refuse to compress ``name`` from statistics that saw no input."""
     if stats is None or getattr(stats, "nsamples", 0) == 0:

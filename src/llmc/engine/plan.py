@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmc.core.act import calibrated
 from llmc.engine.memory import gib
 from llmc.interfaces import LINEAR, MODEL, TRANSFORM
 
@@ -104,15 +105,17 @@ class Work:
     owl: bool
 
     @classmethod
-    def of(cls, steps: list[tuple[int, Any, Any]]) -> Work:
+    def of(cls, steps: list[tuple[int, Any, Any]], kv_cache: Any = None) -> Work:
+        """What ``steps`` do (and a quantized KV cache, whose scales need the windows)."""
         comps = [c for _, _, c in steps]
         cal = [c for c in comps if c.needs_calibration]
+        static = kv_cache is not None or any(calibrated(s.config) for _, s, _ in steps)
         linear = [c for c in comps if c.kind == LINEAR]
         schemes = [s.config.scheme for _, s, _ in steps
                    if getattr(s.config, "scheme", None) is not None]
         methods = [s.method for _, s, _ in steps]
         return cls(
-            calibrating=bool(cal),
+            calibrating=bool(cal) or static,
             sequential=bool(cal) and all(c.sequential for c in linear if c.needs_calibration
                                          and c.stats_kind),
             hessian=any(c.stats_kind == "hessian" for c in linear),

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from llmc.core import act as act_quant
+from llmc.core.stats import AbsMaxStats
 from llmc.core.tree import cast_floats
 from llmc.engine.blocks import move_block
 from llmc.engine.cache import ActivationCache
@@ -52,6 +53,14 @@ from llmc.models.moe import expert_lists
 log = logging.getLogger(__name__)
 
 LOCKSTEP_MODES = ("lockstep", "replay")
+ACT_RANGE = "act_range"  # the statistics kind of static activation scales
+
+
+class _ActRange:
+    """Makes the :class:`~llmc.core.stats.AbsMaxStats` of a group whose inputs get a static
+    scale."""
+
+    new_stats = AbsMaxStats
 
 
 @dataclass
@@ -168,7 +177,8 @@ class Engine:
     def calibrating(self) -> bool:
         """Whether the walk runs the calibration windows (a step needs them, or the KV cache's
         scales are calibrated on them)."""
-        return self.kv_cache is not None or any(c.needs_calibration for _, _, c in self.steps)
+        return self.kv_cache is not None or any(
+            c.needs_calibration or act_quant.calibrated(s.config) for _, s, c in self.steps)
 
     def _kv_scales(self, ctx: BlockContext) -> None:
         """The block's attention modules get the static k/v scales of what their keys and
@@ -228,9 +238,12 @@ class Engine:
                     master.llmc_quant = res.quant.state()  # qparams; writers recover the codes
                 act = getattr(step.config, "act_scheme", None)
                 if act is not None:  # its input quantized in the forward from now on
-                    act_quant.attach(master, act)
+                    scale = None
+                    if not act.dynamic:  # on the range its calibration inputs had
+                        scale = act_quant.static_scale(stats[(id(group), ACT_RANGE)].amax, act)
+                    act_quant.attach(master, act, scale)
                     if copies[n] is not master:
-                        act_quant.attach(copies[n], act)
+                        act_quant.attach(copies[n], act, scale)
                 if self.checkpoint is not None:
                     # Streaming: the block is packed right after its steps, so its codes are
                     # kept until then rather than recovered from the weight again.
@@ -311,6 +324,8 @@ class Engine:
             if comp.needs_calibration and comp.stats_kind and comp.stats_kind not in (
                     k for k, _ in kinds):
                 kinds.append((comp.stats_kind, comp))
+        if any(act_quant.calibrated(s.config) for _, s, _ in steps):
+            kinds.append((ACT_RANGE, _ActRange))
 
         count = self._counter(self._fwd) if self._fwd is not None else (lambda g: None)
 
@@ -378,7 +393,8 @@ class Engine:
         for seen in self._experts.values():  # an earlier phase's count is not this one's
             seen["tokens"] = None
         feed = self._feeder(masters, steps, stats)
-        calibrating = any(c.needs_calibration for _, _, c in steps)
+        calibrating = any(c.needs_calibration or act_quant.calibrated(s.config)
+                          for _, s, c in steps)
         sequential = calibrating and all(
             c.sequential for _, _, c in steps if c.needs_calibration
         )
@@ -441,10 +457,14 @@ class Engine:
             ctx.forward_chunk(fwd, c, store=True)
 
         def hook_for(group: list[str]):
-            def pre_hook(module: nn.Module, inputs: tuple) -> None:
+            def pre_hook(module: nn.Module, inputs: tuple) -> tuple | None:
                 if id(group) not in done:
+                    hooked = getattr(module, "_llmc_act_hooked", False)
                     feed(group, inputs[0])
                     lockstep.barrier(lambda: compress(group))
+                    if not hooked:  # an activation hook attached just now runs from the
+                        return act_quant.quantize_inputs(module, inputs)  # next call on
+                return None
             return pre_hook
 
         def tail_forward(x: Tensor) -> Tensor:

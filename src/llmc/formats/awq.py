@@ -179,7 +179,7 @@ class AWQLayout:
         return AWQWriter()
 
     def read(self, path: Any, qconfig: dict[str, Any], tensors: dict[str, Tensor],
-             shapes: dict[str, tuple[int, int]]):
+             shapes: dict[str, tuple[int, int]], config_name: Any = None):
         for prefix in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
             N, K = shapes[prefix]
             qw = read_awq_tensors(tensors, prefix, qconfig["group_size"], K, N)

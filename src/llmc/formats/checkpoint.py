@@ -20,7 +20,12 @@ from llmc.formats.io import (
     save_sharded_safetensors,
 )
 from llmc.formats.packer import SPARSITY_KEY, Packer
-from llmc.models.moe import checkpoint_renames, from_checkpoint_name, unfuse_experts
+from llmc.models.moe import (
+    checkpoint_renames,
+    from_checkpoint_name,
+    to_checkpoint_name,
+    unfuse_experts,
+)
 from llmc.registry import FORMATS
 
 log = logging.getLogger(__name__)
@@ -34,11 +39,13 @@ def recipe_act_order(recipe: Any) -> str:
 
 
 def default_format(recipe: Any) -> str:
-    """``compressed-tensors`` for a recipe with FP8 weights or quantized activations, ``awq``
-    for one whose quantization follows an ``awq`` step at 4 bits, else ``gptq``."""
+    """``compressed-tensors`` for a recipe with FP8 weights, quantized activations, a
+    quantized KV cache or several schemes (mixed precision), ``awq`` for one whose
+    quantization follows an ``awq`` step at 4 bits, else ``gptq``."""
     steps = list(getattr(recipe, "steps", ()))
-    if getattr(recipe, "kv_cache", None) is not None or any(beyond_weight_only(s.config)
-                                                             for s in steps):
+    schemes = {c for s in steps if (c := getattr(s.config, "scheme", None)) is not None}
+    if getattr(recipe, "kv_cache", None) is not None or len(schemes) > 1 or any(
+            beyond_weight_only(s.config) for s in steps):
         return "compressed-tensors"
     if steps and steps[0].method == "awq" and steps[0].config.bits == 4:
         return "awq"
@@ -153,9 +160,14 @@ def read_model(path: Path, packed: bool = False) -> nn.Module:
               if isinstance(m, nn.Linear)}
     quantized = set()
     _read_kv_scales(model, qconfig, tensors)
-    act = layout.act_scheme(qconfig) if hasattr(layout, "act_scheme") else None
-    for prefix, qw, bias in (layout.read(path, qconfig, tensors, shapes) if layout else ()):
+    def config_name(n: str) -> str:
+        return to_checkpoint_name(n, renames)
+
+    reading = layout.read(path, qconfig, tensors, shapes, config_name) if layout else ()
+    for prefix, qw, bias in reading:
         quantized.add(prefix)
+        act = (layout.act_scheme(qconfig, config_name(prefix)) if hasattr(layout, "act_scheme")
+               else None)
         if packed and (act is not None or qw.type != "int"):
             raise ValueError(f"{path}: packed=True holds integer weight-only Linears; load this "
                              "checkpoint (FP8 weights or quantized activations) with "
@@ -169,8 +181,8 @@ def read_model(path: Path, packed: bool = False) -> nn.Module:
         module = model.get_submodule(prefix)
         module.weight.data = qw.dequantize()
         module.llmc_quant = qw.state()
-        if act is not None:
-            act_quant.attach(module, act)
+        if act is not None:  # a static scheme's calibrated scale is the checkpoint's
+            act_quant.attach(module, act, tensors.pop(f"{prefix}.input_scale", None))
         if bias is not None:
             module.bias.data = bias.float()
     missing, unexpected = model.load_state_dict(

@@ -43,13 +43,19 @@ NVFP4 weights, format ``nvfp4-pack-quantized`` (``strategy: tensor_group``, grou
     weight_global_scale  float32 [1]            448 * 6 / amax(W)
 
 Quantized activations are the config group's ``input_activations`` (8 bits, symmetric, int or
-float, per token dynamic); the reader attaches them to the Linears it reads
-(:func:`llmc.core.act.attach`).
+float, per token dynamic, or per tensor static with a float32 ``input_scale`` [1] per Linear);
+the reader attaches them to the Linears it reads (:func:`llmc.core.act.attach`).
+
+Several schemes (mixed precision) are one config group each, targeting its Linears
+(:func:`group_targets`); a quantized KV cache is ``kv_cache_scheme`` with ``k_scale`` and
+``v_scale`` per attention module (written by the packer, read by
+:func:`llmc.formats.checkpoint.read_model`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -61,6 +67,7 @@ from llmc.core.masks import nm_slots
 from llmc.core.pack import pack_rows, unpack_rows
 from llmc.core.scheme import FP4_LEVELS, QuantizedWeight, QuantScheme
 from llmc.formats.io import StatelessWriter
+from llmc.models.moe import to_checkpoint_name
 from llmc.registry import FORMATS
 
 QUANT_METHOD = "compressed-tensors"
@@ -251,27 +258,52 @@ def sparsity_config(fmt: str, sparsity: float, ignore: list[str]) -> dict[str, A
             "targets": ["Linear"], "ignore": ignore, "registry_requires_subclass": False}
 
 
+def group_targets(names: list[str], others: list[str]) -> list[str]:
+    """compressed-tensors ``targets`` for the Linears ``names`` of one config group, where
+    ``others`` are the quantized Linears of the other groups: one ``re:`` pattern per name
+    within a block (``self_attn.q_proj``) when that name is in this group in every block,
+    the full names of the rest."""
+    def rel(n: str) -> str:
+        parts = n.split(".")
+        i = next((k for k, p in enumerate(parts) if p.isdigit()), None)
+        return n if i is None else ".".join(parts[i + 1:])
+
+    theirs = {rel(n) for n in others}
+    mine = sorted({rel(n) for n in names} - theirs)
+    targets = [f"re:.*\\.{re.escape(r)}$" for r in mine if r != ""]
+    covered = set(mine)
+    return targets + [n for n in names if rel(n) not in covered]
+
+
 def ct_quantization_config(
-    scheme: tuple[int, int, bool] | None, act_order: str, ignore: list[str],
-    sparsity: dict[str, Any] | None, weight_type: str = "int", act: ActScheme | None = None,
+    groups: list[tuple[tuple[int, int, bool], str, ActScheme | None, list[str]]],
+    act_order: str, ignore: list[str], sparsity: dict[str, Any] | None,
     kv_cache: KVCacheScheme | None = None,
 ) -> dict[str, Any]:
-    """``quantization_config`` for ``config.json``: one config group targeting ``Linear``
-    with the scheme (its format from :func:`ct_format`) and the inputs' quantization, the
-    Linears left out in ``ignore``, and the sparsity config when 2:4."""
-    groups = {}
-    fmt = "dense"
-    if scheme is not None:
+    """``quantization_config`` for ``config.json``: a config group per scheme ``(bits,
+    group_size, sym), weight type, activations, Linears`` (one: targeting ``Linear``; several:
+    their Linears, see :func:`group_targets`), each with its format (:func:`ct_format`) and
+    its inputs' quantization; the Linears left out in ``ignore``; the KV cache's scheme; the
+    sparsity config when 2:4. The top-level format is the groups' one, or ``mixed-precision``."""
+    config_groups = {}
+    formats = []
+    for i, (scheme, weight_type, act, names) in enumerate(groups):
         fmt = ct_format(weight_type, scheme[0], act)
-        groups["group_0"] = {
-            "targets": ["Linear"], "weights": _weights_args(*scheme, act_order, weight_type),
+        formats.append(fmt)
+        others = [n for j, g in enumerate(groups) if j != i for n in g[3]]
+        config_groups[f"group_{i}"] = {
+            "targets": ["Linear"] if len(groups) == 1 else group_targets(names, others),
+            "weights": _weights_args(*scheme, act_order, weight_type),
             "input_activations": None if act is None else act.to_ct(),
             "output_activations": None, "format": fmt,
         }
+    fmt = ("dense" if not formats else formats[0] if len(set(formats)) == 1
+           else "mixed-precision")
     return {
         "quant_method": QUANT_METHOD, "version": FORMAT_VERSION,
         "format": fmt,
-        "quantization_status": "compressed", "config_groups": groups, "ignore": ignore,
+        "quantization_status": "compressed", "config_groups": config_groups,
+        "ignore": ignore,
         "kv_cache_scheme": None if kv_cache is None else kv_cache.to_ct(),
         "global_compression_ratio": None,
         "sparsity_config": sparsity or {}, "transform_config": {},
@@ -281,16 +313,10 @@ def ct_quantization_config(
 READABLE = ("pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized")
 
 
-def ct_scheme(qconfig: dict[str, Any]) -> tuple[str, QuantScheme, ActScheme | None] | None:
-    """(format, weight scheme, activation scheme) of a config's single group; refuses what llmc
-    cannot read (several groups, other formats)."""
-    groups = qconfig.get("config_groups") or {}
-    if not groups:
-        return None
-    if len(groups) > 1:
-        raise ValueError("compressed-tensors checkpoints with several config groups are not "
-                         "supported")
-    g = next(iter(groups.values()))
+CTGroup = tuple[str, QuantScheme, "ActScheme | None"]  # (format, weights, activations)
+
+
+def _group(g: dict[str, Any], qconfig: dict[str, Any]) -> CTGroup:
     w = g.get("weights") or {}
     fmt = g.get("format") or qconfig.get("format")
     if fmt not in READABLE:
@@ -305,6 +331,32 @@ def ct_scheme(qconfig: dict[str, Any]) -> tuple[str, QuantScheme, ActScheme | No
     return fmt, scheme, ActScheme.from_ct(acts) if acts else None
 
 
+def ct_groups(qconfig: dict[str, Any]) -> list[tuple[list[str], CTGroup]]:
+    """(targets, (format, weight scheme, activation scheme)) of each config group; refuses
+    what llmc cannot read (other formats and strategies)."""
+    return [(list(g.get("targets") or ["Linear"]), _group(g, qconfig))
+            for g in (qconfig.get("config_groups") or {}).values()]
+
+
+def ct_scheme(qconfig: dict[str, Any]) -> CTGroup | None:
+    """The first config group's (format, weight scheme, activation scheme); None without
+    groups."""
+    groups = ct_groups(qconfig)
+    return groups[0][1] if groups else None
+
+
+def group_of(groups: list[tuple[list[str], CTGroup]], name: str) -> CTGroup | None:
+    """The config group a Linear ``name`` belongs to, by the package's precedence: its exact
+    name, then a ``re:`` pattern, then the class name ``Linear``."""
+    for test in (lambda t: t == name,
+                 lambda t: t.startswith("re:") and re.match(t[3:], name) is not None,
+                 lambda t: t == "Linear"):
+        for targets, group in groups:
+            if any(test(t) for t in targets):
+                return group
+    return None
+
+
 CT_DYNAMIC = ("{where}dynamic act-order needs a g_idx, which compressed-tensors no longer loads "
               "(0.20 dropped actorder 'group'); use static act-order, or --format gptq")
 
@@ -314,10 +366,16 @@ class CTWriter(StatelessWriter):
     Linears as bitmasks when nothing is quantized)."""
 
     def pack(self, name: str, qw: QuantizedWeight, bias: Tensor | None,
-             act: ActScheme | None = None) -> dict[str, Tensor]:
+             act: ActScheme | None = None, act_scale: Tensor | None = None
+             ) -> dict[str, Tensor]:
         if not is_trivial_g_idx(qw.g_idx, qw.group_size):
             raise ValueError(CT_DYNAMIC.format(where=f"{name}: "))
-        return ct_tensors(name, qw, bias, act)
+        out = ct_tensors(name, qw, bias, act)
+        if act is not None and not act.dynamic:
+            if act_scale is None:
+                raise ValueError(f"{name}: its static activation scale was never calibrated")
+            out[f"{name}.input_scale"] = act_scale.detach().float().reshape(1).cpu()
+        return out
 
     def quantization_config(self, p: Any) -> dict[str, Any] | None:
         quantized = set(p.quantized)
@@ -330,9 +388,11 @@ class CTWriter(StatelessWriter):
                                  [n for n in p.linears if n not in names])
         if not quantized and sp is None and p.kv_cache is None:
             return None
-        return ct_quantization_config(p.scheme, p.act(),
+        groups = [(key[:3], key[3], key[4], [to_checkpoint_name(n, p.renames) for n in names])
+                  for key, names in p.schemes.items()]  # targets in the checkpoint's names
+        return ct_quantization_config(groups, p.act(),
                                       [n for n in p.linears if n not in quantized], sp,
-                                      p.weight_type, p.activations, p.kv_cache)
+                                      p.kv_cache)
 
 
 def is_trivial_g_idx(g_idx: Tensor, group_size: int) -> bool:
@@ -350,14 +410,9 @@ class CTLayout:
     divisible_groups = True
     bitmasks = True
     activations = True  # FP8 weights and quantized activations too
+    mixed = True  # several schemes, one config group each
 
     def check_writable(self, recipe: Any) -> None:
-        schemes = {(c.bits, c.group_size, c.sym, c.type,
-                    getattr(s.config, "act_scheme", None)) for s in recipe.steps
-                   if (c := getattr(s.config, "scheme", None)) is not None}
-        if len(schemes) > 1:
-            raise ValueError(f"the recipe quantizes with several schemes {sorted(schemes)}; "
-                             "llmc writes compressed-tensors checkpoints with one")
         for i, step in enumerate(recipe.steps):
             if getattr(step.config, "act_order", None) == "dynamic":
                 raise ValueError(CT_DYNAMIC.format(where=f"steps[{i}].args.act_order: "))
@@ -369,50 +424,47 @@ class CTLayout:
     def check_readable(self, path: Any, qconfig: dict[str, Any]) -> None:
         pass
 
-    def act_scheme(self, qconfig: dict[str, Any]) -> ActScheme | None:
-        """How the checkpoint's quantized Linears quantize their inputs (None: they do not)."""
-        ct = ct_scheme(qconfig)
-        return ct[2] if ct is not None else None
+    def act_scheme(self, qconfig: dict[str, Any], name: str) -> ActScheme | None:
+        """How the quantized Linear ``name`` quantizes its inputs (None: it does not)."""
+        group = group_of(ct_groups(qconfig), name)
+        return group[2] if group is not None else None
 
     def writer(self) -> CTWriter:
         return CTWriter()
 
     def read(self, path: Any, qconfig: dict[str, Any], tensors: dict[str, Tensor],
-             shapes: dict[str, tuple[int, int]]):
-        """2:4 bitmasks become dense weights in place; quantized weights are yielded."""
-        ct = ct_scheme(qconfig)
-        if ct is not None and ct[0] == "nvfp4-pack-quantized":
-            for prefix in sorted(k[: -len(".weight_packed")] for k in tensors
-                                 if k.endswith(".weight_packed")):
-                qw = read_fp4_tensors(tensors, prefix, ct[1])
-                for suffix in ("packed", "scale", "global_scale"):
-                    tensors.pop(f"{prefix}.weight_{suffix}", None)
-                yield prefix, qw, tensors.pop(f"{prefix}.bias", None)
-            return
-        if ct is not None and ct[0] != "pack-quantized":
-            fmt, scheme, _ = ct
-            for prefix in sorted(k[: -len(".weight_scale")] for k in tensors
-                                 if k.endswith(".weight_scale")):
-                qw = read_unpacked_tensors(tensors, prefix, scheme)
-                for suffix in ("weight", "weight_scale", "input_scale"):
-                    tensors.pop(f"{prefix}.{suffix}", None)
-                yield prefix, qw, tensors.pop(f"{prefix}.bias", None)
-            return
+             shapes: dict[str, tuple[int, int]], config_name: Any = None):
+        """2:4 bitmasks become dense weights in place; quantized weights are yielded, each
+        read in the format of its config group (``config_name``: a Linear's name as the
+        config spells it, when the checkpoint renames the model's)."""
+        groups = ct_groups(qconfig)
+        config_name = config_name or (lambda n: n)
         for prefix in sorted(k[: -len(".weight.compressed")] for k in tensors
                              if k.endswith(".weight.compressed")):
             tensors[f"{prefix}.weight"] = read_bitmask_tensors(tensors, prefix)
             for suffix in ("compressed", "bitmask", "shape"):
                 del tensors[f"{prefix}.weight.{suffix}"]
-        for prefix in sorted(k[: -len(".weight_packed")] for k in tensors
-                             if k.endswith(".weight_packed")):
-            if ct is None:
-                raise ValueError(f"{path}: packed weights without a quantization scheme")
-            scheme = ct[1]
-            qw = read_ct_tensors(tensors, prefix, scheme.bits,
-                                 None if scheme.group_size == -1 else scheme.group_size,
-                                 scheme.sym)
-            for suffix in ("packed", "scale", "zero_point", "g_idx", "shape"):
-                tensors.pop(f"{prefix}.weight_{suffix}", None)
+        quantized = {k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale")}
+        for prefix in sorted(quantized):
+            group = group_of(groups, config_name(prefix))
+            if group is None:
+                raise ValueError(f"{path}: {prefix} holds quantized weights but no config group "
+                                 "targets it")
+            fmt, scheme, _ = group
+            if fmt == "nvfp4-pack-quantized":
+                qw = read_fp4_tensors(tensors, prefix, scheme)
+                suffixes = ("weight_packed", "weight_scale", "weight_global_scale")
+            elif fmt == "pack-quantized":
+                qw = read_ct_tensors(tensors, prefix, scheme.bits,
+                                     None if scheme.group_size == -1 else scheme.group_size,
+                                     scheme.sym)
+                suffixes = tuple(f"weight_{s}" for s in ("packed", "scale", "zero_point",
+                                                         "g_idx", "shape"))
+            else:
+                qw = read_unpacked_tensors(tensors, prefix, scheme)
+                suffixes = ("weight", "weight_scale")
+            for suffix in suffixes:
+                tensors.pop(f"{prefix}.{suffix}", None)
             yield prefix, qw, tensors.pop(f"{prefix}.bias", None)
 
 

@@ -353,7 +353,8 @@ class GPTQLayout:
         if len(schemes) > 1:
             raise ValueError(
                 f"the recipe quantizes with several schemes {sorted(schemes)}; a GPTQ "
-                "checkpoint holds one (bits, group_size, sym)"
+                "checkpoint holds one (bits, group_size, sym): use --format "
+                "compressed-tensors (a config group per scheme)"
             )
 
     def check_readable(self, path: Any, qconfig: dict[str, Any]) -> None:
@@ -363,7 +364,7 @@ class GPTQLayout:
         return GPTQWriter()
 
     def read(self, path: Any, qconfig: dict[str, Any], tensors: dict[str, Tensor],
-             shapes: dict[str, tuple[int, int]]):
+             shapes: dict[str, tuple[int, int]], config_name: Any = None):
         """Yield ``(prefix, QuantizedWeight, bias)`` per quantized Linear, removing its
         tensors from ``tensors``."""
         for prefix in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):

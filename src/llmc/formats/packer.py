@@ -82,9 +82,12 @@ class Packer:
         # MoE layers renamed by transformers (Mixtral's block_sparse_moe): the checkpoint keeps
         # the original names, which engines' loaders read
         self.renames = checkpoint_renames(getattr(config, "model_type", None))
-        self.scheme: tuple[int, int, bool] | None = None
+        self.scheme: tuple[int, int, bool] | None = None  # the first quantized Linear's
         self.weight_type = "int"  # or "float" (FP8)
-        self.activations: ActScheme | None = None  # the inputs' quantization (one)
+        self.activations: ActScheme | None = None  # the inputs' quantization (first Linear)
+        # every scheme (bits, group_size, sym, type, activations) -> the Linears it quantized;
+        # a layout with ``mixed`` holds several (one config group each)
+        self.schemes: dict[tuple, list[str]] = {}
         self.kv_cache: KVCacheScheme | None = None  # the KV cache's scheme, once a block has one
         self.quantized: list[str] = []
         self.dynamic = False
@@ -161,17 +164,21 @@ class Packer:
             )
         if self.scheme is None:
             self.scheme, self.weight_type, self.activations = scheme, qw.type, act
-        elif (scheme, qw.type, act) != (self.scheme, self.weight_type, self.activations):
+        elif (scheme, qw.type, act) != (self.scheme, self.weight_type, self.activations) \
+                and not getattr(self.layout, "mixed", False):
             raise ValueError(
                 f"{name}: the model mixes quantization schemes ({scheme}, {qw.type}, "
                 f"activations {act}) and ({self.scheme}, {self.weight_type}, activations "
-                f"{self.activations}); one {self.fmt} checkpoint holds one"
+                f"{self.activations}); one {self.fmt} checkpoint holds one (compressed-tensors "
+                "holds several)"
             )
+        self.schemes.setdefault((*scheme, qw.type, act), []).append(name)
         self.quantized.append(name)
         if not is_trivial_g_idx(qw.g_idx, qw.group_size):
             self.dynamic = True
         if act is not None:
-            return self.writer.pack(name, qw, bias, act=act)
+            return self.writer.pack(name, qw, bias, act=act,
+                                    act_scale=getattr(m, "llmc_act_scale", None))
         return self.writer.pack(name, qw, bias)
 
     def _kv_tensors(self, name: str, m: nn.Module) -> dict[str, Tensor]:
@@ -202,6 +209,8 @@ class Packer:
         return {"scheme": self.scheme, "weight_type": self.weight_type,
                 "activations": (None if self.activations is None
                                 else dataclasses.asdict(self.activations)),
+                "schemes": [[[*key[:4], None if key[4] is None else dataclasses.asdict(key[4])],
+                             names] for key, names in self.schemes.items()],
                 "kv_cache": (None if self.kv_cache is None
                              else dataclasses.asdict(self.kv_cache)),
                 "quantized": self.quantized, "dynamic": self.dynamic,
@@ -215,6 +224,8 @@ class Packer:
                             else None)
         self.kv_cache = (KVCacheScheme(**state["kv_cache"]) if state.get("kv_cache")
                          else None)
+        self.schemes = {(*k[:4], None if k[4] is None else ActScheme(**k[4])): list(names)
+                        for k, names in state.get("schemes", [])}
         self.quantized = list(state["quantized"])
         self.dynamic = state["dynamic"]
         self._pruned = {**state["pruned"], "structures": set(state["pruned"]["structures"])}
