@@ -237,3 +237,25 @@ def test_quantize_nvfp4(model_dir, text_file, tmp_path):
         "gptq", 4, 16, "float")
     model, _ = llmc.load(out)
     assert model.model.layers[0].mlp.up_proj.llmc_quant.global_scale > 0
+
+
+@pytest.mark.parametrize("args, fmt", [
+    (["--scheme", "nvfp4-w4a4"], "nvfp4-pack-quantized"),
+    (["--scheme", "mxfp4"], "mxfp4-pack-quantized"),
+    (["--scheme", "fp8-static", "--method", "rtn"], "float-quantized"),
+    (["--group-size", "32", "--kv-cache", "fp8-head"], "pack-quantized"),
+])
+def test_quantize_schemes_and_kv_cache(model_dir, text_file, tmp_path, args, fmt):
+    """The schemes that calibrate activation scales (W4A4's global scales, static FP8's) and
+    the KV cache's: streamed, written as compressed-tensors, read back and evaluated."""
+    out = tmp_path / "o"
+    run("quantize", model_dir, *args, *calib_flags(text_file), "-o", out)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["format"] == fmt
+    if "--kv-cache" in args:
+        assert q["kv_cache_scheme"]["strategy"] == "attn_head"
+        assert llmc.Recipe.from_yaml(out / "recipe.yaml").kv_cache.strategy == "attn_head"
+    else:
+        assert q["kv_cache_scheme"] is None
+    res = run("evaluate", out, "--dataset", text_file, "--seqlen", 64, "--windows", 2, "--json")
+    assert json.loads(res.stdout)["perplexity"] > 1

@@ -129,3 +129,24 @@ def test_packed_load_builds_quant_linears(tmp_path, fmt):
     x = calib_ids(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(packed(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["float", "int"])
+@pytest.mark.parametrize("M", [3, 40])
+def test_w8a8_linear_computes_the_fake_quantized_product(kind, M):
+    """W8A8Linear's 8-bit matmul (``_scaled_mm`` / ``_int_mm``, or float32 below their
+    shapes) equals the dequantized weight times the fake-quantized input."""
+    from llmc.core.act import ActScheme, fake_quantize_act
+    from llmc.core.scheme import QuantScheme
+    from llmc.methods.rtn import rtn_quantize
+    from llmc.nn import W8A8Linear
+
+    g = torch.Generator().manual_seed(M)
+    W, b = torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    qw = rtn_quantize(W, QuantScheme(8, -1, True, kind))
+    m = W8A8Linear.from_quantized(qw, b)
+    x = torch.randn(2, M, 64, generator=g)
+    ref = fake_quantize_act(x, ActScheme(kind)) @ qw.dequantize().t() + b
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+    assert W8A8Linear.supports(qw, ActScheme(kind))
+    assert not W8A8Linear.supports(qw, ActScheme("float" if kind == "int" else "int"))

@@ -66,6 +66,16 @@ def check_model(recipe: Recipe, config: Any, divisible_groups: str | None = None
                     f"divisible by {nm[1]}, but {bad[0]} has {chosen[bad[0]]}; leave such "
                     "layers out with the step's `ignore`"
                 )
+        act = getattr(step.config, "act_scheme", None)
+        width = {"group": 128, "tensor_group": 16}.get(getattr(act, "strategy", None))
+        if width:
+            bad = sorted(n for n, k in chosen.items() if k % width)
+            if bad:
+                raise ValueError(
+                    f"steps[{i}].args: activations quantized in groups of {width} need input "
+                    f"widths divisible by {width}, but {bad[0]} has {chosen[bad[0]]}; leave "
+                    "such layers out with the step's `ignore`"
+                )
         scheme = getattr(step.config, "scheme", None)
         g = scheme.group_size if scheme is not None else None
         if g is not None and g != -1:

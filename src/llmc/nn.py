@@ -8,6 +8,8 @@
 - :class:`SparseQuantLinear`: the joint 2:4 + INT4 form (kept entries as 4-bit codes with
   group scales and zero points, plus their positions); its Triton kernel, or the ``*_ref``
   path.
+- :class:`W8A8Linear`: FP8 or INT8 weights per output channel with the input quantized per
+  token in the forward, multiplied by ``torch._scaled_mm`` / ``torch._int_mm``.
 """
 
 from __future__ import annotations
@@ -268,3 +270,70 @@ class SparseQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, 2:4, "
                 f"bits=4, group_size={self.group_size}, sym={self.sym}")
+
+
+class W8A8Linear(nn.Module):
+    """``y = Q(x) @ W^T * (s_x s_w) + b`` with real 8-bit matmuls: ``weight`` FP8 E4M3 or INT8
+    [N, K] with one float32 scale per output channel (``weight_scale`` [N]), the input
+    quantized per token in the forward (:func:`llmc.kernels.act_quant.quant_per_token`, the
+    Triton kernel on CUDA). FP8 multiplies with ``torch._scaled_mm`` (row-wise scales), INT8
+    with ``torch._int_mm`` (int32 accumulation) where its shape rules hold (M > 16, K and N
+    multiples of 8), in float32 otherwise. What the fake-quantized model computes, up to the
+    matmul's accumulation order."""
+
+    def __init__(self, in_features: int, out_features: int, kind: str = "float",
+                 bias: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if kind not in ("float", "int"):
+            raise ValueError(f"kind: {kind!r} is not float (FP8) or int (INT8)")
+        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+        code = torch.float8_e4m3fn if kind == "float" else torch.int8
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=code,
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32,
+                                                        device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device)
+                             if bias else None)
+
+    @staticmethod
+    def supports(qw: QuantizedWeight, act) -> bool:
+        """Whether a quantized Linear (and its activation scheme) runs as this module: 8-bit
+        weights per output channel, symmetric, with dynamic per-token inputs of their type."""
+        return (act is not None and act.bits == 8 and act.strategy == "token"
+                and act.dynamic is True and act.type == qw.type and qw.bits == 8
+                and qw.group_size == -1 and qw.sym and not qw.block_rows)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None,
+                       dtype: torch.dtype = torch.float32) -> W8A8Linear:
+        N, K = qw.shape
+        m = cls(K, N, qw.type, bias is not None, dtype)
+        code = qw.q if qw.type == "float" else (qw.q.to(torch.int16) - 128).to(torch.int8)
+        m.weight.copy_(code)
+        m.weight_scale.copy_(qw.scales.reshape(N))
+        if bias is not None:
+            m.bias.copy_(bias)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        from llmc.kernels.act_quant import quant_per_token
+
+        lead = x.shape[:-1]
+        q, s = quant_per_token(x.reshape(-1, self.in_features), self.kind)
+        M, K, N = q.shape[0], self.in_features, self.out_features
+        if self.kind == "float":
+            out = torch.bfloat16 if q.is_cuda else torch.float32  # row-wise scaling on CUDA
+            y = torch._scaled_mm(q, self.weight.t(), scale_a=s,
+                                 scale_b=self.weight_scale.view(1, N), out_dtype=out).float()
+        else:
+            if M > 16 and K % 8 == 0 and N % 8 == 0:
+                acc = torch._int_mm(q, self.weight.t()).float()
+            else:
+                acc = q.float() @ self.weight.float().t()
+            y = acc * s * self.weight_scale.view(1, N)
+        return _finish(y.reshape(*lead, N), self.bias, x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"kind={self.kind}")

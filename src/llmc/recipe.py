@@ -24,11 +24,17 @@ SCHEME_PRESETS: dict[str, dict[str, Any]] = {
     "w8a16": {"bits": 8, "group_size": -1, "sym": True},
     "w8a8-int8": {"bits": 8, "group_size": -1, "sym": True, "act_bits": 8, "act_type": "int"},
     "nvfp4": {"bits": 4, "group_size": 16, "sym": True, "type": "float"},
+    "mxfp4": {"bits": 4, "group_size": 32, "sym": True, "type": "float"},
+    "nvfp4-w4a4": {"bits": 4, "group_size": 16, "sym": True, "type": "float", "act_bits": 4,
+                   "act_type": "float"},
     "fp8-dynamic": {"bits": 8, "group_size": -1, "sym": True, "type": "float", "act_bits": 8,
                     "act_type": "float"},
     # static: one activation scale per Linear, calibrated on the calibration windows
     "w8a8-int8-static": {"bits": 8, "group_size": -1, "sym": True, "act_bits": 8,
                          "act_type": "int", "act_strategy": "tensor", "act_dynamic": False},
+    # DeepSeek-style: FP8 weights in 128 x 128 blocks, FP8 activations per token and 128 inputs
+    "fp8-block": {"bits": 8, "group_size": 128, "sym": True, "type": "float", "block_rows": 128,
+                  "act_bits": 8, "act_type": "float", "act_strategy": "group"},
     "fp8-static": {"bits": 8, "group_size": -1, "sym": True, "type": "float", "act_bits": 8,
                    "act_type": "float", "act_strategy": "tensor", "act_dynamic": False},
 }
@@ -103,7 +109,7 @@ def _build(cls: type, data: Any, where: str):
 def _static_acts(config: Any) -> bool:
     """Whether a step's activation scales are calibrated (static)."""
     act = getattr(config, "act_scheme", None)
-    return act is not None and not act.dynamic
+    return act is not None and act.dynamic is not True
 
 
 def _scheme(config: Any) -> tuple[int, int, bool]:

@@ -65,8 +65,11 @@ def test_attach_quantizes_the_input_and_survives_a_copy():
 
 @pytest.mark.parametrize("kw, match", [
     ({"type": "fp4"}, "act_type"),
-    ({"strategy": "group"}, "act_strategy"),
-    ({"bits": 4}, "act_bits"),
+    ({"strategy": "channel"}, "act_strategy"),
+    ({"strategy": "group", "dynamic": False}, "act_strategy group"),
+    ({"bits": 4}, "NVFP4"),
+    ({"bits": 6}, "act_bits"),
+    ({"strategy": "tensor_group"}, "tensor_group"),
     ({"strategy": "token", "dynamic": False}, "per-token"),
 ])
 def test_bad_activation_schemes_are_refused(kw, match):

@@ -177,20 +177,29 @@ def test_w8a8_round_trip_is_bit_exact(tmp_path, case):
         assert torch.equal(back(x).logits, model(x).logits)
 
 
+MIXED = [{"method": "gptq", "targets": ["re:.*self_attn.*"], "args": FP8},
+         {"method": "gptq", "targets": ["re:.*mlp.*"], "args": {"bits": 4, "group_size": 32}}]
+BLOCK = {**FP8, "group_size": 32, "block_rows": 32}  # the tiny model's widths: 32 x 32 blocks
+EXACT = {**{k: v[0] for k, v in W8A8_SCHEMES.items()},
+         "fp8-block": [{"method": "gptq", "args": BLOCK}],
+         "mixed-fp8-attention-w4-mlp": MIXED}
+
+
 @has_ct
-@pytest.mark.parametrize("case", list(W8A8_SCHEMES))
+@pytest.mark.parametrize("case", list(EXACT))
 def test_transformers_runs_w8a8_like_llmc(tmp_path, case, monkeypatch):
     """transformers (through the compressed-tensors package) quantizes the activations in the
     forward on the CPU too. Its INT8 reference divides each token's amax by 127.5 where vLLM's
     kernel, and llmc, divide by 127: with llmc set to the package's constant the logits agree.
-    Static scales are the checkpoint's, which both use as they are."""
+    Static scales are the checkpoint's, which both use as they are. FP8 128 x 128 blocks (32 x
+    32 here) and mixed precision (FP8 attention, 4-bit MLPs: two config groups) too."""
     from transformers import AutoModelForCausalLM
 
     from llmc.core import act
 
     if "fp8" not in case and "static" not in case:
         monkeypatch.setattr(act, "INT8_MAX", 127.5)
-    model = compressed(W8A8_SCHEMES[case][0])
+    model = compressed(EXACT[case])
     out = llmc.save(model, tmp_path / case)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     x = calib_ids(2, 16)
@@ -210,10 +219,24 @@ def test_weight_only_formats_refuse_w8a8(tmp_path, fmt):
     assert not (tmp_path / fmt).exists()
 
 
-def test_w8a8_checkpoints_do_not_load_packed(tmp_path):
-    out = llmc.save(compressed([{"method": "rtn", "args": W8A8}]), tmp_path / "w8a8")
+@pytest.mark.parametrize("args", [W8A8, FP8], ids=["int8", "fp8"])
+def test_w8a8_checkpoints_load_packed_with_8bit_matmuls(tmp_path, args):
+    """``packed=True`` gives W8A8Linear modules (real INT8 / FP8 matmuls on the per-token
+    quantized inputs) whose logits are the fake-quantized model's up to accumulation order;
+    schemes it does not run (static scales) are refused."""
+    from llmc.nn import W8A8Linear
+
+    model = compressed([{"method": "rtn", "args": args}])
+    out = llmc.save(model, tmp_path / "w8a8")
+    packed, _ = llmc.load(out, packed=True)
+    assert isinstance(packed.model.layers[0].self_attn.q_proj, W8A8Linear)
+    x = calib_ids(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+    static = llmc.save(compressed([{"method": "rtn", "args": {**args, **STATIC}}]),
+                       tmp_path / "static")
     with pytest.raises(ValueError, match="packed=False"):
-        llmc.load(out, packed=True)
+        llmc.load(static, packed=True)
 
 
 NVFP4 = {"bits": 4, "group_size": 16, "type": "float"}
@@ -264,13 +287,17 @@ def test_nvfp4_is_the_packages_layout(tmp_path):
 
 
 @has_ct
-def test_transformers_runs_nvfp4(tmp_path):
-    """transformers keeps NVFP4 compressed and runs it in bfloat16 on the CPU: its logits
-    agree with llmc's bfloat16 model to that precision."""
+@pytest.mark.parametrize("args", ["nvfp4", "nvfp4-w4a4", "mxfp4"])
+def test_transformers_runs_fp4(tmp_path, args):
+    """transformers keeps NVFP4 / MXFP4 compressed and runs it in bfloat16 on the CPU (NVFP4
+    activations too): its logits agree with llmc's bfloat16 model to that precision (within
+    twice llmc's own bfloat16-to-float32 change)."""
     from transformers import AutoModelForCausalLM
 
-    model = compressed([{"method": "gptq", "args": NVFP4}])
-    out = llmc.save(model, tmp_path / "nv")
+    from llmc.recipe import SCHEME_PRESETS
+
+    model = compressed([{"method": "gptq", "args": SCHEME_PRESETS[args]}])
+    out = llmc.save(model, tmp_path / "fp4")
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     x = calib_ids(2, 16)
     with torch.no_grad():
@@ -278,10 +305,6 @@ def test_transformers_runs_nvfp4(tmp_path):
         y = model.bfloat16()(x).logits.float()
         yh = hf(x).logits.float()
     assert (yh - y).abs().max() <= 2 * (y - y32).abs().max() + 1e-3
-
-
-MIXED = [{"method": "gptq", "targets": ["re:.*self_attn.*"], "args": FP8},
-         {"method": "gptq", "targets": ["re:.*mlp.*"], "args": {"bits": 4, "group_size": 32}}]
 
 
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
@@ -312,18 +335,6 @@ def test_mixed_precision_is_one_config_group_per_scheme(tmp_path, arch):
         assert torch.equal(back(x).logits, model(x).logits)
 
 
-@has_ct
-def test_transformers_runs_mixed_precision_like_llmc(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    model = compressed(MIXED)
-    out = llmc.save(model, tmp_path / "mixed")
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    x = calib_ids(2, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=0, atol=1e-5)
-
-
 def test_group_targets_fall_back_to_names():
     """A name quantized with one scheme in some blocks and another in others is targeted by
     its full names."""
@@ -336,3 +347,123 @@ def test_group_targets_fall_back_to_names():
     groups = [(ta, "A"), (tb, "B")]
     assert [group_of(groups, n) for n in a + b] == ["A", "A", "A", "B"]
     assert group_of(groups, "m.layers.2.mlp.up") is None
+
+
+W4A4 = {**NVFP4, "act_bits": 4, "act_type": "float"}
+
+
+def test_nvfp4_w4a4_round_trip_is_bit_exact(tmp_path):
+    """NVFP4 weights and activations: the calibrated global scale of each Linear's input is its
+    ``input_global_scale``; group scales are computed in the forward (``dynamic: local``)."""
+    from conftest import output_tensors
+
+    from llmc.core.act import ActScheme
+
+    model = compressed([{"method": "gptq", "args": W4A4}])
+    out = llmc.save(model, tmp_path / "w4a4")
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    acts = q["config_groups"]["group_0"]["input_activations"]
+    assert (acts["num_bits"], acts["strategy"], acts["dynamic"], acts["group_size"]) == (
+        4, "tensor_group", "local", 16)
+    t = output_tensors(out)
+    glob = t["model.layers.0.mlp.down_proj.input_global_scale"]
+    down = model.model.layers[0].mlp.down_proj
+    assert down.llmc_act == ActScheme("float", "tensor_group", "local", 4)
+    assert glob.shape == (1,) and torch.equal(glob, down.llmc_act_scale)
+    back, _ = llmc.load(out)
+    linears_equal(model, back)
+    x = calib_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)
+
+
+MXFP4 = {"bits": 4, "group_size": 32, "type": "float"}
+
+
+@has_ct
+def test_mxfp4_scales_are_the_packages():
+    """MXFP4's power-of-two group scales and its fake-quantized weight equal the package's
+    (``calculate_qparams`` with ``scale_dtype: uint8``, then ``fake_quantize``)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    from llmc.formats.compressed_tensors import _weights_args
+
+    W = torch.randn(40, 96, generator=torch.Generator().manual_seed(0))
+    W = W * torch.logspace(-1, 1, 96)
+    qw = rtn_quantize(W, QuantScheme(4, 32, True, "float"))
+    args = QuantizationArgs(**_weights_args(4, 32, True, "none", "float"))
+    g = W.unflatten(-1, (3, 32))
+    scale, zero = calculate_qparams(g.amin(-1), g.amax(-1), args)
+    assert torch.equal(scale.float(), qw.scales)
+    assert torch.equal(fake_quantize(W, scale, zero, args), qw.dequantize())
+
+
+def test_mxfp4_round_trip_is_bit_exact(tmp_path):
+    from conftest import output_tensors
+
+    model = compressed([{"method": "gptq", "args": MXFP4}])
+    out = llmc.save(model, tmp_path / "mx")
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    w = q["config_groups"]["group_0"]["weights"]
+    assert q["format"] == "mxfp4-pack-quantized"
+    assert (w["strategy"], w["group_size"], w["scale_dtype"]) == ("group", 32, "torch.uint8")
+    t = output_tensors(out)
+    assert t["model.layers.0.mlp.up_proj.weight_packed"].shape == (128, 32)
+    scale = t["model.layers.0.mlp.up_proj.weight_scale"]
+    assert scale.dtype == torch.uint8 and scale.shape == (128, 2)
+    assert "model.layers.0.mlp.up_proj.weight_global_scale" not in t
+    back, _ = llmc.load(out)
+    linears_equal(model, back)
+
+
+def test_fp8_block_scales(tmp_path):
+    """FP8 weights in blocks (``strategy: block``): one scale per 32 x 32 block, shared by the
+    block's rows in memory and stored once, read back bit-exactly."""
+    from conftest import output_tensors
+
+    model = compressed([{"method": "gptq", "args": BLOCK}])
+    up = model.model.layers[0].mlp.up_proj.llmc_quant.scales  # [128, 2]
+    assert torch.equal(up[0], up[31]) and not torch.equal(up[31], up[32])
+    out = llmc.save(model, tmp_path / "blk")
+    w = json.loads((out / "config.json").read_text())["quantization_config"][
+        "config_groups"]["group_0"]["weights"]
+    assert (w["strategy"], w["block_structure"], w["group_size"]) == ("block", [32, 32], None)
+    scale = output_tensors(out)["model.layers.0.mlp.up_proj.weight_scale"]
+    assert scale.shape == (4, 2) and torch.equal(scale, up[::32])
+    back, _ = llmc.load(out)
+    linears_equal(model, back)
+
+
+@has_ct
+@pytest.mark.parametrize("kind", ["fp8-group", "nvfp4"])
+def test_dynamic_activations_are_the_packages(kind):
+    """The package's dynamic quantization of an input equals llmc's: FP8 with a scale per
+    token and 128 inputs (``fp8-block``'s), and NVFP4's local group scales over the global
+    scale llmc calibrates."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+    from llmc.core.act import ActScheme, fake_quantize_act, static_scale
+
+    nvfp4 = kind == "nvfp4"
+    scheme = (ActScheme("float", "tensor_group", "local", 4) if nvfp4
+              else ActScheme("float", "group", True, 8))
+    x = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(0))
+    x = x * torch.logspace(-2, 1, 256)
+    g = static_scale(x.abs().amax(), scheme) if nvfp4 else None
+    args = QuantizationArgs(**scheme.to_ct())
+    scale, zp = compute_dynamic_scales_and_zp(x, args, module=None, global_scale=g)
+    assert torch.equal(fake_quantize(x, scale, zp, args, global_scale=g),
+                       fake_quantize_act(x, scheme, g))
+
+
+def test_group_activations_need_divisible_widths():
+    from llmc.recipe import SCHEME_PRESETS
+
+    recipe = llmc.Recipe.from_dict({"steps": [{"method": "rtn",
+                                               "args": SCHEME_PRESETS["fp8-block"]}]})
+    with pytest.raises(ValueError, match="groups of 128 need input widths divisible by 128"):
+        check_model(recipe, tiny_model("llama").config)

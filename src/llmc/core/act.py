@@ -3,7 +3,10 @@ engine quantizes it before a W8A8 matmul.
 
 An :class:`ActScheme` is 8-bit integer (symmetric, codes in [-128, 127]) or FP8 E4M3, with one
 scale per token computed in the forward (``dynamic``, strategy ``token``) or one per tensor
-calibrated beforehand (static, strategy ``tensor``). The scales follow vLLM's kernels, which
+calibrated beforehand (static, strategy ``tensor``); or NVFP4 (4 bits, ``tensor_group``): E2M1
+values in groups of 16 along the input, each group's E4M3 scale computed in the forward
+(``dynamic="local"``) over a global scale ``448 * 6 / amax`` calibrated beforehand, the
+weights' NVFP4 recipe applied to the input. The scales follow vLLM's kernels, which
 are what serves these checkpoints: ``amax / 127`` for INT8 and ``amax / 448`` for FP8, per
 token row of the flattened input. (The compressed-tensors package's own CPU fake-quantization
 divides INT8 by 127.5, so transformers' logits on an INT8 W8A8 export differ from llmc's by
@@ -22,10 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmc.core.scheme import FP8_MAX, round_half_even
+from llmc.core.scheme import FP4_GROUP, FP4_MAX, FP8_MAX, round_half_even
 
 ACT_TYPES = ("int", "float")
-ACT_STRATEGIES = ("token", "tensor")
+ACT_STRATEGIES = ("token", "group", "tensor", "tensor_group")
+ACT_GROUP = 128  # strategy group: one dynamic scale per token and 128 input columns (vLLM's)
+LOCAL = "local"  # NVFP4: group scales computed in the forward over a calibrated global scale
 INT8_MAX = 127.0
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # vLLM's floor for a dynamic FP8 scale (all-zero rows)
 
@@ -38,7 +43,7 @@ class ActScheme:
 
     type: str = "int"
     strategy: str = "token"
-    dynamic: bool = True
+    dynamic: bool | str = True
     bits: int = 8
 
     def __post_init__(self) -> None:
@@ -47,9 +52,20 @@ class ActScheme:
         if self.strategy not in ACT_STRATEGIES:
             raise ValueError(f"act_strategy: {self.strategy!r} is not one of "
                              f"{', '.join(ACT_STRATEGIES)}")
-        if self.bits != 8:
+        fp4 = (self.bits, self.type, self.strategy, self.dynamic) == (4, "float", "tensor_group",
+                                                                     LOCAL)
+        if self.bits == 4 and not fp4:
+            raise ValueError("4-bit activations are NVFP4: act_type float (groups of 16, local "
+                             "scales over a calibrated global scale)")
+        if self.bits not in (4, 8):
             raise ValueError(f"act_bits: {self.bits} is not supported; activations are "
-                             "quantized to 8 bits (16 leaves them unquantized)")
+                             "quantized to 8 bits, or 4 (NVFP4; 16 leaves them unquantized)")
+        if (self.strategy == "tensor_group" or self.dynamic == LOCAL) and not fp4:
+            raise ValueError("act_strategy tensor_group (local dynamic scales) is NVFP4's: "
+                             "act_bits 4, act_type float")
+        if self.strategy == "group" and (self.dynamic is not True or self.bits != 8):
+            raise ValueError("act_strategy group (a scale per token and 128 inputs) is "
+                             "dynamic, 8-bit")
         if self.strategy == "token" and not self.dynamic:
             raise ValueError("per-token activation scales are computed in the forward: use "
                              "act_dynamic true, or act_strategy tensor for a static scale")
@@ -58,10 +74,21 @@ class ActScheme:
     def qmax(self) -> float:
         return FP8_MAX if self.type == "float" else INT8_MAX
 
+    @property
+    def is_fp4(self) -> bool:
+        return self.bits == 4
+
     def to_ct(self) -> dict[str, Any]:
         """compressed-tensors ``input_activations`` arguments."""
+        if self.is_fp4:
+            return {"num_bits": 4, "type": "float", "symmetric": True,
+                    "strategy": "tensor_group", "dynamic": LOCAL, "group_size": FP4_GROUP,
+                    "observer": "static_minmax", "observer_kwargs": {},
+                    "scale_dtype": "torch.float8_e4m3fn", "block_structure": None,
+                    "actorder": None}
         return {"num_bits": self.bits, "type": self.type, "symmetric": True,
-                "strategy": self.strategy, "dynamic": self.dynamic, "group_size": None,
+                "strategy": self.strategy, "dynamic": self.dynamic,
+                "group_size": ACT_GROUP if self.strategy == "group" else None,
                 "observer": None if self.dynamic else "minmax", "observer_kwargs": {},
                 "block_structure": None, "actorder": None}
 
@@ -69,32 +96,48 @@ class ActScheme:
     def from_ct(cls, args: dict[str, Any]) -> ActScheme:
         if not args.get("symmetric", True):
             raise ValueError("asymmetric activation quantization is not supported")
+        dynamic = args.get("dynamic", True)
         return cls(type=args.get("type", "int"), strategy=args.get("strategy", "token"),
-                   dynamic=bool(args.get("dynamic", True)), bits=int(args.get("num_bits", 8)))
+                   dynamic=dynamic if dynamic == LOCAL else bool(dynamic),
+                   bits=int(args.get("num_bits", 8)))
 
 
 def static_scale(amax: Tensor, scheme: ActScheme) -> Tensor:
-    """A static per-tensor scale [1] (float32) from the calibrated ``max |x|``."""
-    return (amax.detach().float().reshape(1) / scheme.qmax).clamp(min=MIN_SCALE).cpu()
+    """A static per-tensor scale [1] (float32) from the calibrated ``max |x|``; for NVFP4 the
+    global scale ``448 * 6 / amax`` (the checkpoint's ``input_global_scale``)."""
+    a = amax.detach().float().reshape(1).cpu()
+    if scheme.is_fp4:
+        return torch.where(a > 0, FP8_MAX * FP4_MAX / a, torch.ones_like(a))
+    return (a / scheme.qmax).clamp(min=MIN_SCALE)
 
 
 def calibrated(config: Any) -> ActScheme | None:
     """The static activation scheme of a step's config (its scale calibrated on the
     calibration windows), None when it has none or a dynamic one."""
     act = getattr(config, "act_scheme", None)
-    return act if act is not None and not act.dynamic else None
+    return act if act is not None and act.dynamic is not True else None
 
 
 def act_scale(x: Tensor, scheme: ActScheme) -> Tensor:
-    """The dynamic scale of ``x`` ([..., K]): per token [..., 1], or per tensor [] (float32)."""
+    """The dynamic scale of ``x`` ([..., K]; per group: [..., G, 128]): per token or group
+    [..., 1], or per tensor [] (float32)."""
     a = x.detach().abs().float()
-    amax = a.amax(dim=-1, keepdim=True) if scheme.strategy == "token" else a.amax()
+    amax = a.amax() if scheme.strategy == "tensor" else a.amax(dim=-1, keepdim=True)
     return (amax / scheme.qmax).clamp(min=MIN_SCALE)
 
 
 def fake_quantize_act(x: Tensor, scheme: ActScheme, scale: Tensor | None = None) -> Tensor:
     """``x`` quantized and dequantized on ``scheme`` (``scale`` given for a static scheme),
     in ``x``'s dtype."""
+    if scheme.is_fp4:
+        return _fake_fp4(x, float(scale.reshape(-1)[0]))
+    if scheme.strategy == "group":
+        K = x.shape[-1]
+        if K % ACT_GROUP:
+            raise ValueError(f"per-group activation scales need an input width divisible by "
+                             f"{ACT_GROUP}, got {K}")
+        grouped = x.unflatten(-1, (K // ACT_GROUP, ACT_GROUP))
+        return fake_quantize_act(grouped, ActScheme(scheme.type, "token", True, 8)).flatten(-2)
     s = act_scale(x, scheme) if scale is None else scale.to(x.device, torch.float32)
     y = x.float() / s
     if scheme.type == "float":
@@ -102,6 +145,21 @@ def fake_quantize_act(x: Tensor, scheme: ActScheme, scale: Tensor | None = None)
     else:
         y = round_half_even(y).clamp_(-128.0, 127.0)
     return (y * s).to(x.dtype)
+
+
+def _fake_fp4(x: Tensor, global_scale: float) -> Tensor:
+    """``x`` [..., K] on NVFP4 in groups of 16 along K (the weights' grid and scales)."""
+    from llmc.core.scheme import QuantScheme, qparams_from_range, quantize
+
+    K = x.shape[-1]
+    if K % FP4_GROUP:
+        raise ValueError(f"NVFP4 activations need an input width divisible by {FP4_GROUP}, "
+                         f"got {K}")
+    g = x.float().unflatten(-1, (K // FP4_GROUP, FP4_GROUP))
+    amax = g.abs().amax(dim=-1, keepdim=True)
+    scheme = QuantScheme(4, FP4_GROUP, True, "float", global_scale=global_scale)
+    scale, zero = qparams_from_range(-amax, amax, scheme)
+    return (quantize(g, scale, zero, scheme) * scale).flatten(-2).to(x.dtype)
 
 
 def quantize_inputs(module: nn.Module, args: tuple) -> tuple | None:
@@ -119,7 +177,7 @@ def attach(linear: nn.Module, scheme: ActScheme, scale: Tensor | None = None) ->
     calibrated per-tensor scale). Replaces an earlier activation scheme of the module. The
     scheme lives in the module's ``llmc_act`` attribute, read by one pre-hook at each call, so
     a copy of the module (``copy.deepcopy``) quantizes the same way."""
-    if not scheme.dynamic and scale is None:
+    if scheme.dynamic is not True and scale is None:
         raise ValueError("a static activation scheme needs its calibrated scale")
     linear.llmc_act = scheme
     linear.llmc_act_scale = scale

@@ -20,6 +20,16 @@ them exactly). Each group's scale is an E4M3 number divided by the tensor's FP32
 ``g = 448 * 6 / amax(W)``: ``scale = e4m3(g * amax_group / 6) / g`` (compressed-tensors'
 convention). :meth:`QuantScheme.for_weight` fixes ``g`` from a weight before its groups are
 quantized.
+
+FP8 block scales (``block_rows``, e.g. 128 with ``group_size`` 128: DeepSeek's 128 x 128
+blocks) share one scale between ``block_rows`` consecutive rows of a group: each row's scale is
+computed as usual, then the block takes the largest (its ``amax / 448``). Scales stay [N, G]
+in memory, equal within a block; the writer keeps one per block.
+
+MXFP4 (``type="float"``, 4 bits, groups of 32) uses the same E2M1 grid with power-of-two
+(E8M0) group scales and no global scale: ``scale = 2^(e - 2)`` where ``2^e`` is ``amax``
+rounded to a power of two, up when its mantissa is at least 1.75 (compressed-tensors' rounding;
+``amax / scale`` then lies in [3.5, 7) and the few values above 6 clip).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from torch import Tensor
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 FP4_MAX = 6.0  # the largest E2M1 value
 FP4_GROUP = 16  # NVFP4's group width
+MX_GROUP = 32  # MXFP4's group width
 WEIGHT_TYPES = ("int", "float")
 FP4_LEVELS = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # E2M1's magnitudes
 _FP4_MIDPOINTS = (FP4_LEVELS[1:] + FP4_LEVELS[:-1]) / 2
@@ -63,16 +74,22 @@ class QuantScheme:
     sym: bool = True
     type: str = "int"
     global_scale: float = 0.0  # NVFP4: the weight's FP32 global scale (0: not fixed yet)
+    block_rows: int = 0  # FP8 block scales: rows per block (0: a scale per row)
 
     def __post_init__(self) -> None:
+        if self.block_rows and (self.type != "float" or self.bits != 8 or self.group_size < 1
+                                or self.block_rows < 1):
+            raise ValueError(f"block_rows: {self.block_rows} needs FP8 weights in groups "
+                             "(type float, bits 8, group_size e.g. 128)")
         if self.type not in WEIGHT_TYPES:
             raise ValueError(f"type: {self.type!r} is not one of {', '.join(WEIGHT_TYPES)}")
-        if self.type == "float" and (self.bits not in (4, 8) or not self.sym
-                                     or (self.bits == 4 and self.group_size != FP4_GROUP)):
+        if self.type == "float" and (
+                self.bits not in (4, 8) or not self.sym
+                or (self.bits == 4 and self.group_size not in (FP4_GROUP, MX_GROUP))):
             raise ValueError(
                 f"type float: bits {self.bits}, group_size {self.group_size}, sym {self.sym} "
-                "is not supported; floating-point weights are FP8 E4M3 (bits 8) or NVFP4 "
-                "(bits 4, group_size 16), symmetric")
+                "is not supported; floating-point weights are FP8 E4M3 (bits 8), NVFP4 "
+                "(bits 4, group_size 16) or MXFP4 (bits 4, group_size 32), symmetric")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits: {self.bits!r} is not supported; use an integer from 2 to 8")
         if (
@@ -95,11 +112,17 @@ class QuantScheme:
 
     @property
     def is_fp4(self) -> bool:
+        """On the E2M1 grid: NVFP4 or MXFP4."""
         return self.type == "float" and self.bits == 4
+
+    @property
+    def is_mx(self) -> bool:
+        """MXFP4: E2M1 in groups of 32, power-of-two scales."""
+        return self.is_fp4 and self.group_size == MX_GROUP
 
     def for_weight(self, W: Tensor) -> QuantScheme:
         """This scheme with NVFP4's global scale fixed from ``W`` (other schemes: itself)."""
-        if not self.is_fp4 or self.global_scale:
+        if not self.is_fp4 or self.is_mx or self.global_scale:
             return self
         amax = float(W.detach().abs().max())
         g = FP8_MAX * FP4_MAX / amax if amax > 0 else 1.0
@@ -162,9 +185,10 @@ class QuantArgs:
     act_type: str = "int"
     act_strategy: str = "token"
     act_dynamic: bool = True
+    block_rows: int = 0
 
     def __post_init__(self) -> None:
-        QuantScheme(self.bits, self.group_size, self.sym, self.type)
+        QuantScheme(self.bits, self.group_size, self.sym, self.type, block_rows=self.block_rows)
         if self.clip:
             ClipSearch(self.clip_grid, self.clip_max_shrink, self.clip_norm)
         if self.act_bits != 16:
@@ -178,11 +202,16 @@ class QuantArgs:
 
         if self.act_bits == 16:
             return None
+        if self.act_bits == 4:  # NVFP4: its strategy and scales are the format's
+            if self.act_type != "float":
+                raise ValueError("act_bits 4: activations are NVFP4; use act_type float")
+            return ActScheme("float", "tensor_group", "local", 4)
         return ActScheme(self.act_type, self.act_strategy, self.act_dynamic, self.act_bits)
 
     @property
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.group_size, self.sym, self.type)
+        return QuantScheme(self.bits, self.group_size, self.sym, self.type,
+                           block_rows=self.block_rows)
 
     @property
     def clip_search(self) -> ClipSearch | None:
@@ -208,10 +237,12 @@ class QuantState:
     sym: bool
     type: str = "int"
     global_scale: float = 0.0
+    block_rows: int = 0
 
     @property
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.group_size, self.sym, self.type, self.global_scale)
+        return QuantScheme(self.bits, self.group_size, self.sym, self.type, self.global_scale,
+                           self.block_rows)
 
     def codes(self, W: Tensor, name: str = "weight") -> QuantizedWeight:
         """The integer (or FP8) form of the dense weight ``W``; refuses a weight that left the
@@ -253,7 +284,7 @@ class QuantizedWeight(QuantState):
 
     def state(self) -> QuantState:
         return QuantState(self.scales, self.zeros, self.g_idx, self.bits, self.group_size,
-                          self.sym, self.type, self.global_scale)
+                          self.sym, self.type, self.global_scale, self.block_rows)
 
 
 def qparams_from_range(
@@ -262,6 +293,8 @@ def qparams_from_range(
     """Scale and integer zero point (as float) for ranges ``[xmin, xmax]`` that contain 0
     (FP8: ``amax / 448`` in float32, zero 0)."""
     maxq = scheme.maxq
+    if scheme.is_mx:
+        return mx_scale(torch.maximum(xmin.abs(), xmax)), torch.zeros_like(xmax)
     if scheme.is_fp4:
         if not scheme.global_scale:
             raise ValueError("NVFP4 qparams need the weight's global scale: "
@@ -290,6 +323,15 @@ def qparams_from_range(
     # in-memory model and the saved one are bit-identical.
     scale = scale.clamp(min=2**-24).to(torch.float16).float()
     return scale, zero
+
+
+def mx_scale(amax: Tensor) -> Tensor:
+    """MXFP4's power-of-two scale of groups with maxima ``amax`` (see the module docstring):
+    the float32 bits of ``amax`` plus half of E2M1's mantissa step, masked to the exponent,
+    give ``2^e``; the scale is ``2^(e - 2)`` (1 for an all-zero group)."""
+    a = amax.float().contiguous()
+    p2 = ((a.view(torch.int32) + (1 << 21)) & 0x7F800000).view(torch.float32)
+    return torch.where(a > 0, (p2 / 4).clamp(min=2.0**-126), torch.ones_like(a))
 
 
 _MAGIC = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds a float32 half-to-even
@@ -386,6 +428,19 @@ def find_qparams(
     return scale, zero
 
 
+def block_qparams(scale: Tensor, zero: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
+    """Per-row qparams ([N] or [N, G]) with each block of ``scheme.block_rows`` rows given its
+    largest scale (FP8 block scales); unchanged without blocks."""
+    b = scheme.block_rows
+    if not b:
+        return scale, zero
+    N = scale.shape[0]
+    pad = -N % b
+    s = torch.nn.functional.pad(scale, (0, 0) * (scale.dim() - 1) + (0, pad)) if pad else scale
+    s = s.reshape(-1, b, *scale.shape[1:]).amax(dim=1)
+    return s.repeat_interleave(b, dim=0)[:N].contiguous(), zero
+
+
 def grouped_qparams(
     W: Tensor,
     scheme: QuantScheme,
@@ -410,7 +465,7 @@ def grouped_qparams(
         s, z = find_qparams(W[:, full * width :], scheme, clip, imp)
         scales.append(s[:, None])
         zeros.append(z[:, None])
-    return torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
+    return block_qparams(torch.cat(scales, dim=1), torch.cat(zeros, dim=1), scheme)
 
 
 def trivial_groups(g_idx: Tensor, group_size: int) -> bool:
@@ -476,7 +531,7 @@ def quantize_dequantize(
                          zeros=zeros.to(torch.int32).contiguous(),
                          g_idx=g_idx.to(torch.int32).contiguous(), bits=scheme.bits,
                          group_size=scheme.group_size, sym=scheme.sym, type=scheme.type,
-                         global_scale=scheme.global_scale)
+                         global_scale=scheme.global_scale, block_rows=scheme.block_rows)
     return qw, dense.reshape(N, K)
 
 
@@ -497,6 +552,7 @@ def quantize_with_groups(
         sym=scheme.sym,
         type=scheme.type,
         global_scale=scheme.global_scale,
+        block_rows=scheme.block_rows,
     )
 
 

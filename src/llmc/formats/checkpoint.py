@@ -133,7 +133,8 @@ def read_model(path: Path, packed: bool = False) -> nn.Module:
 
     Quantized Linears are dequantized on CPU and keep their qparams in ``.llmc_quant``; with
     ``packed``, they become :class:`llmc.nn.QuantLinear` modules holding the packed codes (fp16
-    scales), built on the meta device so that no dense weight is ever materialised."""
+    scales), or :class:`llmc.nn.W8A8Linear` for FP8 / INT8 W8A8, built on the meta device so
+    that no dense weight is ever materialised."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = json.loads((path / "config.json").read_text())
@@ -168,21 +169,29 @@ def read_model(path: Path, packed: bool = False) -> nn.Module:
         quantized.add(prefix)
         act = (layout.act_scheme(qconfig, config_name(prefix)) if hasattr(layout, "act_scheme")
                else None)
-        if packed and (act is not None or qw.type != "int"):
-            raise ValueError(f"{path}: packed=True holds integer weight-only Linears; load this "
-                             "checkpoint (FP8 weights or quantized activations) with "
-                             "packed=False")
         if packed:
-            from llmc.nn import QuantLinear
+            from llmc.nn import QuantLinear, W8A8Linear
 
+            if W8A8Linear.supports(qw, act):  # real FP8 / INT8 matmuls
+                module = W8A8Linear.from_quantized(qw, bias)
+            elif act is not None or qw.type != "int":
+                raise ValueError(
+                    f"{path}: packed=True holds integer weight-only Linears and W8A8 ones (8-bit "
+                    "weights per channel, inputs per token); load this checkpoint (its "
+                    f"{prefix}: {qw.type} {qw.bits}-bit weights, activations {act}) with "
+                    "packed=False")
+            else:
+                module = QuantLinear.from_quantized(qw, bias)
             parent, _, child = prefix.rpartition(".")
-            setattr(model.get_submodule(parent), child, QuantLinear.from_quantized(qw, bias))
+            setattr(model.get_submodule(parent), child, module)
             continue
         module = model.get_submodule(prefix)
         module.weight.data = qw.dequantize()
         module.llmc_quant = qw.state()
         if act is not None:  # a static scheme's calibrated scale is the checkpoint's
-            act_quant.attach(module, act, tensors.pop(f"{prefix}.input_scale", None))
+            scale = tensors.pop(f"{prefix}.input_scale", None)
+            glob = tensors.pop(f"{prefix}.input_global_scale", None)
+            act_quant.attach(module, act, glob if act.is_fp4 else scale)
         if bias is not None:
             module.bias.data = bias.float()
     missing, unexpected = model.load_state_dict(

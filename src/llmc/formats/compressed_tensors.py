@@ -42,6 +42,11 @@ NVFP4 weights, format ``nvfp4-pack-quantized`` (``strategy: tensor_group``, grou
     weight_scale         float8_e4m3fn [N, K/16] group scale times the global scale
     weight_global_scale  float32 [1]            448 * 6 / amax(W)
 
+MXFP4 (``mxfp4-pack-quantized``, ``strategy: group``, groups of 32, ``scale_dtype: uint8``): the
+same ``weight_packed``, ``weight_scale`` uint8 [N, K/32] holding ``127 + log2(scale)``, no
+global scale. FP8 weights in blocks (``strategy: block``, ``block_structure: [rows, cols]``)
+are ``float-quantized`` with ``weight_scale`` [ceil(N/rows), K/cols].
+
 Quantized activations are the config group's ``input_activations`` (8 bits, symmetric, int or
 float, per token dynamic, or per tensor static with a float32 ``input_scale`` [1] per Linear);
 the reader attaches them to the Linears it reads (:func:`llmc.core.act.attach`).
@@ -65,7 +70,7 @@ from torch import Tensor
 from llmc.core.act import ActScheme, KVCacheScheme
 from llmc.core.masks import nm_slots
 from llmc.core.pack import pack_rows, unpack_rows
-from llmc.core.scheme import FP4_LEVELS, QuantizedWeight, QuantScheme
+from llmc.core.scheme import FP4_LEVELS, MX_GROUP, QuantizedWeight, QuantScheme
 from llmc.formats.io import StatelessWriter
 from llmc.models.moe import to_checkpoint_name
 from llmc.registry import FORMATS
@@ -85,12 +90,14 @@ def _unpack_k(packed: Tensor, bits: int, cols: int) -> Tensor:
     return unpack_rows(packed.t().contiguous(), bits, cols).t().contiguous()
 
 
-def ct_format(weight_type: str, bits: int, act: ActScheme | None) -> str:
+def ct_format(weight_type: str, bits: int, act: ActScheme | None, group_size: int = 16) -> str:
     """The compressed-tensors format of a scheme: ``float-quantized`` for FP8 weights,
-    ``int-quantized`` for 8-bit integer weights with quantized activations, else
-    ``pack-quantized``."""
+    ``nvfp4-``/``mxfp4-pack-quantized`` for E2M1 weights in groups of 16/32, ``int-quantized``
+    for 8-bit integer weights with quantized activations, else ``pack-quantized``."""
+    if weight_type == "float" and bits == 4:
+        return "mxfp4-pack-quantized" if group_size == MX_GROUP else "nvfp4-pack-quantized"
     if weight_type == "float":
-        return "nvfp4-pack-quantized" if bits == 4 else "float-quantized"
+        return "float-quantized"
     if act is not None and bits == 8:
         return "int-quantized"
     return "pack-quantized"
@@ -106,15 +113,21 @@ def ct_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None,
             "compressed-tensors package needs whole groups. Use a group size that divides every "
             "layer's input width, or --format gptq"
         )
-    fmt = ct_format(qw.type, qw.bits, act)
-    if fmt == "nvfp4-pack-quantized":
+    fmt = ct_format(qw.type, qw.bits, act, qw.group_size)
+    if fmt in FP4_FORMATS:
         return fp4_tensors(prefix, qw, bias)
     if fmt != "pack-quantized":
         if not qw.sym:
             raise ValueError(f"{prefix}: {fmt} weights are symmetric; use sym: true")
         weight = qw.q if qw.type == "float" else (qw.q.to(torch.int16) - 128).to(torch.int8)
+        scales = qw.scales.float()
+        if qw.block_rows:  # one scale per block of rows: the first row's
+            scales = scales[::qw.block_rows]
+            if not torch.equal(scales.repeat_interleave(qw.block_rows, dim=0)[:N],
+                               qw.scales.float()):
+                raise ValueError(f"{prefix}: FP8 block scales differ within a block")
         out = {f"{prefix}.weight": weight.contiguous(),
-               f"{prefix}.weight_scale": qw.scales.float().contiguous()}
+               f"{prefix}.weight_scale": scales.contiguous()}
         if bias is not None:
             out[f"{prefix}.bias"] = bias.detach().contiguous()
         return out
@@ -140,11 +153,21 @@ def fp4_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[s
     if (idx == 255).any():
         raise ValueError(f"{prefix}: codes off the E2M1 grid")
     code = idx | (torch.signbit(v) & (v != 0)).to(torch.uint8) << 3
+    packed = (code[:, 0::2] | code[:, 1::2] << 4).contiguous()
+    if qw.group_size == MX_GROUP:  # E8M0 scales: the biased exponent
+        e = torch.log2(qw.scales.float())
+        if not torch.equal(e, e.round()) or e.min() < -127 or e.max() > 127:
+            raise ValueError(f"{prefix}: MXFP4 scales are not powers of two")
+        out = {f"{prefix}.weight_packed": packed,
+               f"{prefix}.weight_scale": (e + 127).to(torch.uint8).contiguous()}
+        if bias is not None:
+            out[f"{prefix}.bias"] = bias.detach().contiguous()
+        return out
     g = torch.tensor([qw.global_scale], dtype=torch.float32)
     s8 = (qw.scales.float() * g).to(torch.float8_e4m3fn)
     if not torch.equal(s8.float() / g, qw.scales.float()):
         raise ValueError(f"{prefix}: NVFP4 scales are not E4M3 numbers over the global scale")
-    out = {f"{prefix}.weight_packed": (code[:, 0::2] | code[:, 1::2] << 4).contiguous(),
+    out = {f"{prefix}.weight_packed": packed,
            f"{prefix}.weight_scale": s8.contiguous(),
            f"{prefix}.weight_global_scale": g}
     if bias is not None:
@@ -160,6 +183,13 @@ def read_fp4_tensors(tensors: dict[str, Tensor], prefix: str, scheme: QuantSchem
     code = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(N, -1)
     v = FP4_LEVELS[(code & 7).long()]
     v = torch.where((code & 8) != 0, -v, v)
+    if scheme.group_size == MX_GROUP:
+        scales = torch.exp2(tensors[f"{prefix}.weight_scale"].float() - 127).contiguous()
+        return QuantizedWeight(
+            q=v.to(torch.float8_e4m3fn), scales=scales,
+            zeros=torch.zeros(scales.shape, dtype=torch.int32),
+            g_idx=scheme.default_g_idx(v.shape[1]), bits=4, group_size=MX_GROUP, sym=True,
+            type="float")
     g = float(tensors[f"{prefix}.weight_global_scale"].float().reshape(-1)[0])
     gt = torch.tensor(g, dtype=torch.float32)
     scales = (tensors[f"{prefix}.weight_scale"].float() / gt).contiguous()
@@ -181,12 +211,15 @@ def read_unpacked_tensors(tensors: dict[str, Tensor], prefix: str, scheme: Quant
         q, zero = w.to(torch.float8_e4m3fn), 0
     else:
         q, zero = (w.to(torch.int16) + 128).to(torch.uint8), 128
-    scales = tensors[f"{prefix}.weight_scale"].float().reshape(N, -1).contiguous()
+    scales = tensors[f"{prefix}.weight_scale"].float()
+    b = scheme.block_rows
+    scales = (scales.repeat_interleave(b, dim=0)[:N] if b else scales.reshape(N, -1))
+    scales = scales.contiguous()
     return QuantizedWeight(
         q=q.contiguous(), scales=scales,
         zeros=torch.full(scales.shape, zero, dtype=torch.int32),
         g_idx=scheme.default_g_idx(K), bits=scheme.bits, group_size=scheme.group_size,
-        sym=True, type=scheme.type,
+        sym=True, type=scheme.type, block_rows=b,
     )
 
 
@@ -240,16 +273,18 @@ def read_bitmask_tensors(tensors: dict[str, Tensor], prefix: str) -> Tensor:
 
 
 def _weights_args(bits: int, group_size: int, sym: bool, act_order: str,
-                  weight_type: str = "int") -> dict[str, Any]:
+                  weight_type: str = "int", block_rows: int = 0) -> dict[str, Any]:
     fp4 = weight_type == "float" and bits == 4
+    mx = fp4 and group_size == MX_GROUP
+    strategy = ("block" if block_rows else "tensor_group" if fp4 and not mx
+                else "channel" if group_size == -1 else "group")
     return {
-        "num_bits": bits, "type": weight_type, "symmetric": sym,
-        "strategy": "tensor_group" if fp4 else "channel" if group_size == -1 else "group",
-        **({"scale_dtype": "torch.float8_e4m3fn"} if fp4 else {}),
-        "group_size": None if group_size == -1 else group_size,
-        "actorder": "weight" if act_order == "static" else None,
+        "num_bits": bits, "type": weight_type, "symmetric": sym, "strategy": strategy,
+        **({"scale_dtype": "torch.uint8" if mx else "torch.float8_e4m3fn"} if fp4 else {}),
+        "group_size": None if group_size == -1 or block_rows else group_size,
+        "actorder": "weight" if act_order == "static" and not block_rows else None,
         "dynamic": False, "observer": "minmax", "observer_kwargs": {},
-        "block_structure": None,
+        "block_structure": [block_rows, group_size] if block_rows else None,
     }
 
 
@@ -276,24 +311,25 @@ def group_targets(names: list[str], others: list[str]) -> list[str]:
 
 
 def ct_quantization_config(
-    groups: list[tuple[tuple[int, int, bool], str, ActScheme | None, list[str]]],
+    groups: list[tuple[tuple[int, int, bool], str, ActScheme | None, list[str], int]],
     act_order: str, ignore: list[str], sparsity: dict[str, Any] | None,
     kv_cache: KVCacheScheme | None = None,
 ) -> dict[str, Any]:
     """``quantization_config`` for ``config.json``: a config group per scheme ``(bits,
-    group_size, sym), weight type, activations, Linears`` (one: targeting ``Linear``; several:
+    group_size, sym), weight type, activations, Linears, block rows`` (one: targeting
+    ``Linear``; several:
     their Linears, see :func:`group_targets`), each with its format (:func:`ct_format`) and
     its inputs' quantization; the Linears left out in ``ignore``; the KV cache's scheme; the
     sparsity config when 2:4. The top-level format is the groups' one, or ``mixed-precision``."""
     config_groups = {}
     formats = []
-    for i, (scheme, weight_type, act, names) in enumerate(groups):
-        fmt = ct_format(weight_type, scheme[0], act)
+    for i, (scheme, weight_type, act, names, block_rows) in enumerate(groups):
+        fmt = ct_format(weight_type, scheme[0], act, scheme[1])
         formats.append(fmt)
         others = [n for j, g in enumerate(groups) if j != i for n in g[3]]
         config_groups[f"group_{i}"] = {
             "targets": ["Linear"] if len(groups) == 1 else group_targets(names, others),
-            "weights": _weights_args(*scheme, act_order, weight_type),
+            "weights": _weights_args(*scheme, act_order, weight_type, block_rows),
             "input_activations": None if act is None else act.to_ct(),
             "output_activations": None, "format": fmt,
         }
@@ -310,7 +346,8 @@ def ct_quantization_config(
     }
 
 
-READABLE = ("pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized")
+FP4_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
+READABLE = ("pack-quantized", "int-quantized", "float-quantized", *FP4_FORMATS)
 
 
 CTGroup = tuple[str, QuantScheme, "ActScheme | None"]  # (format, weights, activations)
@@ -322,11 +359,13 @@ def _group(g: dict[str, Any], qconfig: dict[str, Any]) -> CTGroup:
     if fmt not in READABLE:
         raise ValueError(f"compressed-tensors format {fmt!r} is not supported; llmc reads "
                          f"{', '.join(READABLE)}")
-    if w.get("strategy") not in (None, "channel", "group", "tensor_group"):
+    if w.get("strategy") not in (None, "channel", "group", "tensor_group", "block"):
         raise ValueError(f"compressed-tensors weight strategy {w.get('strategy')!r} is not "
-                         "supported; llmc reads channel and group")
-    scheme = QuantScheme(w["num_bits"], w.get("group_size") or -1,
-                         bool(w.get("symmetric", True)), w.get("type", "int"))
+                         "supported; llmc reads channel, group, tensor_group and block")
+    rows, cols = w.get("block_structure") or (0, None)
+    scheme = QuantScheme(w["num_bits"], cols or w.get("group_size") or -1,
+                         bool(w.get("symmetric", True)), w.get("type", "int"),
+                         block_rows=int(rows))
     acts = g.get("input_activations")
     return fmt, scheme, ActScheme.from_ct(acts) if acts else None
 
@@ -371,10 +410,11 @@ class CTWriter(StatelessWriter):
         if not is_trivial_g_idx(qw.g_idx, qw.group_size):
             raise ValueError(CT_DYNAMIC.format(where=f"{name}: "))
         out = ct_tensors(name, qw, bias, act)
-        if act is not None and not act.dynamic:
+        if act is not None and act.dynamic is not True:
             if act_scale is None:
                 raise ValueError(f"{name}: its static activation scale was never calibrated")
-            out[f"{name}.input_scale"] = act_scale.detach().float().reshape(1).cpu()
+            key = "input_global_scale" if act.is_fp4 else "input_scale"
+            out[f"{name}.{key}"] = act_scale.detach().float().reshape(1).cpu()
         return out
 
     def quantization_config(self, p: Any) -> dict[str, Any] | None:
@@ -388,8 +428,8 @@ class CTWriter(StatelessWriter):
                                  [n for n in p.linears if n not in names])
         if not quantized and sp is None and p.kv_cache is None:
             return None
-        groups = [(key[:3], key[3], key[4], [to_checkpoint_name(n, p.renames) for n in names])
-                  for key, names in p.schemes.items()]  # targets in the checkpoint's names
+        groups = [(key[:3], key[3], key[5], [to_checkpoint_name(n, p.renames) for n in names],
+                   key[4]) for key, names in p.schemes.items()]  # targets: checkpoint names
         return ct_quantization_config(groups, p.act(),
                                       [n for n in p.linears if n not in quantized], sp,
                                       p.kv_cache)
@@ -451,7 +491,7 @@ class CTLayout:
                 raise ValueError(f"{path}: {prefix} holds quantized weights but no config group "
                                  "targets it")
             fmt, scheme, _ = group
-            if fmt == "nvfp4-pack-quantized":
+            if fmt in FP4_FORMATS:
                 qw = read_fp4_tensors(tensors, prefix, scheme)
                 suffixes = ("weight_packed", "weight_scale", "weight_global_scale")
             elif fmt == "pack-quantized":

@@ -85,7 +85,8 @@ class Packer:
         self.scheme: tuple[int, int, bool] | None = None  # the first quantized Linear's
         self.weight_type = "int"  # or "float" (FP8)
         self.activations: ActScheme | None = None  # the inputs' quantization (first Linear)
-        # every scheme (bits, group_size, sym, type, activations) -> the Linears it quantized;
+        # every scheme (bits, group_size, sym, type, block_rows, activations) -> the Linears it
+        # quantized;
         # a layout with ``mixed`` holds several (one config group each)
         self.schemes: dict[tuple, list[str]] = {}
         self.kv_cache: KVCacheScheme | None = None  # the KV cache's scheme, once a block has one
@@ -172,7 +173,7 @@ class Packer:
                 f"{self.activations}); one {self.fmt} checkpoint holds one (compressed-tensors "
                 "holds several)"
             )
-        self.schemes.setdefault((*scheme, qw.type, act), []).append(name)
+        self.schemes.setdefault((*scheme, qw.type, qw.block_rows, act), []).append(name)
         self.quantized.append(name)
         if not is_trivial_g_idx(qw.g_idx, qw.group_size):
             self.dynamic = True
@@ -209,7 +210,7 @@ class Packer:
         return {"scheme": self.scheme, "weight_type": self.weight_type,
                 "activations": (None if self.activations is None
                                 else dataclasses.asdict(self.activations)),
-                "schemes": [[[*key[:4], None if key[4] is None else dataclasses.asdict(key[4])],
+                "schemes": [[[*key[:5], None if key[5] is None else dataclasses.asdict(key[5])],
                              names] for key, names in self.schemes.items()],
                 "kv_cache": (None if self.kv_cache is None
                              else dataclasses.asdict(self.kv_cache)),
@@ -224,7 +225,7 @@ class Packer:
                             else None)
         self.kv_cache = (KVCacheScheme(**state["kv_cache"]) if state.get("kv_cache")
                          else None)
-        self.schemes = {(*k[:4], None if k[4] is None else ActScheme(**k[4])): list(names)
+        self.schemes = {(*k[:5], None if k[5] is None else ActScheme(**k[5])): list(names)
                         for k, names in state.get("schemes", [])}
         self.quantized = list(state["quantized"])
         self.dynamic = state["dynamic"]

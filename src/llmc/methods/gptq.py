@@ -19,6 +19,7 @@ from llmc.core.scheme import (
     QuantArgs,
     QuantizedWeight,
     QuantScheme,
+    block_qparams,
     find_qparams,
     grouped_qparams,
     output_error,
@@ -245,7 +246,8 @@ def obs_compress(
                             cols[:, : i2 - i].masked_fill_(mask1[j : j + width].t(), 0)
                         imp = importance[i : i + cols.shape[1]]
                         g = i // width
-                        scales[:, g], zeros[:, g] = find_qparams(cols, scheme, clip, imp)
+                        scales[:, g], zeros[:, g] = block_qparams(
+                            *find_qparams(cols, scheme, clip, imp), scheme)
                     s, z = scales[:, i // width], zeros[:, i // width]
                 q = quantize(w, s, z, scheme)
                 if prune is not None:
@@ -286,6 +288,7 @@ def obs_compress(
         sym=scheme.sym,
         type=scheme.type,
         global_scale=scheme.global_scale,
+        block_rows=scheme.block_rows,
     )
     return qw.dequantize(), qw, pruned
 
