@@ -12,7 +12,8 @@ attributes, which ``copy.deepcopy`` keeps:
 - ``llmc_kv_name``: its full name, under which an :func:`observing` callback sees its keys and
   values (how the walker calibrates the scales);
 - ``llmc_kv_scales``: ``(k_scale, v_scale)`` once calibrated; the checkpoint's
-  ``{name}.k_scale`` and ``{name}.v_scale``.
+  ``{name}.k_scale`` and ``{name}.v_scale`` (a None side stays unquantized: a measurement's
+  keys-only or values-only cache).
 """
 
 from __future__ import annotations
@@ -65,10 +66,11 @@ def _wrapper(impl: str) -> Callable:
             name = getattr(module, "llmc_kv_name", None)
             if _observer and name is not None:
                 _observer[-1](name, key, value)
-            scales = getattr(module, "llmc_kv_scales", None)
-            if scales is not None:
-                key = fake_quantize_act(key, scheme.act, scales[0])
-                value = fake_quantize_act(value, scheme.act, scales[1])
+            k_scale, v_scale = getattr(module, "llmc_kv_scales", None) or (None, None)
+            if k_scale is not None:
+                key = fake_quantize_act(key, scheme.act, k_scale)
+            if v_scale is not None:
+                value = fake_quantize_act(value, scheme.act, v_scale)
         return _original(module, impl)(module, query, key, value, *args, **kwargs)
 
     return attention
