@@ -67,7 +67,7 @@ def check_model(recipe: Recipe, config: Any, divisible_groups: str | None = None
                     "layers out with the step's `ignore`"
                 )
         act = getattr(step.config, "act_scheme", None)
-        width = {"group": 128, "tensor_group": 16}.get(getattr(act, "strategy", None))
+        width = act.group_width if act is not None else None
         if width:
             bad = sorted(n for n, k in chosen.items() if k % width)
             if bad:

@@ -25,7 +25,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmc.core.scheme import FP4_GROUP, FP4_MAX, FP8_MAX, round_half_even
+from llmc.core.scheme import (
+    FP4_GROUP,
+    FP4_MAX,
+    FP8_MAX,
+    QuantScheme,
+    qparams_from_range,
+    quantize,
+    round_half_even,
+)
 
 ACT_TYPES = ("int", "float")
 ACT_STRATEGIES = ("token", "group", "tensor", "tensor_group")
@@ -77,6 +85,17 @@ class ActScheme:
     @property
     def is_fp4(self) -> bool:
         return self.bits == 4
+
+    @property
+    def group_width(self) -> int | None:
+        """Input columns per scale of a grouped scheme (which input widths must divide), None
+        for per-token and per-tensor scales."""
+        return {"group": ACT_GROUP, "tensor_group": FP4_GROUP}.get(self.strategy)
+
+    def check_width(self, K: int) -> None:
+        if self.group_width and K % self.group_width:
+            raise ValueError(f"activations quantized in groups of {self.group_width} need an "
+                             f"input width divisible by {self.group_width}, got {K}")
 
     def to_ct(self) -> dict[str, Any]:
         """compressed-tensors ``input_activations`` arguments."""
@@ -133,9 +152,7 @@ def fake_quantize_act(x: Tensor, scheme: ActScheme, scale: Tensor | None = None)
         return _fake_fp4(x, float(scale.reshape(-1)[0]))
     if scheme.strategy == "group":
         K = x.shape[-1]
-        if K % ACT_GROUP:
-            raise ValueError(f"per-group activation scales need an input width divisible by "
-                             f"{ACT_GROUP}, got {K}")
+        scheme.check_width(K)
         grouped = x.unflatten(-1, (K // ACT_GROUP, ACT_GROUP))
         return fake_quantize_act(grouped, ActScheme(scheme.type, "token", True, 8)).flatten(-2)
     s = act_scale(x, scheme) if scale is None else scale.to(x.device, torch.float32)
@@ -149,12 +166,8 @@ def fake_quantize_act(x: Tensor, scheme: ActScheme, scale: Tensor | None = None)
 
 def _fake_fp4(x: Tensor, global_scale: float) -> Tensor:
     """``x`` [..., K] on NVFP4 in groups of 16 along K (the weights' grid and scales)."""
-    from llmc.core.scheme import QuantScheme, qparams_from_range, quantize
-
     K = x.shape[-1]
-    if K % FP4_GROUP:
-        raise ValueError(f"NVFP4 activations need an input width divisible by {FP4_GROUP}, "
-                         f"got {K}")
+    ActScheme("float", "tensor_group", LOCAL, 4).check_width(K)
     g = x.float().unflatten(-1, (K // FP4_GROUP, FP4_GROUP))
     amax = g.abs().amax(dim=-1, keepdim=True)
     scheme = QuantScheme(4, FP4_GROUP, True, "float", global_scale=global_scale)

@@ -38,6 +38,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -142,6 +143,18 @@ class QuantScheme:
     def default_g_idx(self, in_features: int) -> Tensor:
         """Group of each input column in the original order: ``k // group_size``."""
         return torch.arange(in_features, dtype=torch.int32) // self.group_width(in_features)
+
+
+class SchemeKey(NamedTuple):
+    """What one quantized Linear was quantized with, as a checkpoint's config records it: the
+    weight scheme and the input's :class:`~llmc.core.act.ActScheme` (None: unquantized)."""
+
+    bits: int
+    group_size: int
+    sym: bool
+    type: str
+    block_rows: int
+    act: Any
 
 
 @dataclass(frozen=True)

@@ -226,7 +226,7 @@ def _read_kv_scales(model: nn.Module, qconfig: dict[str, Any], tensors: dict[str
     scheme = KVCacheScheme.from_ct(args)
     modules = kvcache.attention_modules(model)
     for name, m in modules.items():
-        k, v = tensors.pop(f"{name}.k_scale", None), tensors.pop(f"{name}.v_scale", None)
+        k, v = (tensors.pop(f"{name}.{s}", None) for s in kvcache.SCALE_NAMES)
         if k is None or v is None:
             raise ValueError(f"kv_cache_scheme is set but {name} has no k_scale/v_scale")
         kvcache.set_scales(m, scheme, k, v)

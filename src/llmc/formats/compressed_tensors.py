@@ -70,7 +70,7 @@ from torch import Tensor
 from llmc.core.act import ActScheme, KVCacheScheme
 from llmc.core.masks import nm_slots
 from llmc.core.pack import pack_rows, unpack_rows
-from llmc.core.scheme import FP4_LEVELS, MX_GROUP, QuantizedWeight, QuantScheme
+from llmc.core.scheme import FP4_LEVELS, MX_GROUP, QuantizedWeight, QuantScheme, SchemeKey
 from llmc.formats.io import StatelessWriter
 from llmc.models.moe import to_checkpoint_name
 from llmc.registry import FORMATS
@@ -144,7 +144,8 @@ def ct_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None,
 
 
 def fp4_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[str, Tensor]:
-    """``nvfp4-pack-quantized`` tensors of one Linear (see the module docstring)."""
+    """``nvfp4-pack-quantized`` (or, groups of 32, ``mxfp4-pack-quantized``) tensors of one
+    Linear (see the module docstring)."""
     N, K = qw.shape
     v = qw.q.float()
     idx = torch.full(v.shape, -1, dtype=torch.uint8)
@@ -153,23 +154,20 @@ def fp4_tensors(prefix: str, qw: QuantizedWeight, bias: Tensor | None) -> dict[s
     if (idx == 255).any():
         raise ValueError(f"{prefix}: codes off the E2M1 grid")
     code = idx | (torch.signbit(v) & (v != 0)).to(torch.uint8) << 3
-    packed = (code[:, 0::2] | code[:, 1::2] << 4).contiguous()
+    out = {f"{prefix}.weight_packed": (code[:, 0::2] | code[:, 1::2] << 4).contiguous()}
     if qw.group_size == MX_GROUP:  # E8M0 scales: the biased exponent
         e = torch.log2(qw.scales.float())
         if not torch.equal(e, e.round()) or e.min() < -127 or e.max() > 127:
             raise ValueError(f"{prefix}: MXFP4 scales are not powers of two")
-        out = {f"{prefix}.weight_packed": packed,
-               f"{prefix}.weight_scale": (e + 127).to(torch.uint8).contiguous()}
-        if bias is not None:
-            out[f"{prefix}.bias"] = bias.detach().contiguous()
-        return out
-    g = torch.tensor([qw.global_scale], dtype=torch.float32)
-    s8 = (qw.scales.float() * g).to(torch.float8_e4m3fn)
-    if not torch.equal(s8.float() / g, qw.scales.float()):
-        raise ValueError(f"{prefix}: NVFP4 scales are not E4M3 numbers over the global scale")
-    out = {f"{prefix}.weight_packed": packed,
-           f"{prefix}.weight_scale": s8.contiguous(),
-           f"{prefix}.weight_global_scale": g}
+        out[f"{prefix}.weight_scale"] = (e + 127).to(torch.uint8).contiguous()
+    else:
+        g = torch.tensor([qw.global_scale], dtype=torch.float32)
+        s8 = (qw.scales.float() * g).to(torch.float8_e4m3fn)
+        if not torch.equal(s8.float() / g, qw.scales.float()):
+            raise ValueError(f"{prefix}: NVFP4 scales are not E4M3 numbers over the global "
+                             "scale")
+        out[f"{prefix}.weight_scale"] = s8.contiguous()
+        out[f"{prefix}.weight_global_scale"] = g
     if bias is not None:
         out[f"{prefix}.bias"] = bias.detach().contiguous()
     return out
@@ -184,15 +182,12 @@ def read_fp4_tensors(tensors: dict[str, Tensor], prefix: str, scheme: QuantSchem
     v = FP4_LEVELS[(code & 7).long()]
     v = torch.where((code & 8) != 0, -v, v)
     if scheme.group_size == MX_GROUP:
+        g = 0.0
         scales = torch.exp2(tensors[f"{prefix}.weight_scale"].float() - 127).contiguous()
-        return QuantizedWeight(
-            q=v.to(torch.float8_e4m3fn), scales=scales,
-            zeros=torch.zeros(scales.shape, dtype=torch.int32),
-            g_idx=scheme.default_g_idx(v.shape[1]), bits=4, group_size=MX_GROUP, sym=True,
-            type="float")
-    g = float(tensors[f"{prefix}.weight_global_scale"].float().reshape(-1)[0])
-    gt = torch.tensor(g, dtype=torch.float32)
-    scales = (tensors[f"{prefix}.weight_scale"].float() / gt).contiguous()
+    else:
+        g = float(tensors[f"{prefix}.weight_global_scale"].float().reshape(-1)[0])
+        gt = torch.tensor(g, dtype=torch.float32)
+        scales = (tensors[f"{prefix}.weight_scale"].float() / gt).contiguous()
     return QuantizedWeight(
         q=v.to(torch.float8_e4m3fn), scales=scales, zeros=torch.zeros(scales.shape,
                                                                       dtype=torch.int32),
@@ -311,26 +306,26 @@ def group_targets(names: list[str], others: list[str]) -> list[str]:
 
 
 def ct_quantization_config(
-    groups: list[tuple[tuple[int, int, bool], str, ActScheme | None, list[str], int]],
+    groups: list[tuple[SchemeKey, list[str]]],
     act_order: str, ignore: list[str], sparsity: dict[str, Any] | None,
     kv_cache: KVCacheScheme | None = None,
 ) -> dict[str, Any]:
-    """``quantization_config`` for ``config.json``: a config group per scheme ``(bits,
-    group_size, sym), weight type, activations, Linears, block rows`` (one: targeting
-    ``Linear``; several:
-    their Linears, see :func:`group_targets`), each with its format (:func:`ct_format`) and
+    """``quantization_config`` for ``config.json``: a config group per scheme and its Linears
+    (one: targeting ``Linear``; several: their Linears, see :func:`group_targets`), each with
+    its format (:func:`ct_format`) and
     its inputs' quantization; the Linears left out in ``ignore``; the KV cache's scheme; the
     sparsity config when 2:4. The top-level format is the groups' one, or ``mixed-precision``."""
     config_groups = {}
     formats = []
-    for i, (scheme, weight_type, act, names, block_rows) in enumerate(groups):
-        fmt = ct_format(weight_type, scheme[0], act, scheme[1])
+    for i, (k, names) in enumerate(groups):
+        fmt = ct_format(k.type, k.bits, k.act, k.group_size)
         formats.append(fmt)
-        others = [n for j, g in enumerate(groups) if j != i for n in g[3]]
+        others = [n for j, (_, their) in enumerate(groups) if j != i for n in their]
         config_groups[f"group_{i}"] = {
             "targets": ["Linear"] if len(groups) == 1 else group_targets(names, others),
-            "weights": _weights_args(*scheme, act_order, weight_type, block_rows),
-            "input_activations": None if act is None else act.to_ct(),
+            "weights": _weights_args(k.bits, k.group_size, k.sym, act_order, k.type,
+                                     k.block_rows),
+            "input_activations": None if k.act is None else k.act.to_ct(),
             "output_activations": None, "format": fmt,
         }
     fmt = ("dense" if not formats else formats[0] if len(set(formats)) == 1
@@ -377,13 +372,6 @@ def ct_groups(qconfig: dict[str, Any]) -> list[tuple[list[str], CTGroup]]:
             for g in (qconfig.get("config_groups") or {}).values()]
 
 
-def ct_scheme(qconfig: dict[str, Any]) -> CTGroup | None:
-    """The first config group's (format, weight scheme, activation scheme); None without
-    groups."""
-    groups = ct_groups(qconfig)
-    return groups[0][1] if groups else None
-
-
 def group_of(groups: list[tuple[list[str], CTGroup]], name: str) -> CTGroup | None:
     """The config group a Linear ``name`` belongs to, by the package's precedence: its exact
     name, then a ``re:`` pattern, then the class name ``Linear``."""
@@ -428,8 +416,8 @@ class CTWriter(StatelessWriter):
                                  [n for n in p.linears if n not in names])
         if not quantized and sp is None and p.kv_cache is None:
             return None
-        groups = [(key[:3], key[3], key[5], [to_checkpoint_name(n, p.renames) for n in names],
-                   key[4]) for key, names in p.schemes.items()]  # targets: checkpoint names
+        groups = [(key, [to_checkpoint_name(n, p.renames) for n in names])  # checkpoint names
+                  for key, names in p.schemes.items()]
         return ct_quantization_config(groups, p.act(),
                                       [n for n in p.linears if n not in quantized], sp,
                                       p.kv_cache)

@@ -31,8 +31,9 @@ from torch import Tensor, nn
 from llmc.core.act import ActScheme, KVCacheScheme
 from llmc.core.masks import is_nm
 from llmc.core.pack import pack_cols, unpack_cols
-from llmc.core.scheme import QuantizedWeight
+from llmc.core.scheme import QuantizedWeight, SchemeKey
 from llmc.formats.compressed_tensors import bitmask_tensors, is_trivial_g_idx
+from llmc.models.kvcache import SCALE_NAMES
 from llmc.models.moe import checkpoint_renames, rename_tree, to_checkpoint_name
 from llmc.registry import FORMATS
 
@@ -85,10 +86,9 @@ class Packer:
         self.scheme: tuple[int, int, bool] | None = None  # the first quantized Linear's
         self.weight_type = "int"  # or "float" (FP8)
         self.activations: ActScheme | None = None  # the inputs' quantization (first Linear)
-        # every scheme (bits, group_size, sym, type, block_rows, activations) -> the Linears it
-        # quantized;
-        # a layout with ``mixed`` holds several (one config group each)
-        self.schemes: dict[tuple, list[str]] = {}
+        # every scheme -> the Linears it quantized; a layout with ``mixed`` holds several (one
+        # config group each)
+        self.schemes: dict[SchemeKey, list[str]] = {}
         self.kv_cache: KVCacheScheme | None = None  # the KV cache's scheme, once a block has one
         self.quantized: list[str] = []
         self.dynamic = False
@@ -173,7 +173,7 @@ class Packer:
                 f"{self.activations}); one {self.fmt} checkpoint holds one (compressed-tensors "
                 "holds several)"
             )
-        self.schemes.setdefault((*scheme, qw.type, qw.block_rows, act), []).append(name)
+        self.schemes.setdefault(SchemeKey(*scheme, qw.type, qw.block_rows, act), []).append(name)
         self.quantized.append(name)
         if not is_trivial_g_idx(qw.g_idx, qw.group_size):
             self.dynamic = True
@@ -197,7 +197,7 @@ class Packer:
             raise ValueError(f"{name}: KV-cache scheme {m.llmc_kv} differs from the model's "
                              f"{self.kv_cache}; one checkpoint holds one")
         return {f"{name}.{s}": t.detach().float().cpu().contiguous()
-                for s, t in zip(("k_scale", "v_scale"), scales)}
+                for s, t in zip(SCALE_NAMES, scales)}
 
     def rewrite(self, tensors: dict[str, Tensor], linears: list[str]) -> dict[str, Tensor]:
         """``tensors`` of an earlier piece with the qzeros of ``linears`` (from
@@ -210,8 +210,9 @@ class Packer:
         return {"scheme": self.scheme, "weight_type": self.weight_type,
                 "activations": (None if self.activations is None
                                 else dataclasses.asdict(self.activations)),
-                "schemes": [[[*key[:5], None if key[5] is None else dataclasses.asdict(key[5])],
-                             names] for key, names in self.schemes.items()],
+                "schemes": [[{**k._asdict(), "act": None if k.act is None
+                              else dataclasses.asdict(k.act)}, names]
+                            for k, names in self.schemes.items()],
                 "kv_cache": (None if self.kv_cache is None
                              else dataclasses.asdict(self.kv_cache)),
                 "quantized": self.quantized, "dynamic": self.dynamic,
@@ -225,7 +226,8 @@ class Packer:
                             else None)
         self.kv_cache = (KVCacheScheme(**state["kv_cache"]) if state.get("kv_cache")
                          else None)
-        self.schemes = {(*k[:5], None if k[5] is None else ActScheme(**k[5])): list(names)
+        self.schemes = {SchemeKey(**{**k, "act": None if k["act"] is None
+                                     else ActScheme(**k["act"])}): list(names)
                         for k, names in state.get("schemes", [])}
         self.quantized = list(state["quantized"])
         self.dynamic = state["dynamic"]

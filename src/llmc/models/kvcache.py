@@ -94,13 +94,6 @@ def enable(model: nn.Module) -> None:
         text._attn_implementation = name
 
 
-def disable(model: nn.Module) -> None:
-    """Undo :func:`enable` (the modules keep their schemes, unused)."""
-    impl = model.config._attn_implementation or ""
-    if impl.startswith(PREFIX):
-        model.config._attn_implementation = impl[len(PREFIX):]
-
-
 def mark(root: nn.Module, scheme: KVCacheScheme, prefix: str = "") -> dict[str, nn.Module]:
     """Give every attention module under ``root`` the scheme and its full name (``prefix`` +
     relative name); its scales stay unset until :func:`set_scales`. Returns the modules by
