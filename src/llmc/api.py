@@ -34,6 +34,7 @@ from llmc.engine.config import resolve_device
 from llmc.engine.memory import memory_budget, parse_bytes, rss_bytes
 from llmc.engine.plan import Plan, Shape, Work, make_plan
 from llmc.engine.stream import StreamingCheckpoint, partial_dir
+from llmc.engine.walker import reads_as_stored
 from llmc.eval.perplexity import evaluate_text
 from llmc.interfaces import MODEL
 from llmc.models import get_adapter, load_config, load_model, load_tokenizer, resolve
@@ -136,7 +137,7 @@ def _make_plan(model: nn.Module, adapter: Any, recipe: Recipe, steps: list, *,
                calibration: Any, device: torch.device, mode: str, cache: str, lockstep: str,
                max_memory: str | int | None, stored_bytes: int, save_bytes: int,
                out: Path | None, offload_dir: Path | None, probe: bool,
-               max_shard_bytes: int = 2_000_000_000) -> Plan:
+               max_shard_bytes: int = 2_000_000_000, read_bytes: int = 4) -> Plan:
     samples, seqlen = _calibration_shape(recipe, calibration)
     shape = Shape.of(model, adapter, lambda n: any(s.selects(n) for _, s, _ in steps))
     if max_memory is not None:
@@ -149,7 +150,7 @@ def _make_plan(model: nn.Module, adapter: Any, recipe: Recipe, steps: list, *,
         device=device, mode=mode, cache=cache, lockstep=lockstep, baseline=rss_bytes(),
         budget=budget, stored_bytes=stored_bytes, save_bytes=save_bytes,
         out_parent=out.parent if out is not None else None, offload_dir=offload_dir,
-        probe=probe, max_shard_bytes=max_shard_bytes,
+        probe=probe, max_shard_bytes=max_shard_bytes, read_bytes=read_bytes,
     )
 
 
@@ -319,7 +320,8 @@ def plan(
                       calibration=None, device=dev,
                       mode="resident" if post_steps else "stream", cache=cache,
                       lockstep=lockstep, max_memory=max_memory,
-                      stored_bytes=lazy.bytes_on_disk(), save_bytes=lazy.save_dtype.itemsize,
+                      stored_bytes=lazy.bytes_on_disk(), read_bytes=lazy.read_bytes(),
+                      save_bytes=lazy.save_dtype.itemsize,
                       out=Path(out) if out is not None else Path.cwd() / "out",
                       offload_dir=Path(offload_dir) if offload_dir else None, probe=True)
 
@@ -349,6 +351,7 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
     the_plan = _make_plan(lazy.model, adapter, recipe, walk_steps, calibration=calibration,
                           device=dev, mode="stream", cache=cache, lockstep=lockstep,
                           max_memory=max_memory, stored_bytes=lazy.bytes_on_disk(),
+                          read_bytes=lazy.read_bytes(),
                           save_bytes=lazy.save_dtype.itemsize, out=out, offload_dir=offload_dir,
                           probe=False, max_shard_bytes=max_shard_bytes)
     the_plan.check()
@@ -390,7 +393,9 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
     try:
         options = EngineOptions(dev, the_plan.cache, cache_dir,
                                 the_plan.lockstep if the_plan.lockstep != "n/a" else "lockstep")
-        engine = Engine(LazyBlocks(lazy, adapter, dev, prefetch=the_plan.prefetch), adapter,
+        dtype = None if reads_as_stored(walk_steps, recipe.kv_cache) else torch.float32
+        engine = Engine(LazyBlocks(lazy, adapter, dev, prefetch=the_plan.prefetch, dtype=dtype),
+                        adapter,
                         walk_steps, recipe.walker, options, checkpoint=checkpoint,
                         progress=progress, kv_cache=recipe.kv_cache)
         walk = engine.run(windows)
@@ -443,7 +448,7 @@ def _compress_whole(model_name: str, recipe: Recipe, out: Path, *, calibration: 
     the_plan = _make_plan(lazy.model, adapter, recipe, walk_steps + post_steps,
                           calibration=calibration, device=device, mode="resident",
                           cache="ram", lockstep="auto", max_memory=max_memory,
-                          stored_bytes=lazy.bytes_on_disk(),
+                          stored_bytes=lazy.bytes_on_disk(), read_bytes=lazy.read_bytes(),
                           save_bytes=lazy.save_dtype.itemsize, out=out, offload_dir=None,
                           probe=False)
     try:

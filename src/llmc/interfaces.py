@@ -159,11 +159,11 @@ class ModelPass(Protocol):
 
 @dataclass
 class CompressResult:
-    """The new dense weight [N, K] (fp32), its integer form when quantized, its keep mask when
-    pruned, and the relative layer-output error ``tr(dW H dW^T) / tr(W H W^T)`` when a Hessian
-    is known."""
+    """The new dense weight [N, K] (fp32; None from :meth:`CodesCompressor.compress_codes`),
+    its integer form when quantized, its keep mask when pruned, and the relative layer-output
+    error ``tr(dW H dW^T) / tr(W H W^T)`` when a Hessian is known."""
 
-    weight: Tensor
+    weight: Tensor | None
     quant: Any = None
     error: float | None = None
     seconds: float = 0.0
@@ -196,6 +196,17 @@ class LinearCompressor(Protocol):
                  mask: Tensor | None = None) -> CompressResult:
         """``mask``: the keep mask of an earlier pruning step (its zeros must stay zero)."""
         ...
+
+
+@runtime_checkable
+class CodesCompressor(Protocol):
+    """A data-free quantizer that gives its codes without the dequantized weight (RTN). A
+    streamed walk with no forwards (every step data-free) asks for them where the step is the
+    last to touch a Linear, since its writer needs nothing else; with one such step and no
+    other, the blocks are read in the checkpoint's own dtype, never cast to float32."""
+
+    def compress_codes(self, name: str, weight: Tensor,
+                       mask: Tensor | None = None) -> CompressResult: ...
 
 
 class BlockTransform(Protocol):

@@ -64,3 +64,26 @@ def test_truncated_or_corrupt_files_are_refused(tmp_path):
         SafetensorsFile(p)
     with pytest.raises(ValueError, match="does not exist"):
         SafetensorsFile(tmp_path / "missing.safetensors")
+
+
+def test_mapped_reads_equal_reads_and_never_write_the_file(tmp_path):
+    t = sample()
+    path = tmp_path / "x.safetensors"
+    write_file(path, t)
+    before = path.read_bytes()
+    f = SafetensorsFile(path)
+    for k in t:
+        m = f.map(k)
+        assert m.dtype == t[k].dtype and torch.equal(m, f.read(k)), k
+        if m.numel() and m.dtype != torch.bool:
+            m.zero_()  # private: the file keeps its bytes
+        f.drop_cache(k)
+    assert path.read_bytes() == before
+    assert torch.equal(f.map("h"), t["h"])  # a new map sees the file, not the earlier writes
+
+
+def test_durable_writes_read_back(tmp_path):
+    t = sample()
+    write_file(tmp_path / "x.safetensors", t, durable=True)
+    f = SafetensorsFile(tmp_path / "x.safetensors")
+    assert all(torch.equal(f.read(k), t[k]) for k in t)

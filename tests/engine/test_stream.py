@@ -45,6 +45,12 @@ RECIPES = {
                   "act_type": "float"}},
         {"method": "gptq", "targets": ["re:.*mlp.*"], "args": {"bits": 4, "group_size": 32}}],
         "walker": W},
+    # data-free steps in sequence: each Linear's last one gives its codes alone
+    "rtn-mixed-bits": {"steps": [
+        {"method": "rtn", "targets": ["re:.*self_attn.*"], "args": {"bits": 8, "group_size": -1}},
+        {"method": "rtn", "targets": ["re:.*mlp.*"], "args": {"bits": 4, "group_size": 32}}]},
+    "magnitude24+rtn": {"steps": [{"method": "magnitude", "args": {"pattern": "2:4"}},
+                                  {"method": "rtn", "args": {"bits": 4, "group_size": 32}}]},
     "w8a8-static-rtn": {"steps": [{"method": "rtn", "args": {
         "bits": 8, "group_size": -1, "act_bits": 8, "act_strategy": "tensor",
         "act_dynamic": False}}]},
@@ -85,6 +91,17 @@ def test_stream_equals_in_memory_other_layouts(sharded, tmp_path, fmt):
                            progress=False, device="cpu", format=fmt)
     in_memory(sharded, recipe, tmp_path / "m", x, fmt=fmt)
     assert_same_checkpoint(out, tmp_path / "m")
+
+
+@pytest.mark.parametrize("name,masters", [("rtn", "as stored"), ("fp8-dynamic", "as stored"),
+                                          ("rtn-mixed-bits", "float32"),
+                                          ("w8a8-static-rtn", "float32"), ("gptq", "float32")])
+def test_one_data_free_step_reads_blocks_as_stored(sharded, tmp_path, name, masters):
+    """RTN alone never casts a block to float32 (nor builds a dequantized weight); a walk with
+    forwards, or with several steps on one Linear, works on float32 masters."""
+    _, report = llmc.compress(str(sharded), RECIPES[name], calibration=calib_ids(7, 24),
+                              out=tmp_path / "s", progress=False, device="cpu")
+    assert report.engine["masters"] == masters
 
 
 def test_unquantized_tensors_keep_the_checkpoint_dtype(sharded, tmp_path):

@@ -4,18 +4,24 @@ A file is an 8-byte little-endian header length ``n``, ``n`` bytes of JSON (``{n
 shape, data_offsets: [begin, end]}, "__metadata__": {...}}``, padded with spaces), then the
 tensors' bytes, offsets counted from the end of the header, with no holes.
 
-The ``safetensors`` package reads through a memory map, whose touched pages count as the
-process's resident memory until the map closes, and its writer builds every tensor's bytes in
-memory first. Here a tensor is read with ``preadv`` straight into the tensor that will hold it,
-and written straight from its storage, so a 13 GB checkpoint streams through a process whose
-resident memory stays at one block. Nothing is ever unpickled: the header is JSON.
+The ``safetensors`` package maps a whole file, whose touched pages count as the process's
+resident memory until the map closes, and its writer builds every tensor's bytes in memory
+first. Here a tensor is read with ``preadv`` straight into the tensor that will hold it
+(:meth:`SafetensorsFile.read`), or mapped on its own (:meth:`SafetensorsFile.map`: a private
+map of just its bytes, released with the tensor), and written straight from its storage, so a
+13 GB checkpoint streams through a process whose resident memory stays at one block. A mapped
+read costs a sixth of the CPU time of ``preadv`` (measured: 0.17 s against 1.2 s for 2 GB read
+cold), which on a machine with few cores is time the compression gets back. Nothing is ever
+unpickled: the header is JSON.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,7 @@ DTYPES: dict[str, torch.dtype] = {
 NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
 _IO_CHUNK = 1 << 30  # Linux reads and writes at most ~2 GiB per call
+_MADV_POPULATE_READ = 22  # Linux 5.14: fault a range in (reading it) in one call
 
 
 class SafetensorsFile:
@@ -100,6 +107,53 @@ class SafetensorsFile:
                 _read_into(f.fileno(), buf.numpy(), self.data_start + a, self.path)
         return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
 
+    def map(self, name: str) -> Tensor:
+        """Tensor ``name`` as :meth:`read` gives it, backed by a private (copy-on-write) map of
+        its bytes alone, read in before returning; the map closes when the tensor is freed.
+        Writing to the tensor never touches the file."""
+        e = self.entries[name]
+        a, b = e["data_offsets"]
+        if b == a:
+            return self.read(name)
+        begin, end = self.data_start + a, self.data_start + b
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            m = mmap.mmap(f.fileno(), end - start, access=mmap.ACCESS_COPY, offset=start)
+        buf = torch.frombuffer(m, dtype=torch.uint8, count=end - begin, offset=begin - start)
+        _populate(m, buf)
+        return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
+    def drop_cache(self, name: str) -> None:
+        """Tell the kernel that tensor ``name``'s cached pages will not be read again."""
+        a, b = self.entries[name]["data_offsets"]
+        drop_cache(self.path, self.data_start + a, b - a)
+
+
+def drop_cache(path: Path, offset: int, length: int) -> None:
+    """Evict ``length`` bytes of ``path`` from ``offset`` out of the page cache (clean pages
+    only; a no-op where the OS has no ``posix_fadvise``). A streamed checkpoint is read once:
+    its pages, freed as the walk moves on, are the memory the next block's pages reuse."""
+    if length <= 0 or not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _populate(m: mmap.mmap, buf: Tensor) -> None:
+    """Read a fresh map's pages in now (in the calling thread: a prefetch thread reads ahead)."""
+    if sys.platform.startswith("linux"):
+        try:
+            m.madvise(_MADV_POPULATE_READ)
+            return
+        except (OSError, ValueError):  # an older kernel
+            pass
+    m.madvise(mmap.MADV_WILLNEED)
+    int(buf[:: mmap.PAGESIZE].sum())  # one byte of every page
+
 
 def _numel(shape: Iterable[int]) -> int:
     n = 1
@@ -134,9 +188,11 @@ def _tensor_bytes(t: Tensor) -> memoryview:
 
 
 def write_file(path: str | os.PathLike[str], tensors: dict[str, Tensor],
-               metadata: dict[str, str] | None = None) -> int:
+               metadata: dict[str, str] | None = None, durable: bool = False) -> int:
     """Write ``tensors`` (in their order) to ``path``, each straight from its storage; returns
-    the bytes of tensor data. Tensors may share storage (each is written on its own)."""
+    the bytes of tensor data. Tensors may share storage (each is written on its own).
+    ``durable``: on the disk before returning (``fdatasync``), and then out of the page cache,
+    as a streamed output's pieces are written once and not read again soon."""
     entries, offset = {}, 0
     for name, t in tensors.items():
         if t.dtype not in NAMES:
@@ -152,6 +208,11 @@ def write_file(path: str | os.PathLike[str], tensors: dict[str, Tensor],
                 view = _tensor_bytes(t)
                 for i in range(0, len(view), _IO_CHUNK):
                     f.write(view[i : i + _IO_CHUNK])
+        if durable:
+            f.flush()
+            os.fdatasync(f.fileno())
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return offset
 
 

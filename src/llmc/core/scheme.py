@@ -548,6 +548,52 @@ def quantize_dequantize(
     return qw, dense.reshape(N, K)
 
 
+def rtn_codes(W: Tensor, scheme: QuantScheme, clip: ClipSearch | None = None) -> QuantizedWeight:
+    """Round-to-nearest codes of ``W`` ([N, K], any float dtype) in the original column order,
+    without its dequantized form: what a streamed data-free run writes. Rows are independent,
+    so they go in chunks of about a megabyte, each cast to float32, given its qparams and
+    rounded while it sits in the CPU's cache; the values equal :func:`grouped_qparams` then
+    :func:`quantize_with_groups` on ``W.float()``, bit for bit."""
+    N, K = W.shape
+    scheme = scheme.for_weight(W)
+    width = scheme.group_width(K)
+    g_idx = scheme.default_g_idx(K)
+    if K % width or scheme.block_rows:  # a narrow last group, or qparams across rows
+        Wf = W.detach().float()
+        scales, zeros = grouped_qparams(Wf, scheme, clip)
+        return quantize_with_groups(Wf, scales, zeros, g_idx, scheme)
+    G = K // width
+    Wv = W.detach().reshape(N, G, width)
+    q = torch.empty(N, G, width, dtype=scheme.code_dtype, device=W.device)
+    scales = torch.empty(N, G, dtype=torch.float32, device=W.device)
+    zeros = torch.empty(N, G, dtype=torch.float32, device=W.device)
+    rows = max(1, _CHUNK // K)
+    fused = scheme.type == "int" and scheme.sym and clip is None
+    for i in range(0, N, rows):
+        j = min(i + rows, N)
+        w = Wv[i:j].float()
+        if fused:
+            s, z = qparams_from_range(w.amin(dim=-1).clamp_(max=0),
+                                      w.amax(dim=-1).clamp_(min=0), scheme)
+        else:
+            s, z = find_qparams(w, scheme, clip)
+        scales[i:j], zeros[i:j] = s, z
+        if fused:
+            # The zero point (2^(bits-1)) is even, so rounding ``w / s + MAGIC + zero`` to an
+            # integer rounds ``w / s`` half to even and adds the zero point in one step; the
+            # code is then the float's lowest byte (MAGIC's are 0). The clamp to the grid
+            # also covers inputs too large for the trick.
+            x = (w / s[:, :, None]).add_(_MAGIC + z[0, 0].item())  # w may be W itself
+            x.clamp_(_MAGIC, _MAGIC + scheme.maxq)
+            q[i:j] = x.view(torch.int32)  # wraps to the low byte
+        else:
+            q[i:j] = quantize(w, s[:, :, None], z[:, :, None], scheme)
+    return QuantizedWeight(q=q.reshape(N, K), scales=scales, zeros=zeros.to(torch.int32),
+                           g_idx=g_idx, bits=scheme.bits, group_size=scheme.group_size,
+                           sym=scheme.sym, type=scheme.type, global_scale=scheme.global_scale,
+                           block_rows=scheme.block_rows)
+
+
 def quantize_with_groups(
     W: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, scheme: QuantScheme
 ) -> QuantizedWeight:

@@ -95,15 +95,15 @@ def _outside_blocks(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
 
 
 class LazyBlocks:
-    """The blocks of a :class:`~llmc.models.lazy.LazyModel`, read onto ``device`` in float32
-    for their turn and released after it. With ``prefetch``, a thread reads block b + 1's
-    tensors (as stored) while block b is worked on."""
+    """The blocks of a :class:`~llmc.models.lazy.LazyModel`, read onto ``device`` in ``dtype``
+    (float32; None: as stored) for their turn and released after it. With ``prefetch``, a
+    thread reads block b + 1's tensors (as stored) while block b is worked on."""
 
     lazy = True
 
     def __init__(self, lazy: Any, adapter: Adapter, device: torch.device,
-                 prefetch: bool = False) -> None:
-        self.lazy, self.adapter, self.device = lazy, adapter, device
+                 prefetch: bool = False, dtype: torch.dtype | None = torch.float32) -> None:
+        self.lazy, self.adapter, self.device, self.dtype = lazy, adapter, device, dtype
         self.model = lazy.model
         self.blocks = adapter.get_blocks(self.model)
         self._pool = ThreadPoolExecutor(1, "llmc-prefetch") if prefetch else None
@@ -123,7 +123,7 @@ class LazyBlocks:
         tensors = ahead.result() if ahead is not None else None
         if self._pool is not None and b + 1 < len(self.blocks):
             self._ahead[b + 1] = self._pool.submit(self.lazy.read, self.prefix(b + 1))
-        self.lazy.materialize(self.prefix(b), self.device, tensors=tensors)
+        self.lazy.materialize(self.prefix(b), self.device, dtype=self.dtype, tensors=tensors)
         return self.blocks[b]
 
     def close(self) -> None:

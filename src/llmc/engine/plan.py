@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmc.core.act import calibrated
 from llmc.engine.memory import gib
+from llmc.engine.walker import calibrating, reads_as_stored
 from llmc.interfaces import LINEAR, MODEL, TRANSFORM
 
 DISK_RATE = 1.0e9  # bytes/s assumed for reading the checkpoint and writing the output
@@ -103,19 +103,19 @@ class Work:
     logit_distill: bool
     bits: int | None  # the quantized width (None: dense output)
     owl: bool
+    as_stored: bool = False  # a streamed walk reads blocks as stored, codes only (RTN alone)
 
     @classmethod
     def of(cls, steps: list[tuple[int, Any, Any]], kv_cache: Any = None) -> Work:
         """What ``steps`` do (and a quantized KV cache, whose scales need the windows)."""
         comps = [c for _, _, c in steps]
         cal = [c for c in comps if c.needs_calibration]
-        static = kv_cache is not None or any(calibrated(s.config) for _, s, _ in steps)
         linear = [c for c in comps if c.kind == LINEAR]
         schemes = [s.config.scheme for _, s, _ in steps
                    if getattr(s.config, "scheme", None) is not None]
         methods = [s.method for _, s, _ in steps]
         return cls(
-            calibrating=bool(cal) or static,
+            calibrating=calibrating(steps, kv_cache),
             sequential=bool(cal) and all(c.sequential for c in linear if c.needs_calibration
                                          and c.stats_kind),
             hessian=any(c.stats_kind == "hessian" for c in linear),
@@ -125,6 +125,7 @@ class Work:
             logit_distill=any(c.kind == MODEL for c in comps),
             bits=schemes[-1].bits if schemes else None,
             owl=any(getattr(s.config, "owl", False) for _, s, _ in steps),
+            as_stored=reads_as_stored(steps, kv_cache),
         )
 
 
@@ -252,10 +253,12 @@ def make_plan(
     walker_dtype: torch.dtype, device: torch.device, mode: str, cache: str = "auto",
     lockstep: str = "auto", baseline: int, budget: tuple[int, str], stored_bytes: int,
     save_bytes: int, out_parent: Path | None, offload_dir: Path | None, probe: bool = True,
-    max_shard_bytes: int = 2_000_000_000,
+    max_shard_bytes: int = 2_000_000_000, read_bytes: int = 4,
 ) -> Plan:
     """The plan of a run; ``cache``/``lockstep`` ``auto`` are chosen to fit ``budget``
-    (bytes, and where the figure comes from)."""
+    (bytes, and where the figure comes from). ``read_bytes``: bytes per weight of a block
+    tensor as the checkpoint is read (a streamed walk that keeps blocks as stored holds
+    them so)."""
     caches = ["ram", "disk"] if cache == "auto" else [cache]
     if not work.sequential:
         modes = ["n/a"]
@@ -288,7 +291,7 @@ def make_plan(
                       baseline=baseline, budget=budget, device_free=device_free,
                       stored_bytes=stored_bytes, save_bytes=save_bytes, rate=rate,
                       out_parent=out_parent, offload_dir=offload_dir,
-                      max_shard_bytes=max_shard_bytes)
+                      max_shard_bytes=max_shard_bytes, read_bytes=read_bytes)
         p.notes = list(notes)
         plans.append(p)
         if p.fits():
@@ -301,7 +304,7 @@ def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size
               baseline: int,
               budget: tuple[int, str], device_free: int | None, stored_bytes: int,
               save_bytes: int, rate: float, out_parent: Path | None, offload_dir: Path | None,
-              max_shard_bytes: int) -> Plan:
+              max_shard_bytes: int, read_bytes: int = 4) -> Plan:
     cuda = device.type == "cuda"
     tok = samples * seqlen if work.calibrating else 0
     d, dff, dkv = shape.hidden, shape.ffn, shape.kv_width
@@ -311,11 +314,20 @@ def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size
     cache_ram = cache_one * n_caches
     chunk_tok = min(batch_size, max(samples, 1)) * seqlen if work.calibrating else 0
     chunk_act = chunk_tok * (3 * d + 2 * dkv + 2 * dff) * wd  # one chunk through the block
-    block_fp32 = shape.block_params * 4
+    streamed = mode == "stream"
+    as_stored = work.as_stored and streamed
+    block_fp32 = shape.block_params * (read_bytes if as_stored else 4)  # the block's masters
     fwd_copy = shape.block_params * wd if wd != 4 and work.calibrating else 0
-    read_buf = N * K * 4  # the widest tensor as stored, and cast to float32
+    # the widest tensor as stored, and cast to float32 (as stored: mapped, the masters)
+    read_buf = 0 if as_stored else N * K * 4
     stats = shape.largest_in**2 * 4 if work.hessian else shape.largest_in * 4
-    solver = (4 * K * K + 4 * N * K) * 4 if work.hessian else 3 * N * K * 4
+    if work.hessian:
+        solver = (4 * K * K + 4 * N * K) * 4
+    else:  # the dense result and its codes (as stored: the codes alone, counted below)
+        solver = 0 if as_stored else 3 * N * K * 4
+    # a streamed walk keeps every quantized Linear's codes (one byte each) until the block
+    # is packed
+    codes = shape.targeted_params if streamed and work.bits else 0
     if work.awq:
         stats += (3 * d * d + dff * dff) * 4 if not work.hessian else dff * dff * 4
     if work.sequential and lockstep == "lockstep":
@@ -323,22 +335,28 @@ def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size
     else:
         paused = 0
     teacher = block_fp32 + 3 * shape.targeted_params * 4 if work.block_distill else 0
-    pack = N * K * (4 + 4 + 8 + 8)  # codes and their check, int64 words, of the widest Linear
+    # a streamed block's packed tensors, held by the writer thread until they are written
+    packed = int(shape.targeted_params * (work.bits or 16) / 8) if streamed else 0
+    if streamed:  # the kept codes packed: bytes, then words, and the block's packed tensors
+        pack = N * K * 2 + packed
+    else:
+        pack = N * K * (4 + 4 + 8 + 8)  # codes and their check, int64 words, of the widest
 
     on_dev = {"block masters": block_fp32, "forward copy": fwd_copy, "statistics": stats,
-              "solver": solver, "paused chunks": paused, "chunk activations": chunk_act,
-              "teacher block": teacher}
+              "solver": solver, "codes": codes, "paused chunks": paused,
+              "chunk activations": chunk_act, "teacher block": teacher}
     stored = stored_bytes / max(shape.total_params, 1)  # bytes per weight on disk
+    ahead = int(shape.block_params * stored) if prefetch else 0
     block_parts = {"activation cache": cache_ram, "tensor being read": read_buf,
-                   "next block, read ahead": int(shape.block_params * stored) if prefetch else 0}
+                   "next block, read ahead": ahead, "last block, being written": packed}
     if cuda:
         block_parts["block on the CPU for writing"] = block_fp32
     else:
         block_parts.update(on_dev)
     capture_parts = {"embeddings": shape.embed_params * 4, "activation cache": cache_ram,
                      "chunk": chunk_tok * d * 4 * 3}
-    write_parts = {"block masters": block_fp32, "activation cache": cache_ram,
-                   "packing the widest Linear": pack if work.bits else 0}
+    write_parts = {"block masters": block_fp32, "activation cache": cache_ram, "codes": codes,
+                   "packing": pack if work.bits else 0, "next block, read ahead": ahead}
     phases = []
     if work.calibrating:
         phases.append(Phase("capture", sum(capture_parts.values()),

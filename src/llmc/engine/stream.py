@@ -216,7 +216,9 @@ class StreamingCheckpoint:
 
         def write() -> None:
             tmp = self.partial / (name + ".tmp")
-            write_file(tmp, tensors, metadata={"format": "pt"})
+            # on the disk before the state that names it: a resume after a crash of the
+            # machine, not only of the process, finds what the state promises
+            write_file(tmp, tensors, metadata={"format": "pt"}, durable=True)
             os.replace(tmp, self.partial / name)
 
         self._submit(write)

@@ -45,7 +45,7 @@ from llmc.engine.capture import capture
 from llmc.engine.config import WalkerConfig
 from llmc.engine.lockstep import Lockstep, Reached
 from llmc.engine.memory import release_memory
-from llmc.interfaces import LINEAR, TRANSFORM, BlockArgs, BlockContext, Planner
+from llmc.interfaces import LINEAR, TRANSFORM, BlockArgs, BlockContext, CodesCompressor, Planner
 from llmc.models import kvcache
 from llmc.models.adapters import Adapter, block_linears
 from llmc.models.moe import expert_lists
@@ -101,6 +101,29 @@ class EngineOptions:
             raise ValueError(f"lockstep: {self.lockstep!r} is not one of {LOCKSTEP_MODES}")
 
 
+def calibrating(steps: list[tuple[int, Any, Any]], kv_cache: Any = None) -> bool:
+    """Whether a walk of ``steps`` runs the calibration windows (a step needs them, or static
+    activation or KV-cache scales are calibrated on them)."""
+    return kv_cache is not None or any(
+        c.needs_calibration or act_quant.calibrated(s.config) for _, s, c in steps)
+
+
+def reads_as_stored(steps: list[tuple[int, Any, Any]], kv_cache: Any = None) -> bool:
+    """Whether a streamed walk of ``steps`` can read its blocks in the checkpoint's dtype
+    rather than float32: one step, data-free, that gives its codes alone (RTN); see
+    :class:`~llmc.interfaces.CodesCompressor`."""
+    return len(steps) == 1 and isinstance(steps[0][2], CodesCompressor) \
+        and not calibrating(steps, kv_cache)
+
+
+def _masters(blocks: Any) -> str:
+    """What the walk compresses: the resident model's weights, or each streamed block read in
+    float32 or as stored."""
+    if not getattr(blocks, "lazy", False):
+        return "resident"
+    return "as stored" if blocks.dtype is None else str(blocks.dtype).removeprefix("torch.")
+
+
 def _drop_masks(block: nn.Module) -> None:
     """Pruning masks live for one block's steps (a bool per weight would otherwise stay for
     the whole model); the zeros themselves stay in the weights."""
@@ -141,7 +164,8 @@ class Engine:
         self._experts: dict[tuple[str, int], dict[str, Any]] = {}
         self.report.engine = {"device": str(self.device), "cache": self.options.cache,
                               "lockstep": self.options.lockstep,
-                              "streaming": bool(getattr(blocks, "lazy", False))}
+                              "streaming": bool(getattr(blocks, "lazy", False)),
+                              "masters": _masters(blocks)}
 
     # -- helpers -----------------------------------------------------------------------------
     def prefix(self, b: int) -> str:
@@ -177,8 +201,7 @@ class Engine:
     def calibrating(self) -> bool:
         """Whether the walk runs the calibration windows (a step needs them, or the KV cache's
         scales are calibrated on them)."""
-        return self.kv_cache is not None or any(
-            c.needs_calibration or act_quant.calibrated(s.config) for _, s, c in self.steps)
+        return calibrating(self.steps, self.kv_cache)
 
     def _kv_scales(self, ctx: BlockContext) -> None:
         """The block's attention modules get the static k/v scales of what their keys and
@@ -203,7 +226,10 @@ class Engine:
 
     def _compress_group(self, block_index: int, group: list[str], masters: dict[str, nn.Linear],
                         copies: dict[str, nn.Linear], stats: dict[tuple[int, str], Any],
-                        steps: list) -> None:
+                        steps: list, codes_only: bool = False) -> None:
+        """Every step of ``steps`` on the Linears of ``group``. ``codes_only`` (a streamed walk
+        with no forwards): a :class:`CodesCompressor` that is the last step to touch a Linear
+        gives the codes alone, and the weight keeps its loaded value (the writer replaces it)."""
         prefix = self.prefix(block_index)
         expert = self._expert_of(group[0])
         seen = self._seen_expert(expert) if expert is not None else None
@@ -219,7 +245,12 @@ class Engine:
                 master = masters[n]
                 st = stats.get((id(group), comp.stats_kind)) if comp.stats_kind else None
                 mask = getattr(master, "llmc_mask", None)
-                if expert is not None and comp.needs_calibration and st is not None \
+                last = codes_only and st is None and mask is None \
+                    and isinstance(comp, CodesCompressor) \
+                    and all(not later.selects(full) for i, later, _ in steps if i > idx)
+                if last:
+                    res = comp.compress_codes(full, master.weight.data, mask=mask)
+                elif expert is not None and comp.needs_calibration and st is not None \
                         and st.nsamples < self.config.min_expert_tokens:
                     # an expert the router starved: its statistics cannot be trusted
                     res = comp.compress_without_data(full, master.weight.data, mask=mask)
@@ -227,12 +258,14 @@ class Engine:
                 else:
                     res = comp.compress(full, master.weight.data, st, mask=mask)
                 w = master.weight.data
-                if res.weight.dtype == w.dtype and res.weight.shape == w.shape \
+                if res.weight is None:
+                    pass  # codes only: the writer takes them, the block is dropped after
+                elif res.weight.dtype == w.dtype and res.weight.shape == w.shape \
                         and res.weight.device == w.device and res.weight.is_contiguous():
                     master.weight.data = res.weight  # a new tensor: take it, no copy
                 else:
                     w.copy_(res.weight.to(w.dtype))
-                if copies[n] is not master:
+                if copies[n] is not master and res.weight is not None:
                     copies[n].weight.data.copy_(res.weight.to(copies[n].weight.dtype))
                 if res.quant is not None:
                     master.llmc_quant = res.quant.state()  # qparams; writers recover the codes
@@ -551,7 +584,8 @@ class Engine:
                 self._load_seconds = time.perf_counter() - t
                 masters = block_linears(block)
                 for g in self._groups(b, masters, self.steps):
-                    self._compress_group(b, g, masters, masters, {}, self.steps)
+                    self._compress_group(b, g, masters, masters, {}, self.steps,
+                                         codes_only=self.checkpoint is not None)
                 self._report_experts(b)
                 _drop_masks(block)
                 self._finish_block(b, block, t)

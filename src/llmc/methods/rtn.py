@@ -16,7 +16,7 @@ from llmc.core.scheme import (
     grouped_qparams,
     output_error,
     quantize_dequantize,
-    quantize_with_groups,
+    rtn_codes,
 )
 from llmc.core.stats import HessianStats
 from llmc.interfaces import CompressResult, LinearCompressor, Stats
@@ -24,11 +24,8 @@ from llmc.registry import METHODS
 
 
 def rtn_quantize(W: Tensor, scheme: QuantScheme, clip: ClipSearch | None = None) -> QuantizedWeight:
-    """Quantize ``W`` ([N, K]) group by group in the original column order."""
-    W = W.detach().float()
-    scheme = scheme.for_weight(W)
-    scales, zeros = grouped_qparams(W, scheme, clip)
-    return quantize_with_groups(W, scales, zeros, scheme.default_g_idx(W.shape[1]), scheme)
+    """Quantize ``W`` ([N, K], any float dtype) group by group in the original column order."""
+    return rtn_codes(W, scheme, clip)
 
 
 def rtn_compress(W: Tensor, scheme: QuantScheme,
@@ -67,6 +64,14 @@ class RTN(LinearCompressor):
         qw, W = rtn_compress(weight, self.config.scheme, self.config.clip_search)
         err = output_error(weight, W, stats.H) if isinstance(stats, HessianStats) else None
         return CompressResult(W, qw, err, time.perf_counter() - t)
+
+    def compress_codes(self, name: str, weight: Tensor,
+                       mask: Tensor | None = None) -> CompressResult:
+        """The codes alone (``weight`` None in the result), from ``weight`` in any float dtype:
+        for a streamed data-free walk, whose writer needs nothing else."""
+        t = time.perf_counter()
+        qw = rtn_quantize(weight, self.config.scheme, self.config.clip_search)
+        return CompressResult(None, qw, None, time.perf_counter() - t)
 
 
 METHODS.register("rtn", RTNConfig, RTN, "round-to-nearest weight quantization (no data)",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from llmc.core.safetensors import SafetensorsFile
+from llmc.core.safetensors import SafetensorsFile, drop_cache
 from llmc.models.loading import ModelSource, stored_dtype
 from llmc.models.moe import (
     checkpoint_renames,
@@ -50,6 +51,10 @@ class TensorSource(Protocol):
     def nbytes(self, name: str) -> int: ...
 
     def read(self, name: str) -> Tensor: ...
+
+    def drop_cache(self, name: str) -> None:
+        """The OS may forget its cached pages of ``name``: this run will not read it soon."""
+        ...
 
 
 def files_fingerprint(files: list[Path]) -> list[dict[str, Any]]:
@@ -120,7 +125,10 @@ class SafetensorsSource:
         return self._where[name].nbytes(name)
 
     def read(self, name: str) -> Tensor:
-        return self._where[name].read(name)
+        return self._where[name].map(name)
+
+    def drop_cache(self, name: str) -> None:
+        self._where[name].drop_cache(name)
 
 
 class GGUFSource:
@@ -197,6 +205,10 @@ class GGUFSource:
             raise ValueError(f"{self.path}: the GGUF tensor {t.name} maps onto several model "
                              "tensors, which llmc cannot stream yet; load this model whole")
         return torch.from_numpy(np.ascontiguousarray(result.weights)).reshape(self.shape(name))
+
+    def drop_cache(self, name: str) -> None:
+        t = self._tensors[name]
+        drop_cache(self.path, int(t.data_offset), int(t.n_bytes))
 
 
 def skeleton(config: Any, trust_remote_code: bool = False) -> nn.Module:
@@ -319,17 +331,17 @@ class LazyModel:
         return {k: self.source.read(k) for k in keys}
 
     def materialize(self, prefix: str, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32,
+                    dtype: torch.dtype | None = torch.float32,
                     tensors: dict[str, Tensor] | None = None) -> None:
         """Read every parameter under ``prefix`` from the checkpoint (or take it from
-        ``tensors``, a :meth:`read` made earlier) onto ``device`` as ``dtype``; a tied
-        parameter is read once and placed in all its slots."""
+        ``tensors``, a :meth:`read` made earlier) onto ``device`` as ``dtype`` (None: as
+        stored); a tied parameter is read once and placed in all its slots."""
         read: dict[str, nn.Parameter] = {}
         for full, module, attr in self._slots(prefix):
             key = self._key[full]
             if key not in read:
                 t = tensors.pop(key) if tensors is not None else self.source.read(key)
-                t = t.to(device=device, dtype=dtype)
+                t = t.to(device=device, dtype=dtype or t.dtype)
                 read[key] = nn.Parameter(t, requires_grad=module._parameters[attr].requires_grad)
             module._parameters[attr] = read[key]
         self._retie(read)
@@ -345,7 +357,9 @@ class LazyModel:
                 module._parameters[attr] = read[key]
 
     def release(self, prefix: str) -> None:
-        """Every parameter under ``prefix`` back to the meta device (its memory freed)."""
+        """Every parameter under ``prefix`` back to the meta device (its memory freed), and
+        its checkpoint pages out of the OS's cache: a streamed walk reads each block once,
+        and the pages it frees are the ones the next block's reads take."""
         metas: dict[str, nn.Parameter] = {}
         for full, module, attr in self._slots(prefix):
             key = self._key[full]
@@ -357,6 +371,14 @@ class LazyModel:
         for full, module, attr in self._slots(""):
             if self._key[full] in metas:
                 module._parameters[attr] = metas[self._key[full]]
+        for key in metas:
+            self.source.drop_cache(key)
+
+    def read_bytes(self) -> int:
+        """Bytes per weight of the largest tensor as the source reads it (GGUF: float32)."""
+        key = max(set(self._key.values()),
+                  key=lambda k: math.prod(self.source.shape(k)), default=None)
+        return self.source.stored_dtype(key).itemsize if key is not None else 4
 
     def bytes_on_disk(self) -> int:
         return sum(self.source.nbytes(k) for k in set(self._key.values()))
