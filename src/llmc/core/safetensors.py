@@ -123,7 +123,6 @@ class SafetensorsFile:
         _populate(m, buf)
         return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
 
-
     def drop_cache(self, name: str) -> None:
         """Tell the kernel that tensor ``name``'s cached pages will not be read again."""
         a, b = self.entries[name]["data_offsets"]
@@ -138,9 +137,15 @@ def drop_cache(path: Path, offset: int, length: int) -> None:
         return
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        _dont_need(fd, offset, length)
     finally:
         os.close(fd)
+
+
+def _dont_need(fd: int, offset: int, length: int) -> None:
+    """``posix_fadvise(DONTNEED)`` where the OS has it (``length`` 0: to the end)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _populate(m: mmap.mmap, buf: Tensor) -> None:
@@ -211,8 +216,7 @@ def write_file(path: str | os.PathLike[str], tensors: dict[str, Tensor],
         if durable:
             f.flush()
             os.fdatasync(f.fileno())
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            _dont_need(f.fileno(), 0, 0)
     return offset
 
 

@@ -575,10 +575,6 @@ def rtn_codes(W: Tensor, scheme: QuantScheme, clip: ClipSearch | None = None) ->
         if fused:
             s, z = qparams_from_range(w.amin(dim=-1).clamp_(max=0),
                                       w.amax(dim=-1).clamp_(min=0), scheme)
-        else:
-            s, z = find_qparams(w, scheme, clip)
-        scales[i:j], zeros[i:j] = s, z
-        if fused:
             # The zero point (2^(bits-1)) is even, so rounding ``w / s + MAGIC + zero`` to an
             # integer rounds ``w / s`` half to even and adds the zero point in one step; the
             # code is then the float's lowest byte (MAGIC's are 0). The clamp to the grid
@@ -587,7 +583,9 @@ def rtn_codes(W: Tensor, scheme: QuantScheme, clip: ClipSearch | None = None) ->
             x.clamp_(_MAGIC, _MAGIC + scheme.maxq)
             q[i:j] = x.view(torch.int32)  # wraps to the low byte
         else:
+            s, z = find_qparams(w, scheme, clip)
             q[i:j] = quantize(w, s[:, :, None], z[:, :, None], scheme)
+        scales[i:j], zeros[i:j] = s, z
     return QuantizedWeight(q=q.reshape(N, K), scales=scales, zeros=zeros.to(torch.int32),
                            g_idx=g_idx, bits=scheme.bits, group_size=scheme.group_size,
                            sym=scheme.sym, type=scheme.type, global_scale=scheme.global_scale,

@@ -316,7 +316,7 @@ def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size
     chunk_act = chunk_tok * (3 * d + 2 * dkv + 2 * dff) * wd  # one chunk through the block
     streamed = mode == "stream"
     as_stored = work.as_stored and streamed
-    block_fp32 = shape.block_params * (read_bytes if as_stored else 4)  # the block's masters
+    masters = shape.block_params * (read_bytes if as_stored else 4)  # the block's masters
     fwd_copy = shape.block_params * wd if wd != 4 and work.calibrating else 0
     # the widest tensor as stored, and cast to float32 (as stored: mapped, the masters)
     read_buf = 0 if as_stored else N * K * 4
@@ -334,7 +334,7 @@ def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size
         paused = tok * wd * max(4 * d + 2 * dkv, dff if shape.has_tail else d + dff)
     else:
         paused = 0
-    teacher = block_fp32 + 3 * shape.targeted_params * 4 if work.block_distill else 0
+    teacher = shape.block_params * 4 + 3 * shape.targeted_params * 4 if work.block_distill else 0
     # a streamed block's packed tensors, held by the writer thread until they are written
     packed = int(shape.targeted_params * (work.bits or 16) / 8) if streamed else 0
     if streamed:  # the kept codes packed: bytes, then words, and the block's packed tensors
@@ -342,7 +342,7 @@ def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size
     else:
         pack = N * K * (4 + 4 + 8 + 8)  # codes and their check, int64 words, of the widest
 
-    on_dev = {"block masters": block_fp32, "forward copy": fwd_copy, "statistics": stats,
+    on_dev = {"block masters": masters, "forward copy": fwd_copy, "statistics": stats,
               "solver": solver, "codes": codes, "paused chunks": paused,
               "chunk activations": chunk_act, "teacher block": teacher}
     stored = stored_bytes / max(shape.total_params, 1)  # bytes per weight on disk
@@ -350,12 +350,12 @@ def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size
     block_parts = {"activation cache": cache_ram, "tensor being read": read_buf,
                    "next block, read ahead": ahead, "last block, being written": packed}
     if cuda:
-        block_parts["block on the CPU for writing"] = block_fp32
+        block_parts["block on the CPU for writing"] = masters
     else:
         block_parts.update(on_dev)
     capture_parts = {"embeddings": shape.embed_params * 4, "activation cache": cache_ram,
                      "chunk": chunk_tok * d * 4 * 3}
-    write_parts = {"block masters": block_fp32, "activation cache": cache_ram, "codes": codes,
+    write_parts = {"block masters": masters, "activation cache": cache_ram, "codes": codes,
                    "packing": pack if work.bits else 0, "next block, read ahead": ahead}
     phases = []
     if work.calibrating:
