@@ -36,7 +36,7 @@ def main() -> None:
     from llmc.kernels.wq_matmul import wq_matmul
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from kernels import random_module
+    from kernel_bench import random_module
 
     @triton.jit
     def _noop(x_ptr, n):

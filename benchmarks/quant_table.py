@@ -10,12 +10,18 @@ JSON with the same protocol are kept (FP is computed once).
     python benchmarks/quant_table.py --rows fp gptq-w4g64 # some rows
     python benchmarks/quant_table.py --redo gptq-w4g64    # recompute a row
 
-Each row runs in a fresh process; what is measured per row: see ``table.py``.
+Each row runs in a fresh process; what is measured per row: see ``table.py``. Rows named
+``autoround-*`` and ``llmcompressor-*`` run those tools on the same model, windows and
+evaluation (``peers.py``); run them with the Python of an environment that has the tool:
+
+    /tmp/arvenv/bin/python benchmarks/quant_table.py --rows autoround-w4g64-light
 """
 
 from __future__ import annotations
 
 import table
+
+from llmc.methods.signround import PRESETS
 
 
 def gptq(bits: int, group: int, dtype: str = "bfloat16", **extra) -> dict:
@@ -34,6 +40,15 @@ def awq(bits: int, group: int, then: str = "rtn", dtype: str | None = None) -> d
     if then == "gptq":
         steps.append({"method": "gptq", "args": scheme})
     return {"steps": steps, **({"walker": {"dtype": dtype}} if dtype else {})}
+
+
+def signround(bits: int, group: int, preset: str = "default", before: list | None = None,
+              **extra) -> dict:
+    """Learned rounding (after ``before``, e.g. AWQ's scales), training forwards in float32
+    on the CPU, 4 windows per step."""
+    step = {"method": "signround",
+            "args": {"bits": bits, "group_size": group, "preset": preset, **extra}}
+    return {"steps": [*(before or []), step], "walker": {"batch_size": 4, "dtype": "float32"}}
 
 
 FP8 = {"bits": 8, "group_size": -1, "type": "float", "act_bits": 8, "act_type": "float"}
@@ -68,6 +83,33 @@ ROWS = {
     "awq+gptq-w4g64-fp32": awq(4, 64, then="gptq", dtype="float32"),
     "awq-w3g64": awq(3, 64),
     "awq+gptq-w3g64": awq(3, 64, then="gptq"),
+    # the full-range symmetric grid (the largest magnitude on -2^(bits-1), scale max|w| / 2^(b-1))
+    "rtn-w4g64-full": rtn(4, 64, full_range=True),
+    "rtn-w3g64-full": rtn(3, 64, full_range=True),
+    "gptq-w4g64-full": gptq(4, 64, full_range=True),
+    "gptq-w3g64-full": gptq(3, 64, full_range=True),
+    "signround-w4g64-fast": signround(4, 64, "fast"),
+    "signround-w4g64-fast-full": signround(4, 64, "fast", full_range=True),
+    "signround-w3g64-fast-full": signround(3, 64, "fast", full_range=True),
+    "signround-w3g64-fast": signround(3, 64, "fast"),
+    "signround-gptq-w4g64-fast": signround(4, 64, "fast", init="gptq"),
+    "signround-w4g64": signround(4, 64),
+    "signround-w3g64": signround(3, 64),
+    "signround-w2g64": signround(2, 64),
+    "awq+signround-w4g64-fast": signround(4, 64, "fast", before=[
+        {"method": "awq", "args": {"bits": 4, "group_size": 64}}]),
+    # AutoRound itself on the same windows (benchmarks/peers.py; runs where it is installed):
+    # its light setting (50 iterations, lr 5e-3) and its default (200, lr 1 / 200), 8 windows
+    # per step
+    # llm-compressor's RTN (data-free; compressed-tensors' min-max grid)
+    "llmcompressor-rtn-w4g64": {"peer": "llm-compressor", "bits": 4, "group_size": 64},
+    "autoround-w4g64-light": {"peer": "auto-round", "bits": 4, "group_size": 64, "iters": 50,
+                              "lr": 5e-3},
+    "autoround-w4g64": {"peer": "auto-round", "bits": 4, "group_size": 64, "iters": 200},
+    "autoround-w3g64-light": {"peer": "auto-round", "bits": 3, "group_size": 64, "iters": 50,
+                              "lr": 5e-3},
+    "autoround-w3g64": {"peer": "auto-round", "bits": 3, "group_size": 64, "iters": 200},
+    "autoround-w2g64": {"peer": "auto-round", "bits": 2, "group_size": 64, "iters": 200},
     "nvfp4-rtn": {"steps": [{"method": "rtn", "args": NVFP4}]},
     "nvfp4-gptq": {"steps": [{"method": "gptq", "args": NVFP4}], "walker": {"dtype": "bfloat16"}},
     "fp8-dynamic": w8a8("rtn", FP8),
@@ -84,14 +126,27 @@ ROWS = {
 
 
 def _step(r: dict) -> dict:
-    """The first step that quantizes (AWQ's scheme is the quantizer's)."""
+    """The first step that quantizes (AWQ's scheme is the quantizer's; a peer's row is its
+    one step)."""
+    if "peer" in r["recipe"]:
+        return {"method": r["recipe"]["peer"], "args": r["recipe"]}
     return next(s for s in r["recipe"]["steps"] if "bits" in s["args"])
 
 
 def _method(r: dict) -> str:
+    if "peer" in r["recipe"]:
+        a = r["recipe"]
+        if "iters" not in a:
+            return f"{a['peer']} {a['version']} rtn"
+        return f"{a['peer']} {a['version']}, {a['iters']} it, batch {a.get('batch_size', 8)}"
     steps = r["recipe"]["steps"]
     if len(steps) == 1 or (steps[0]["method"] == "awq" and steps[1]["method"] == "rtn"):
-        return steps[0]["method"]
+        name = steps[0]["method"]
+        args = steps[0]["args"]
+        if name == "signround":
+            iters = args.get("iters") or PRESETS[args.get("preset", "default")]
+            name += f" {args.get('init', 'rtn')} init, {iters} it"
+        return name
     return "+".join(s["method"] for s in steps)
 
 
@@ -114,11 +169,13 @@ COLUMNS: list[table.Column] = [
     ("method", lambda r: _method(r) if "recipe" in r else "fp"),
     ("weights", _weights),
     ("group", lambda r: str(_step(r)["args"]["group_size"])),
-    ("sym", lambda r: "sym" if _step(r)["args"].get("sym", True) else "asym"),
+    ("sym", lambda r: ("sym full" if _step(r)["args"].get("full_range") else "sym")
+     if _step(r)["args"].get("sym", True) else "asym"),
     ("activations", _acts),
     ("kv cache", lambda r: {"tensor": "fp8", "attn_head": "fp8 per head"}[kv["strategy"]]
      if (kv := r.get("recipe", {}).get("kv_cache")) else ""),
-    ("walker dtype", lambda r: r["recipe"]["walker"]["dtype"] if _method(r) != "rtn" else ""),
+    ("walker dtype", lambda r: r["recipe"]["walker"]["dtype"]
+     if _method(r) != "rtn" and "walker" in r["recipe"] else ""),
 ]
 
 if __name__ == "__main__":

@@ -25,7 +25,13 @@ from typing import Any
 import torch
 
 import llmc
-from llmc.calibration import CalibrationConfig, joined_text, load_rows, tokenize_text
+from llmc.calibration import (
+    CalibrationConfig,
+    calibration_windows,
+    joined_text,
+    load_rows,
+    tokenize_text,
+)
 from llmc.eval.perplexity import perplexity
 from llmc.models import load_model
 
@@ -94,6 +100,19 @@ def run_row(recipe: dict | None, args: argparse.Namespace) -> dict:
         # The calibration windows (a distill step's held-out windows are drawn disjoint from
         # them, from the same text).
         calib = CalibrationConfig(samples=args.samples, seqlen=args.calib_seqlen, seed=0)
+        if "peer" in recipe:  # another tool on the same windows (benchmarks/peers.py)
+            import peers
+
+            windows = calibration_windows(tok, calib)
+            gc.collect()
+            with PeakRSS() as mem:
+                t = time.perf_counter()
+                model, info = peers.compress(model, tok, windows, recipe)
+                secs = time.perf_counter() - t
+            row.update(compress_seconds=secs, recipe=info,
+                       peak_rss_growth_mib=(mem.peak - mem.start) / 2**20)
+            recipe = None
+    if recipe is not None:
         gc.collect()
         with PeakRSS() as mem:
             t = time.perf_counter()
@@ -107,11 +126,12 @@ def run_row(recipe: dict | None, args: argparse.Namespace) -> dict:
             row["plans"] = report["plans"]
         if report["distill"]:
             row["distill"] = report["distill"]
-        blockwise = [t for t in report["transforms"] if t["method"] == "distill"]
-        if blockwise:
-            row["distill_blocks"] = [{k: t[k] for k in ("block", "heldout_start",
-                                                        "heldout_best", "best_step", "seconds")}
-                                     for t in blockwise]
+        for method in ("distill", "signround"):  # the learning steps' per-block record
+            blockwise = [t for t in report["transforms"] if t["method"] == method]
+            if blockwise:
+                row[f"{method}_blocks"] = [
+                    {k: t[k] for k in ("block", "heldout_start", "heldout_best", "best_step",
+                                       "moved", "seconds") if k in t} for t in blockwise]
     res = perplexity(model, test_ids, seqlen=args.seqlen, windows=args.windows, progress=True)
     row.update(perplexity=res["perplexity"], windows=res["windows"], tokens=res["tokens"],
                eval_seconds=res["seconds"])

@@ -165,3 +165,15 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
         assert torch.equal(ta[k], tb[k]), k
     assert json.loads((a / "config.json").read_text()) == json.loads(
         (b / "config.json").read_text())
+
+
+def assert_exports_exactly(model, report, tmp_path: Path,
+                           formats=("gptq", "compressed-tensors")) -> None:
+    """``model`` saved in each format and loaded back: every parameter equal."""
+    import llmc
+
+    ref = dict(model.named_parameters())
+    for fmt in formats:
+        back, _ = llmc.load(llmc.save(model, tmp_path / fmt, report=report, format=fmt))
+        for n, p in back.named_parameters():
+            assert torch.equal(p, ref[n]), (fmt, n)

@@ -151,11 +151,13 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("model")
-@click.option("--method", type=click.Choice(["gptq", "rtn", "awq", "awq+gptq", "smoothquant+gptq",
+@click.option("--method", type=click.Choice(["gptq", "rtn", "awq", "awq+gptq", "signround",
+                                            "awq+signround", "smoothquant+gptq",
                                             "smoothquant+rtn"]), default=None,
               help="Quantization method (awq: AWQ scales then RTN; awq+gptq: AWQ scales then "
-                   "GPTQ, in one walk; smoothquant+...: SmoothQuant scales first, for 8-bit "
-                   "activations) [default: gptq; rtn for --scheme fp8-dynamic, data-free]")
+                   "GPTQ, in one walk; signround: learned rounding, block by block; "
+                   "smoothquant+...: SmoothQuant scales first, for 8-bit activations) "
+                   "[default: gptq; rtn for --scheme fp8-dynamic, data-free]")
 @click.option("--scheme", type=click.Choice(sorted(SCHEME_PRESETS)), default=None,
               help="A named scheme: w4a16 (the --bits/--group-size default), w8a16, "
                    "nvfp4 (NVFP4 weights: E2M1 in groups of 16, E4M3 scales), nvfp4-w4a4 "
@@ -176,6 +178,10 @@ def cli() -> None:
 @click.option("--group-size", type=int, default=128, show_default=True,
               help="Input columns per scale; -1 for one scale per output channel")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric")
+@click.option("--full-range", is_flag=True,
+              help="Symmetric integer grids: the largest magnitude of each group on the grid's "
+                   "long end (-2^(bits-1)), a finer step (llama.cpp's and AutoRound's grid) "
+                   "[default: 2 max|w| / (2^bits - 1)]")
 @click.option("--act-order", type=click.Choice(["none", "static", "dynamic"]), default="static",
               show_default=True, help="GPTQ column order (static: desc diag(H), original groups)")
 @click.option("--damp", type=float, default=0.01, show_default=True,
@@ -183,12 +189,22 @@ def cli() -> None:
 @click.option("--clip/--no-clip", default=None,
               help="Search each group's clipping range [default: on for gptq and awq, off for "
                    "rtn; with awq+gptq, GPTQ's search]")
+@click.option("--preset", "rounding", type=click.Choice(["fast", "default", "best"]), default=None,
+              help="signround: 50, 200 or 500 signed-gradient steps per block [default: "
+                   "default]")
+@click.option("--iters", type=int, default=None,
+              help="signround: steps per block (overrides --preset)")
+@click.option("--init", "init", type=click.Choice(["rtn", "gptq"]), default=None,
+              help="signround: start from round-to-nearest or from GPTQ's rounding "
+                   "[default: rtn]")
 @calibration_options
 @engine_options
 @_errors
 def quantize(model: str, method: str | None, scheme: str | None, alpha: float | None,
-             kv_cache: str | None, bits: int, group_size: int, sym: bool, act_order: str,
-             damp: float, clip: bool | None, **opts: Any) -> None:
+             kv_cache: str | None, bits: int, group_size: int, sym: bool, full_range: bool,
+             act_order: str,
+             damp: float, clip: bool | None, rounding: str | None, iters: int | None,
+             init: str | None, **opts: Any) -> None:
     """Quantize MODEL (a demo name such as smollm2-135m, an HF id or directory, or a .gguf
     file) and write a checkpoint to -o."""
     from llmc.recipe import Recipe
@@ -200,11 +216,20 @@ def quantize(model: str, method: str | None, scheme: str | None, alpha: float | 
     if alpha is not None and not method.startswith("smoothquant"):
         raise click.UsageError("--alpha is SmoothQuant's; use --method smoothquant+gptq or "
                                "smoothquant+rtn")
-    args: dict[str, Any] = {"bits": bits, "group_size": group_size, "sym": sym, **preset}
+    learned = {k: v for k, v in (("preset", rounding), ("iters", iters), ("init", init))
+               if v is not None}
+    if learned and not method.endswith("signround"):
+        raise click.UsageError(f"--{next(iter(learned))} is signround's; use --method signround "
+                               "or awq+signround")
+    args: dict[str, Any] = {"bits": bits, "group_size": group_size, "sym": sym, **preset,
+                            **({"full_range": True} if full_range else {})}
     gptq = {**args, "act_order": act_order, "damp": damp}
     clipping = {} if clip is None else {"clip": clip}
     smooth = {"method": "smoothquant", "args": {} if alpha is None else {"alpha": alpha}}
     scheme_args = args
+    if method.endswith("signround") and ("act_bits" in preset or "type" in preset):
+        raise click.UsageError(f"--scheme {scheme}: signround learns integer weight rounding "
+                               "only; use --method gptq or rtn")
     if method.startswith("awq") and ("act_bits" in preset or "type" in preset):
         raise click.UsageError(f"--scheme {scheme} quantizes activations or FP8 weights, which "
                                "AWQ's scales are not searched for; use --method gptq, rtn or "
@@ -215,6 +240,10 @@ def quantize(model: str, method: str | None, scheme: str | None, alpha: float | 
         "awq": [{"method": "awq", "args": {**scheme_args, **clipping}}],
         "awq+gptq": [{"method": "awq", "args": scheme_args},
                      {"method": "gptq", "args": {**gptq, **clipping}}],
+        "signround": [{"method": "signround", "args": {**scheme_args, **learned, **clipping}}],
+        "awq+signround": [{"method": "awq", "args": scheme_args},
+                          {"method": "signround", "args": {**scheme_args, **learned,
+                                                           **clipping}}],
         "smoothquant+gptq": [smooth, {"method": "gptq", "args": {**gptq, **clipping}}],
         "smoothquant+rtn": [smooth, {"method": "rtn", "args": {**scheme_args, **clipping}}],
     }[method]

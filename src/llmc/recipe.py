@@ -112,8 +112,8 @@ def _static_acts(config: Any) -> bool:
     return act is not None and act.dynamic is not True
 
 
-def _scheme(config: Any) -> tuple[int, int, bool]:
-    return config.bits, config.group_size, config.sym
+def _scheme(config: Any) -> tuple[int, int, bool, bool]:
+    return config.bits, config.group_size, config.sym, getattr(config, "full_range", False)
 
 
 def _with_quantizers(steps: tuple[Step, ...]) -> tuple[Step, ...]:
@@ -128,10 +128,11 @@ def _with_quantizers(steps: tuple[Step, ...]) -> tuple[Step, ...]:
         quantizers = METHODS.names("quantizer")
         j = next((k for k in range(i + 1, len(steps)) if steps[k].method in quantizers), None)
         if j is None:
-            bits, group_size, sym = _scheme(step.config)
+            bits, group_size, sym, full = _scheme(step.config)
             out.insert(out.index(step) + 1, Step(
                 "rtn", targets=step.targets, ignore=step.ignore,
-                args={"bits": bits, "group_size": group_size, "sym": sym},
+                args={"bits": bits, "group_size": group_size, "sym": sym,
+                      **({"full_range": True} if full else {})},
             ))
             continue
         if steps[j].method == "gptq":
@@ -144,12 +145,13 @@ def _with_quantizers(steps: tuple[Step, ...]) -> tuple[Step, ...]:
             out[out.index(step)] = dataclasses.replace(
                 step, config=dataclasses.replace(step.config, **changes))
         if _scheme(steps[j].config) != _scheme(step.config):
-            have = dict(zip(("bits", "group_size", "sym"), _scheme(steps[j].config)))
-            want = dict(zip(("bits", "group_size", "sym"), _scheme(step.config)))
+            names = ("bits", "group_size", "sym", "full_range")
+            have = dict(zip(names, _scheme(steps[j].config)))
+            want = dict(zip(names, _scheme(step.config)))
             raise ValueError(
                 f"steps[{j}].args: {steps[j].method} quantizes with {have}, but the awq step "
                 f"steps[{i}] searched its scales for {want}; give both the same bits, "
-                "group_size and sym"
+                "group_size, sym and full_range"
             )
     return tuple(out)
 

@@ -102,7 +102,7 @@ def test_wq_matmul_every_tuned_config(M, K, N, bits, gs, act, dtype):
     for cfg in DECODE + PREFILL:
         if (dtype == torch.bfloat16 and not cfg.kwargs.get("GEMV")) or cfg.kwargs.get("HALF2"):
             continue  # the interpreter runs no PTX and its tl.dot gives garbage in bf16
-            # (benchmarks/kernels.py --checks runs these configs on a GPU)
+            # (benchmarks/kernel_bench.py --checks runs these configs on a GPU)
         args = (x, ql.qweight, ql.scales, ql.qzeros, ql.g_idx, bits, group, cfg)
         if cfg.kwargs.get("SWAP") and not (bits == 4 and group
                                            and group % (8 * cfg.kwargs["BLOCK_W"]) == 0):

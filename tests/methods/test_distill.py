@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import calib_ids, tiny_model
+from conftest import assert_exports_exactly, calib_ids, tiny_model
 
 import llmc
 from llmc.methods.distill import DistillConfig, distill_logits, snapshot_teacher
@@ -154,12 +154,7 @@ def test_recipe_step_and_bit_exact_export(tmp_path):
     d = report.distill[0]
     assert d["train_windows"] == 16 and d["heldout_windows"] == 4 and d["step"] == 1
     assert d["heldout_kl_best"] <= d["heldout_kl_start"]
-    for fmt in ("gptq", "compressed-tensors"):
-        out = llmc.save(model, tmp_path / fmt, report=report, format=fmt)
-        back, _ = llmc.load(out)
-        ref = dict(model.named_parameters())
-        for n, p in back.named_parameters():
-            assert torch.equal(p, ref[n]), (fmt, n)
+    assert_exports_exactly(model, report, tmp_path)
 
 
 def test_distill_must_come_last():

@@ -7,8 +7,15 @@ one scale and one integer zero point per row:
     q[n, k]  = clamp(round(W[n, k] / scale[n, g]) + zero[n, g], 0, 2^bits - 1),  g = g_idx[k]
     W'[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]
 
-Symmetric schemes use the GPTQ convention ``zero = 2^(bits-1)``. A group size that does not
-divide ``K`` leaves a narrower last group.
+Symmetric schemes use the GPTQ convention ``zero = 2^(bits-1)``, so ``q - zero`` lies in
+``[-2^(bits-1), 2^(bits-1) - 1]``, and by default ``scale = 2 amax / (2^bits - 1)``: the
+group's largest magnitude sits half a step beyond the grid's short end (clipped there when it
+is positive). ``full_range`` instead maps the largest magnitude onto the grid's long end,
+``-2^(bits-1)``, exactly: ``scale = -w_max / 2^(bits-1)``, where ``w_max`` is the group's weight
+of largest magnitude, so the scale is negative when that weight is positive (llama.cpp's and
+AutoRound's symmetric grid; a finer step, and no weight clipped). The stored layout is the
+same; only the scales differ. A group size that does not divide ``K`` leaves a narrower last
+group.
 
 Floating-point schemes (``type="float"``, 8 bits: FP8 E4M3) put ``W / scale`` on the E4M3 grid
 instead of the integers: the codes ``q`` are ``float8_e4m3fn`` values, zero points are 0 and the
@@ -76,8 +83,12 @@ class QuantScheme:
     type: str = "int"
     global_scale: float = 0.0  # NVFP4: the weight's FP32 global scale (0: not fixed yet)
     block_rows: int = 0  # FP8 block scales: rows per block (0: a scale per row)
+    full_range: bool = False  # symmetric int: the largest magnitude on the grid's long end
 
     def __post_init__(self) -> None:
+        if self.full_range and (self.type != "int" or not self.sym):
+            raise ValueError("full_range: only symmetric integer grids have a long end; drop "
+                             "full_range or use sym true with an integer type")
         if self.block_rows and (self.type != "float" or self.bits != 8 or self.group_size < 1
                                 or self.block_rows < 1):
             raise ValueError(f"block_rows: {self.block_rows} needs FP8 weights in groups "
@@ -199,9 +210,11 @@ class QuantArgs:
     act_strategy: str = "token"
     act_dynamic: bool = True
     block_rows: int = 0
+    full_range: bool = False
 
     def __post_init__(self) -> None:
-        QuantScheme(self.bits, self.group_size, self.sym, self.type, block_rows=self.block_rows)
+        QuantScheme(self.bits, self.group_size, self.sym, self.type, block_rows=self.block_rows,
+                    full_range=self.full_range)
         if self.clip:
             ClipSearch(self.clip_grid, self.clip_max_shrink, self.clip_norm)
         if self.act_bits != 16:
@@ -224,7 +237,7 @@ class QuantArgs:
     @property
     def scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, self.group_size, self.sym, self.type,
-                           block_rows=self.block_rows)
+                           block_rows=self.block_rows, full_range=self.full_range)
 
     @property
     def clip_search(self) -> ClipSearch | None:
@@ -324,7 +337,10 @@ def qparams_from_range(
     if scheme.sym:
         amax = torch.maximum(xmin.abs(), xmax)
         amax = torch.where(amax == 0, torch.ones_like(amax), amax)
-        scale = 2 * amax / maxq
+        if scheme.full_range:  # the largest magnitude onto -2^(bits-1): its sign flips s
+            scale = torch.where(xmax < xmin.abs(), amax, -amax) / ((maxq + 1) // 2)
+        else:
+            scale = 2 * amax / maxq
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
         degenerate = (xmin == 0) & (xmax == 0)
@@ -334,7 +350,7 @@ def qparams_from_range(
         zero = round_half_even((-xmin / scale).clamp(0, maxq))
     # Checkpoints store scales in fp16: quantize against the stored value so that the
     # in-memory model and the saved one are bit-identical.
-    scale = scale.clamp(min=2**-24).to(torch.float16).float()
+    scale = torch.copysign(scale.abs().clamp(min=2**-24), scale).to(torch.float16).float()
     return scale, zero
 
 

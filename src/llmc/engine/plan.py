@@ -104,6 +104,7 @@ class Work:
     bits: int | None  # the quantized width (None: dense output)
     owl: bool
     as_stored: bool = False  # a streamed walk reads blocks as stored, codes only (RTN alone)
+    rounding_steps: int = 0  # learned rounding (signround): training steps per block
 
     @classmethod
     def of(cls, steps: list[tuple[int, Any, Any]], kv_cache: Any = None) -> Work:
@@ -116,8 +117,10 @@ class Work:
         methods = [s.method for _, s, _ in steps]
         return cls(
             calibrating=calibrating(steps, kv_cache),
-            sequential=bool(cal) and all(c.sequential for c in linear if c.needs_calibration
-                                         and c.stats_kind),
+            # (a Linear step with statistics must exist: AWQ then RTN, or SignRound alone,
+            # pause no chunks)
+            sequential=bool(cal) and any(c.needs_calibration and c.stats_kind for c in linear)
+            and all(c.sequential for c in linear if c.needs_calibration and c.stats_kind),
             hessian=any(c.stats_kind == "hessian" for c in linear),
             awq="awq" in methods,
             awq_gptq=any(getattr(s.config, "search", None) == "gptq" for _, s, _ in steps),
@@ -126,6 +129,8 @@ class Work:
             bits=schemes[-1].bits if schemes else None,
             owl=any(getattr(s.config, "owl", False) for _, s, _ in steps),
             as_stored=reads_as_stored(steps, kv_cache),
+            rounding_steps=sum(getattr(s.config, "steps", 0) for _, s, _ in steps
+                               if s.method == "signround"),
         )
 
 
@@ -335,6 +340,10 @@ def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size
     else:
         paused = 0
     teacher = shape.block_params * 4 + 3 * shape.targeted_params * 4 if work.block_distill else 0
+    # learned rounding: per weight its float32 copy, offset, gradient and best offset, two int8
+    # code snapshots; one chunk's forward kept for the backward, in float32
+    rounding = (shape.targeted_params * (4 * 4 + 2) + 2 * chunk_tok * (3 * d + 2 * dkv + 2 * dff)
+                * 4) if work.rounding_steps else 0
     # a streamed block's packed tensors, held by the writer thread until they are written
     packed = int(shape.targeted_params * (work.bits or 16) / 8) if streamed else 0
     if streamed:  # the kept codes packed: bytes, then words, and the block's packed tensors
@@ -344,7 +353,8 @@ def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size
 
     on_dev = {"block masters": masters, "forward copy": fwd_copy, "statistics": stats,
               "solver": solver, "codes": codes, "paused chunks": paused,
-              "chunk activations": chunk_act, "teacher block": teacher}
+              "chunk activations": chunk_act, "teacher block": teacher,
+              "learned rounding": rounding}
     stored = stored_bytes / max(shape.total_params, 1)  # bytes per weight on disk
     ahead = int(shape.block_params * stored) if prefetch else 0
     block_parts = {"activation cache": cache_ram, "tensor being read": read_buf,
@@ -411,7 +421,11 @@ def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size
         solve = 4 * tok * K * K + shape.targeted_params * K * 4 + 40 * shape.targeted_params * 100
     elif work.bits:
         solve = 20 * shape.targeted_params
-    compute = shape.n_blocks * (flops_fwd + solve) / max(rate, 1.0)
+    # each training step: one chunk forward and backward (three forwards' work), plus the
+    # teacher's pass and the held-out checks (about one more pass)
+    train = 6 * shape.block_params * chunk_tok * work.rounding_steps \
+        + 2 * flops_fwd * bool(work.rounding_steps)
+    compute = shape.n_blocks * (flops_fwd + solve + train) / max(rate, 1.0)
     if work.awq:
         compute *= 2.0 if not work.awq_gptq else 4.0
     seconds = {"read": stored_bytes / DISK_RATE, "write": output / DISK_RATE,

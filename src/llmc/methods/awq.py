@@ -62,9 +62,10 @@ class AWQConfig:
     clip_grid: int = 100
     clip_max_shrink: float = 0.5
     search: str = "rtn"
+    full_range: bool = False
 
     def __post_init__(self) -> None:
-        QuantScheme(self.bits, self.group_size, self.sym)
+        QuantScheme(self.bits, self.group_size, self.sym, full_range=self.full_range)
         if self.search not in SEARCH_QUANTIZERS:
             raise ValueError(
                 f"search: {self.search!r} is not one of {', '.join(SEARCH_QUANTIZERS)}"
@@ -80,7 +81,7 @@ class AWQConfig:
 
     @property
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.group_size, self.sym)
+        return QuantScheme(self.bits, self.group_size, self.sym, full_range=self.full_range)
 
 
 def group_abs_mean(weights: list[Tensor], scheme: QuantScheme) -> Tensor:
@@ -186,7 +187,8 @@ def _pick(
 def gptq_scaled(W: Tensor, s: Tensor, H: Tensor, scheme: QuantScheme) -> Tensor:
     """``GPTQ(W * s) / s`` on the Hessian of the scaled inputs ``H / (s s^T)``, with GPTQ's
     default settings (static act order, damping 0.01, clipping search)."""
-    c = GPTQConfig(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym)
+    c = GPTQConfig(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym,
+                   full_range=scheme.full_range)
     Hs = H.float() / (s[:, None] * s[None, :])
     qw = gptq_quantize(W.float() * s, Hs, scheme, act_order=c.act_order, damp=c.damp,
                        block_size=c.block_size, clip=c.clip_search)

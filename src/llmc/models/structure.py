@@ -142,7 +142,9 @@ def _random_model(config: Any, seed: int = 0) -> nn.Module:
             ref = model(input_ids=ids, use_cache=False).logits
             unfuse_experts(model, config.model_type)
             out = model(input_ids=ids, use_cache=False).logits
-        if not torch.allclose(out, ref, rtol=1e-5, atol=1e-6):
+        # (a wrong split differs by the logits' own size; float32 sums in another order,
+        # as transformers 5.25's fused experts make, by about 1e-6)
+        if not torch.allclose(out, ref, rtol=1e-4, atol=1e-5):
             raise StructureError(
                 "its experts split into per-expert Linears compute other logits than the fused "
                 f"experts (max difference {float((out - ref).abs().max()):.1e}); llmc cannot "

@@ -16,12 +16,36 @@ import time
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from llmc.interfaces import BlockContext
 from llmc.methods.distill.constraints import Best, trained
 from llmc.methods.distill.losses import relative_mse
 from llmc.models import block_linears
+
+
+def split_chunks(ctx: BlockContext, heldout: int, what: str) -> tuple[list[int], list[int]]:
+    """The chunks that hold out ``heldout`` windows (the last ones, whole chunks) and the full
+    chunks before them, the training chunks."""
+    bs, S = ctx.batch_size, ctx.n_windows
+    chunks = list(range(ctx.n_chunks))
+    n_held = min(len(chunks) - 1, -(-heldout // bs))
+    if n_held < 1:
+        raise ValueError(f"{what} needs at least two chunks of {bs} calibration windows (one "
+                         f"held out); got {S} windows")
+    return chunks[-n_held:], [c for c in chunks[:-n_held] if (c + 1) * bs <= S]
+
+
+def teacher_outputs(ctx: BlockContext, args32: Any) -> nn.Module:
+    """The teacher block's outputs on its own inputs (the uncompressed model's hidden states)
+    written to ``ctx.teacher_cache``: the targets of a learning step, and the next block's
+    teacher inputs. Returns the teacher in float32."""
+    with torch.no_grad():
+        teacher = ctx.teacher.float()
+        for c in range(ctx.n_chunks):
+            x = ctx.teacher_cache.read(c).to(ctx.device, torch.float32)
+            ctx.teacher_cache.write(c, ctx.run(teacher, c, x, args32))
+    return teacher
 
 
 def distill_block(ctx: BlockContext, step: Any, config: Any) -> dict[str, Any]:
@@ -31,20 +55,10 @@ def distill_block(ctx: BlockContext, step: Any, config: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     block, bs = ctx.block, ctx.batch_size
     S = ctx.n_windows
-    chunks = list(range(ctx.n_chunks))
-    n_held = min(len(chunks) - 1, -(-config.heldout // bs))
-    if n_held < 1:
-        raise ValueError(f"block-wise distillation needs at least two chunks of {bs} calibration "
-                         f"windows (one held out); got {S} windows")
-    held, train = chunks[-n_held:], [c for c in chunks[:-n_held] if (c + 1) * bs <= S]
+    held, train = split_chunks(ctx, config.heldout, "block-wise distillation")
     args32 = ctx.args_as(torch.float32)
     teacher_cache = ctx.teacher_cache
-    # The teacher's outputs on its own inputs: the targets, and the next block's teacher inputs.
-    with torch.no_grad():
-        teacher = ctx.teacher.float()
-        for c in chunks:
-            x = teacher_cache.read(c).to(ctx.device, torch.float32)
-            teacher_cache.write(c, ctx.run(teacher, c, x, args32))
+    teacher_outputs(ctx, args32)
 
     def loss_of(c: int, grad: bool) -> Tensor:
         x = ctx.inputs(c, torch.float32)

@@ -2,8 +2,8 @@
 ``torch.matmul`` (cuBLAS), and greedy-decode tokens/s of a randomly initialised 7B-shaped
 llama, packed vs dense.
 
-    python benchmarks/kernels.py            # on a CUDA machine; about 5 minutes on an H200
-    python benchmarks/kernels.py --smoke    # tiny shapes on the CPU interpreter (no timings
+    python benchmarks/kernel_bench.py            # on a CUDA machine; about 5 minutes on an H200
+    python benchmarks/kernel_bench.py --smoke    # tiny shapes on the CPU interpreter (no timings
                                             # worth reading): checks that the script runs
 
 Matmuls: (K, N) in {4096x11008, 8192x28672, 4096x4096, 11008x4096}, M in {1, 4, 16, 64, 256},

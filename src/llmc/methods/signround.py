@@ -1,0 +1,370 @@
+"""SignRound (Cheng et al., "Optimize Weight Rounding via Signed Gradient Descent for the
+Quantization of LLMs", 2023; the method of AutoRound): learned rounding, block by block.
+
+Each targeted Linear's weight ``W`` is put on its grid as
+
+    q = clamp(round(W / s + v + d) + z, 0, 2^bits - 1),    W' = (q - z) * s
+
+with a learned offset ``v`` in [-0.5, 0.5] per weight (which way it rounds), and learned
+factors on each group's range (``s`` from ``amax * a`` when symmetric, from ``[min * b,
+max * a]`` when not, ``a, b`` in [``min_range``, 1]). ``d`` is 0 when learning starts from
+round-to-nearest (``init: rtn``); with ``init: gptq`` it holds GPTQ's codes as integer offsets
+from nearest, and the range factors GPTQ's clipping, so that learning refines GPTQ's answer.
+Rounding passes gradients straight through; scales are rounded to fp16 (what the writers store)
+the same way.
+
+The loss is the block's output error (relative MSE) against the uncompressed block: the
+compressed block runs on the compressed model's hidden states, the targets are the uncompressed
+block on the uncompressed model's hidden states (``target: uncompressed``, AutoRound's default)
+or on the same compressed inputs (``target: compressed``). Each step takes one chunk of
+calibration windows; every parameter moves by ``lr`` times the sign of its gradient, ``lr``
+decaying linearly to 0 over the steps. The last ``heldout`` windows are never trained on; they
+pick the best step (0 included: never worse than the start).
+
+Pruned weights stay exactly zero (the keep mask multiplies ``W'``; 0 is on every integer grid).
+After AWQ the block's weights are already rescaled; the walker hands them over as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmc.core.scheme import QuantArgs, QuantScheme, QuantState, find_qparams
+from llmc.core.stats import HessianStats
+from llmc.interfaces import TRANSFORM, BlockContext, BlockTransform
+from llmc.methods.distill.block import split_chunks, teacher_outputs
+from llmc.methods.distill.constraints import Best, keep_mask
+from llmc.methods.distill.losses import relative_mse
+from llmc.methods.gptq import ACT_ORDERS, gptq_quantize
+from llmc.models import block_linears
+from llmc.registry import METHODS
+
+log = logging.getLogger(__name__)
+
+PRESETS = {"fast": 50, "default": 200, "best": 500}  # signed-gradient steps per block
+INITS = ("rtn", "gptq")
+TARGETS = ("uncompressed", "compressed")
+
+
+@dataclass(frozen=True)
+class SignRoundConfig(QuantArgs):
+    """Arguments of the ``signround`` recipe step: the integer scheme (``bits``, ``group_size``,
+    ``sym``; ``clip`` starts the range factors from the clipping search), ``preset`` (``fast``
+    50, ``default`` 200, ``best`` 500 steps per block) or ``iters``, ``lr`` (0: 1 / steps),
+    ``init`` (``rtn`` or ``gptq``), ``target`` (see the module), ``min_range`` (the smallest
+    range factor), ``heldout`` windows that choose the best step, checked every ``eval_every``
+    steps; ``damp`` and ``act_order``: GPTQ's, for ``init: gptq``."""
+
+    preset: str = "default"
+    iters: int = 0
+    lr: float = 0.0
+    init: str = "rtn"
+    target: str = "uncompressed"
+    learn_range: bool = True
+    min_range: float = 0.5
+    heldout: int = 8
+    eval_every: int = 10
+    seed: int = 0
+    damp: float = 0.01
+    act_order: str = "static"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.type != "int":
+            raise ValueError("signround learns integer rounding; for FP8 or NVFP4 weights use "
+                             "gptq or rtn")
+        if self.act_bits != 16:
+            raise ValueError("signround quantizes weights only; drop act_bits (for 8-bit "
+                             "activations use gptq, after smoothquant)")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if self.iters < 0:
+            raise ValueError(f"iters: {self.iters} must be positive (0: the preset's)")
+        if self.lr < 0:
+            raise ValueError(f"lr: {self.lr} must be positive (0: 1 / iters)")
+        if self.init not in INITS:
+            raise ValueError(f"init: {self.init!r} is not one of {', '.join(INITS)}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target: {self.target!r} is not one of {', '.join(TARGETS)}")
+        if not 0 < self.min_range <= 1:
+            raise ValueError(f"min_range: {self.min_range} must lie in (0, 1]")
+        if self.heldout < 1 or self.eval_every < 1:
+            raise ValueError("heldout and eval_every must be at least 1")
+        if self.act_order not in ACT_ORDERS:
+            raise ValueError(f"act_order: {self.act_order!r} is not one of "
+                             f"{', '.join(ACT_ORDERS)}")
+
+    @property
+    def steps(self) -> int:
+        return self.iters or PRESETS[self.preset]
+
+    @property
+    def step_lr(self) -> float:
+        return self.lr or 1.0 / self.steps
+
+
+def _ste(x: Tensor, y: Tensor) -> Tensor:
+    """``y`` forward, identity backward."""
+    return x + (y - x).detach()
+
+
+class LearnedGrid(nn.Module):
+    """A weight ``W`` [N, K] and the parameters of its rounding: ``forward()`` is the weight on
+    its grid, differentiable in the offsets ``v`` and the range factors (see the module).
+    Columns are viewed as [N, G, width] groups, a narrow last group padded with zeros (which
+    change no group's range and are cut off again)."""
+
+    def __init__(self, W: Tensor, scheme: QuantScheme, mask: Tensor | None,
+                 min_range: float, learn_range: bool, clip: Any = None) -> None:
+        super().__init__()
+        N, K = W.shape
+        self.K, self.scheme, self.min_range = K, scheme, min_range
+        width = scheme.group_width(K)
+        G = -(-K // width)
+        Wg = F.pad(W.detach().float(), (0, G * width - K)).reshape(N, G, width)
+        self.register_buffer("W", Wg)
+        self.register_buffer("mask", None if mask is None else mask.to(torch.bool))
+        lo, hi = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)
+        # full range: the scale's sign, from the side of the largest magnitude
+        self.register_buffer("sign", torch.where(hi < lo.abs(), 1.0, -1.0)
+                             if scheme.full_range else None)
+        if scheme.sym:
+            amax = torch.maximum(lo.abs(), hi)
+            hi = torch.where(amax == 0, torch.ones_like(amax), amax)
+            lo = -hi
+        else:
+            flat = (lo == 0) & (hi == 0)
+            lo, hi = torch.where(flat, -torch.ones_like(lo), lo), torch.where(
+                flat, torch.ones_like(hi), hi)
+        self.register_buffer("lo", lo)
+        self.register_buffer("hi", hi)
+        self.register_buffer("d", torch.zeros_like(Wg, dtype=torch.int8))
+        self.v = nn.Parameter(torch.zeros_like(Wg))
+        start = torch.ones_like(hi)
+        if clip is not None:  # the clipping search's shrink factor as the starting range
+            s, _ = find_qparams(Wg, scheme, clip)
+            start = self._factor(s)
+        self.a = nn.Parameter(start.clone(), requires_grad=learn_range)
+        self.b = nn.Parameter(start.clone(), requires_grad=learn_range and not scheme.sym)
+
+    def _span(self) -> Tensor:
+        """The grid's width in steps: ``2^bits - 1``, or with the full range ``2^bits``
+        (the largest magnitude on the long end, ``-2^(bits-1)``)."""
+        return self.scheme.maxq + 1 if self.sign is not None else self.scheme.maxq
+
+    def _factor(self, scale: Tensor) -> Tensor:
+        """The range factor that gives (about) ``scale``."""
+        full = (self.hi - self.lo) / self._span()
+        return (scale.abs() / full).clamp(self.min_range, 1.0)
+
+    def params(self) -> list[Tensor]:
+        return [p for p in (self.v, self.a, self.b) if p.requires_grad]
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """Scales (fp16-rounded, straight through) and zero points [N, G]."""
+        maxq = self.scheme.maxq
+        hi = self.hi * self.a
+        lo = -hi if self.scheme.sym else self.lo * self.b
+        s = (hi - lo) / self._span()
+        if self.scheme.sym:
+            z = torch.full_like(s, (maxq + 1) // 2)
+            if self.sign is not None:
+                s = s * self.sign
+        else:  # from the scale before its fp16 rounding, as qparams_from_range
+            z = (-lo / s).clamp(0, maxq)
+            z = _ste(z, torch.round(z))
+        s = torch.copysign(s.abs().clamp(min=2**-24), s)
+        return _ste(s, s.half().float()), z
+
+    @torch.no_grad()
+    def offsets(self) -> Tensor:
+        """``q - z`` [N, G, width] as int8, for comparing two states."""
+        q, _, z = self.codes()
+        return (q - z[..., None]).to(torch.int8)
+
+    def codes(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Codes [N, G, width] (float) and the qparams."""
+        s, z = self.qparams()
+        x = self.W / s[..., None] + self.v + self.d
+        q = (_ste(x, torch.round(x)) + z[..., None]).clamp(0, self.scheme.maxq)
+        return q, s, z
+
+    def forward(self) -> Tensor:
+        q, s, z = self.codes()
+        W = ((q - z[..., None]) * s[..., None]).flatten(1)[:, : self.K]
+        return W * self.mask if self.mask is not None else W
+
+    def start_from(self, qw: Any) -> None:
+        """Start from given codes and scales (GPTQ's): range factors for its scales, integer
+        offsets ``d`` for its codes."""
+        with torch.no_grad():
+            scales = qw.scales.float()
+            self.a.copy_(self._factor(scales))
+            self.b.copy_(self.a)
+            s, z = self.qparams()
+            G, width = self.W.shape[1:]
+            q = F.pad(qw.q.float() - qw.zeros.float()[:, qw.g_idx.long()],
+                      (0, G * width - self.K)).reshape(self.W.shape)
+            self.d.copy_((q - torch.round(self.W / s[..., None])).clamp(-127, 127))
+
+    def final(self) -> tuple[Tensor, QuantState]:
+        """The weight on its grid and its qparams, as a quantizer leaves a Linear."""
+        with torch.no_grad():
+            W = self.forward()
+            s, z = self.qparams()
+        sc = self.scheme
+        state = QuantState(s.contiguous(), z.to(torch.int32).contiguous(),
+                           sc.default_g_idx(self.K), sc.bits, sc.group_size, sc.sym)
+        return W.contiguous(), state
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.v.clamp_(-0.5, 0.5)
+        self.a.clamp_(self.min_range, 1.0)
+        self.b.clamp_(self.min_range, 1.0)
+
+
+@contextlib.contextmanager
+def _on_grids(linears: dict[str, nn.Linear], grids: dict[str, LearnedGrid]):
+    """Each Linear computes with its learned grid's weight instead of its own."""
+    with contextlib.ExitStack() as stack:
+        for n, m in linears.items():
+            g = grids[n]
+            stack.enter_context(BlockContext.replaced_forward(
+                m, lambda x, m=m, g=g: F.linear(x, g(), m.bias)))
+        yield
+
+
+def _hessians(ctx: BlockContext, linears: dict[str, nn.Linear], chunks: list[int],
+              args32: Any) -> dict[str, Tensor]:
+    """Each Linear's input Hessian over ``chunks``, from the block as it is (GPTQ's start)."""
+    stats = {n: HessianStats(m.in_features) for n, m in linears.items()}
+    handles = [m.register_forward_pre_hook(lambda _m, inp, n=n: stats[n].add_batch(inp[0]))
+               for n, m in linears.items()]
+    try:
+        with torch.no_grad():
+            for c in chunks:
+                ctx.run(ctx.block, c, ctx.inputs(c, torch.float32), args32)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: st.H for n, st in stats.items()}
+
+
+def signround_block(ctx: BlockContext, step: Any, cfg: SignRoundConfig) -> dict[str, Any]:
+    """Learn the rounding of the targeted Linears of ``ctx.block`` (float32 masters), leave
+    them on their grids with their qparams, and write the block's outputs to the cache."""
+    t0 = time.perf_counter()
+    block, scheme = ctx.block, cfg.scheme
+    held, train = split_chunks(ctx, cfg.heldout, "signround")
+    args32 = ctx.args_as(torch.float32)
+    teacher = teacher_outputs(ctx, args32)
+    targets: dict[int, Tensor] = {}
+    if cfg.target == "compressed":
+        with torch.no_grad():
+            for c in range(ctx.n_chunks):
+                targets[c] = ctx.run(teacher, c, ctx.inputs(c, torch.float32), args32).cpu()
+    del teacher
+    linears = {n: m for n, m in block_linears(block).items() if step.selects(ctx.prefix + n)}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    grids = {n: LearnedGrid(m.weight.data, scheme, keep_mask(m), cfg.min_range,
+                            cfg.learn_range, cfg.clip_search).to(ctx.device)
+             for n, m in linears.items()}
+    if cfg.init == "gptq":
+        H = _hessians(ctx, linears, train, args32)
+        for n, m in linears.items():
+            qw = gptq_quantize(m.weight.data, H.pop(n), scheme, act_order=cfg.act_order,
+                               damp=cfg.damp, clip=cfg.clip_search, keep=keep_mask(m),
+                               name=ctx.prefix + n)
+            grids[n].start_from(qw)
+    params = [p for g in grids.values() for p in g.params()]
+    first = {n: g.offsets() for n, g in grids.items()}
+    cuda = ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def loss_of(c: int) -> Tensor:
+        x = ctx.inputs(c, torch.float32)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = ctx.run(block, c, x, args32)
+        target = targets[c] if targets else ctx.teacher_cache.read_output(c)
+        return relative_mse(out, target.to(ctx.device, torch.float32))
+
+    def heldout_loss() -> float:
+        with torch.no_grad():
+            return sum(loss_of(c).item() for c in held) / len(held)
+
+    steps, lr = cfg.steps, cfg.step_lr
+    history: list[dict[str, float]] = []
+    with _on_grids(linears, grids):
+        start = heldout_loss()
+        best = Best(params, start)
+        history.append({"step": 0, "heldout": start})
+        gen = torch.Generator().manual_seed(cfg.seed + ctx.index)
+        for i in range(1, steps + 1 if train else 1):
+            c = train[int(torch.randint(0, len(train), (1,), generator=gen))]
+            loss = loss_of(c)
+            for p in params:
+                p.grad = None
+            loss.backward()
+            rate = lr * (1 - (i - 1) / steps)  # linear decay to 0
+            with torch.no_grad():
+                for p in params:
+                    p.sub_(p.grad.sign(), alpha=rate)
+            for g in grids.values():
+                g.clamp_()
+            if i % cfg.eval_every == 0 or i == steps:
+                h = heldout_loss()
+                history.append({"step": i, "loss": loss.item(), "heldout": h})
+                best.offer(h, i)
+        best.restore()
+    moved = sum(int((g.offsets() != first.pop(n)).sum()) for n, g in grids.items())
+    for n, m in linears.items():
+        W, state = grids[n].final()
+        m.weight.data = W.to(m.weight.dtype)
+        m.llmc_quant = state
+        state.codes(m.weight.data, ctx.prefix + n)  # refuses a weight off its grid
+    score, best_step = best.score, best.step
+    log.info("%ssignround: held-out loss %.5f -> %.5f (step %d of %d), %.1f s", ctx.prefix,
+             start, score, best_step, steps, time.perf_counter() - t0)
+    del grids, params, best
+    ctx.forward(ctx.forward_copy(), store=True)
+    n_weights = sum(m.weight.numel() for m in linears.values())
+    return {"init": cfg.init, "target": cfg.target, "iters": steps, "lr": lr,
+            "heldout_start": start, "heldout_best": score, "best_step": best_step,
+            "moved": moved / max(n_weights, 1), "history": history,
+            "train_windows": len(train) * ctx.batch_size,
+            "heldout_windows": ctx.n_windows - held[0] * ctx.batch_size,
+            "linears": len(linears), "seconds": time.perf_counter() - t0}
+
+
+class SignRound(BlockTransform):
+    """The ``signround`` recipe step: a block transform that ends with the targeted Linears
+    quantized (see the module)."""
+
+    kind = TRANSFORM
+    needs_calibration = True
+    stores_outputs = True
+    needs_teacher = True
+
+    def __init__(self, config: SignRoundConfig) -> None:
+        self.config = config
+
+    def check_model(self, config: Any, adapter: Any) -> None:
+        return None
+
+    def transform(self, ctx: BlockContext, step: Any) -> dict[str, Any]:
+        return signround_block(ctx, step, self.config)
+
+
+METHODS.register("signround", SignRoundConfig, SignRound,
+                 "learned rounding (SignRound, AutoRound's method): per-weight rounding offsets "
+                 "and per-group ranges by signed gradient descent on each block's output error",
+                 role="quantizer")
