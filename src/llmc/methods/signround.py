@@ -41,7 +41,7 @@ from llmc.core.scheme import QuantArgs, QuantScheme, QuantState, find_qparams
 from llmc.core.stats import HessianStats
 from llmc.interfaces import TRANSFORM, BlockContext, BlockTransform
 from llmc.methods.distill.block import split_chunks, teacher_outputs
-from llmc.methods.distill.constraints import Best, keep_mask
+from llmc.methods.distill.constraints import Best, _ste, keep_mask
 from llmc.methods.distill.losses import relative_mse
 from llmc.methods.gptq import ACT_ORDERS, gptq_quantize
 from llmc.models import block_linears
@@ -109,11 +109,6 @@ class SignRoundConfig(QuantArgs):
     @property
     def step_lr(self) -> float:
         return self.lr or 1.0 / self.steps
-
-
-def _ste(x: Tensor, y: Tensor) -> Tensor:
-    """``y`` forward, identity backward."""
-    return x + (y - x).detach()
 
 
 class LearnedGrid(nn.Module):
