@@ -40,6 +40,13 @@ for pattern in ("2:4", "4:8"):
 ROWS["sparsegpt-24-w4g64-joint"] = prune("sparsegpt", pattern="2:4", **W4G64)
 ROWS["sparsegpt-24+gptq-w4g64"] = prune("sparsegpt", {"method": "gptq", "args": W4G64},
                                         pattern="2:4")
+# learned rounding after the mask (50 steps per block, full-range grid, float32 forwards on
+# the CPU, 4 windows per step)
+ROWS["sparsegpt-24+signround-w4g64-fast-full"] = {
+    **prune("sparsegpt", {"method": "signround",
+                          "args": {**W4G64, "preset": "fast", "full_range": True}},
+            pattern="2:4"),
+    "walker": {"batch_size": 4, "dtype": "float32"}}
 
 
 def _describe(r: dict) -> tuple[str, str, str]:

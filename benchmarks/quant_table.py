@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import table
 
-from llmc.methods.signround import PRESETS
+from llmc.methods.signround import PRESETS, SAMPLES
 
 
 def gptq(bits: int, group: int, dtype: str = "bfloat16", **extra) -> dict:
@@ -43,12 +43,13 @@ def awq(bits: int, group: int, then: str = "rtn", dtype: str | None = None) -> d
 
 
 def signround(bits: int, group: int, preset: str = "default", before: list | None = None,
-              **extra) -> dict:
+              batch_size: int = 4, **extra) -> dict:
     """Learned rounding (after ``before``, e.g. AWQ's scales), training forwards in float32
-    on the CPU, 4 windows per step."""
+    on the CPU, ``batch_size`` windows per step."""
     step = {"method": "signround",
             "args": {"bits": bits, "group_size": group, "preset": preset, **extra}}
-    return {"steps": [*(before or []), step], "walker": {"batch_size": 4, "dtype": "float32"}}
+    return {"steps": [*(before or []), step],
+            "walker": {"batch_size": batch_size, "dtype": "float32"}}
 
 
 FP8 = {"bits": 8, "group_size": -1, "type": "float", "act_bits": 8, "act_type": "float"}
@@ -93,6 +94,12 @@ ROWS = {
     "signround-w3g64-fast-full": signround(3, 64, "fast", full_range=True),
     "signround-w3g64-fast": signround(3, 64, "fast"),
     "signround-gptq-w4g64-fast": signround(4, 64, "fast", init="gptq"),
+    # the loss on a quarter of each chunk's tokens, the MLP run on those only
+    "signround-w4g64-fast-full-t25": signround(4, 64, "fast", full_range=True, tokens=0.25),
+    "signround-w3g64-fast-full-t25": signround(3, 64, "fast", full_range=True, tokens=0.25),
+    # 8 windows per step, as AutoRound takes: the time comparison at equal windows
+    "signround-w4g64-fast-full-t25-b8": signround(4, 64, "fast", full_range=True, tokens=0.25,
+                                                  batch_size=8),
     "signround-w4g64": signround(4, 64),
     "signround-w3g64": signround(3, 64),
     "signround-w2g64": signround(2, 64),
@@ -144,8 +151,13 @@ def _method(r: dict) -> str:
         name = steps[0]["method"]
         args = steps[0]["args"]
         if name == "signround":
-            iters = args.get("iters") or PRESETS[args.get("preset", "default")]
-            name += f" {args.get('init', 'rtn')} init, {iters} it"
+            preset = args.get("preset", "default")
+            iters = args.get("iters") or PRESETS[preset]
+            tokens = args.get("tokens") or SAMPLES[preset]
+            name += f" {args.get('init', 'rtn')} init, {iters} it, batch " \
+                    f"{r['recipe']['walker']['batch_size']}"
+            if tokens < 1:
+                name += f", {tokens:.0%} of tokens"
         return name
     return "+".join(s["method"] for s in steps)
 

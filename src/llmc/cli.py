@@ -194,6 +194,9 @@ def cli() -> None:
                    "default]")
 @click.option("--iters", type=int, default=None,
               help="signround: steps per block (overrides --preset)")
+@click.option("--tokens", type=float, default=None,
+              help="signround: the fraction of each step's tokens its loss is taken on, the "
+                   "MLP run on those only (overrides --preset)")
 @click.option("--init", "init", type=click.Choice(["rtn", "gptq"]), default=None,
               help="signround: start from round-to-nearest or from GPTQ's rounding "
                    "[default: rtn]")
@@ -204,7 +207,7 @@ def quantize(model: str, method: str | None, scheme: str | None, alpha: float | 
              kv_cache: str | None, bits: int, group_size: int, sym: bool, full_range: bool,
              act_order: str,
              damp: float, clip: bool | None, rounding: str | None, iters: int | None,
-             init: str | None, **opts: Any) -> None:
+             tokens: float | None, init: str | None, **opts: Any) -> None:
     """Quantize MODEL (a demo name such as smollm2-135m, an HF id or directory, or a .gguf
     file) and write a checkpoint to -o."""
     from llmc.recipe import Recipe
@@ -216,8 +219,8 @@ def quantize(model: str, method: str | None, scheme: str | None, alpha: float | 
     if alpha is not None and not method.startswith("smoothquant"):
         raise click.UsageError("--alpha is SmoothQuant's; use --method smoothquant+gptq or "
                                "smoothquant+rtn")
-    learned = {k: v for k, v in (("preset", rounding), ("iters", iters), ("init", init))
-               if v is not None}
+    learned = {k: v for k, v in (("preset", rounding), ("iters", iters), ("tokens", tokens),
+                                 ("init", init)) if v is not None}
     if learned and not method.endswith("signround"):
         raise click.UsageError(f"--{next(iter(learned))} is signround's; use --method signround "
                                "or awq+signround")

@@ -12,9 +12,10 @@ from conftest import assert_exports_exactly, calib_ids, tiny_model
 import llmc
 from llmc.core.scheme import QuantScheme
 from llmc.core.stats import HessianStats
+from llmc.methods import signround as signround_module
 from llmc.methods.gptq import gptq_quantize
 from llmc.methods.rtn import rtn_compress
-from llmc.methods.signround import LearnedGrid, SignRoundConfig
+from llmc.methods.signround import LearnedGrid, SignRoundConfig, _rows, _sampling_refused
 from llmc.models import block_linears
 
 W = {"batch_size": 4, "dtype": "float32"}
@@ -122,6 +123,44 @@ def test_after_pruning_zeros_stay_zero_and_after_awq():
                                          signround(3)]})
 
 
+def test_token_sample_runs_the_mlp_on_the_sample_only(monkeypatch):
+    """With ``tokens: 0.25`` each training step's MLP sees a quarter of the chunk's rows (the
+    held-out checks all of them), attention all of them, and learning still lowers the error."""
+    model = tiny_model("llama")
+    rows: list[int] = []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(
+            lambda m, a: rows.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
+    _, rep = llmc.compress(model, {"steps": [signround(tokens=0.25)], "walker": W},
+                           calibration=calib_ids(16, 32), progress=False)
+    n = 4 * 32
+    assert set(rows) == {n, n // 4}  # training steps on the sample, the rest on every token
+    assert rows.count(n // 4) == 2 * (20 + 1)  # per block: 20 steps and the exactness check
+    for r in rep.transforms:
+        assert r["tokens"] == 0.25 and "tokens_refused" not in r
+        assert r["heldout_best"] < r["heldout_start"]
+    # a token-wise part that cannot run on a sample: every token, and the report says why
+    monkeypatch.setattr(signround_module, "_tokenwise_parts",
+                        lambda ctx: [ctx.block.self_attn])
+    _, rep = llmc.compress(tiny_model("llama"),
+                           {"steps": [signround(tokens=0.25, iters=2)], "walker": W},
+                           calibration=calib_ids(16, 32), progress=False)
+    assert all(r["tokens"] == 1.0 and "cannot run on a sample" in r["tokens_refused"]
+               for r in rep.transforms)
+
+
+def test_sampling_refused_when_the_sampled_outputs_differ():
+    full = torch.randn(2, 8, 4)
+    sel = torch.tensor([1, 5, 9])
+
+    def exact(c, s):
+        return full if s is None else _rows(full, s)
+
+    assert _sampling_refused(exact, 0, sel) is None
+    why = _sampling_refused(lambda c, s: exact(c, s) * (1.01 if s is not None else 1), 0, sel)
+    assert why and "differs" in why
+
+
 def test_compressed_target_and_config_errors():
     model, rep = llmc.compress(tiny_model("llama"),
                                {"steps": [signround(target="compressed", iters=5)], "walker": W},
@@ -132,7 +171,8 @@ def test_compressed_target_and_config_errors():
     for bad, match in [({"type": "float", "bits": 8, "group_size": -1}, "integer"),
                        ({"act_bits": 8}, "weights only"), ({"preset": "slow"}, "preset"),
                        ({"init": "awq"}, "init"), ({"target": "teacher"}, "target"),
-                       ({"min_range": 0}, "min_range"), ({"iters": -1}, "iters")]:
+                       ({"min_range": 0}, "min_range"), ({"iters": -1}, "iters"),
+                       ({"tokens": 1.5}, "fraction")]:
         with pytest.raises(ValueError, match=match):
             SignRoundConfig(**bad)
     with pytest.raises(ValueError, match="two chunks"):
@@ -147,11 +187,12 @@ def test_cli(model_dir, text_file, tmp_path):
     flags = calib_flags(text_file)
     flags[flags.index("--samples") + 1] = 12
     run("quantize", model_dir, "--method", "signround", "--bits", 3, "--group-size", 32,
-        "--iters", 3, "--init", "gptq", "--batch-size", 4, *flags, "-o", out)
+        "--iters", 3, "--init", "gptq", "--tokens", 0.5, "--batch-size", 4, *flags, "-o", out)
     model, _ = llmc.load(out)
     assert model.model.layers[0].mlp.down_proj.llmc_quant.bits == 3
     recipe = llmc.Recipe.from_yaml(out / "recipe.yaml")
-    assert recipe.steps[0].config.iters == 3 and recipe.steps[0].config.init == "gptq"
+    cfg = recipe.steps[0].config
+    assert cfg.iters == 3 and cfg.init == "gptq" and cfg.tokens == 0.5
     res = run("quantize", model_dir, "--method", "gptq", "--iters", 3, "-o", tmp_path / "x",
               ok=False)
     assert res.exit_code != 0 and "signround" in res.output

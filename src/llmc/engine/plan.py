@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmc.engine.memory import gib
@@ -104,7 +105,9 @@ class Work:
     bits: int | None  # the quantized width (None: dense output)
     owl: bool
     as_stored: bool = False  # a streamed walk reads blocks as stored, codes only (RTN alone)
-    rounding_steps: int = 0  # learned rounding (signround): training steps per block
+    # learned rounding (signround): training steps per block, in steps on every token (a step
+    # on a token sample runs the MLP, about two thirds of a block's weights, on the sample)
+    rounding_steps: float = 0.0
 
     @classmethod
     def of(cls, steps: list[tuple[int, Any, Any]], kv_cache: Any = None) -> Work:
@@ -129,8 +132,8 @@ class Work:
             bits=schemes[-1].bits if schemes else None,
             owl=any(getattr(s.config, "owl", False) for _, s, _ in steps),
             as_stored=reads_as_stored(steps, kv_cache),
-            rounding_steps=sum(getattr(s.config, "steps", 0) for _, s, _ in steps
-                               if s.method == "signround"),
+            rounding_steps=sum(s.config.steps * (1 - 2 / 3 * (1 - s.config.token_fraction))
+                               for _, s, _ in steps if s.method == "signround"),
         )
 
 
@@ -228,14 +231,19 @@ class Plan:
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.05) -> float:
-    """FLOP/s of a 512-square matmul in ``dtype`` on ``device``, measured for ``seconds``."""
-    n = 512
+    """FLOP/s of a square ``F.linear`` in ``dtype`` on ``device`` (1024 on a CPU, 4096 on a GPU:
+    the sizes of a block's Linears over a chunk of tokens), measured for ``seconds`` after as
+    long a warm-up. (A 512-square ``a @ b`` on a 2-core CPU runs at a quarter of this in
+    float32, and in bfloat16 without native support at a tenth of ``F.linear``'s rate.)"""
+    n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    (a @ b).sum().item()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        F.linear(a, b).sum().item()
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        c = a @ b
+        c = F.linear(a, b)
         count += 1
     c.sum().item()
     return 2 * n**3 * count / (time.perf_counter() - t0)
@@ -424,7 +432,7 @@ def _plan_for(shape: Shape, work: Work, *, samples: int, seqlen: int, batch_size
     # each training step: one chunk forward and backward (three forwards' work), plus the
     # teacher's pass and the held-out checks (about one more pass)
     train = 6 * shape.block_params * chunk_tok * work.rounding_steps \
-        + 2 * flops_fwd * bool(work.rounding_steps)
+        + 2 * shape.block_params * tok * bool(work.rounding_steps)
     compute = shape.n_blocks * (flops_fwd + solve + train) / max(rate, 1.0)
     if work.awq:
         compute *= 2.0 if not work.awq_gptq else 4.0

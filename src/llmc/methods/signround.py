@@ -21,6 +21,15 @@ calibration windows; every parameter moves by ``lr`` times the sign of its gradi
 decaying linearly to 0 over the steps. The last ``heldout`` windows are never trained on; they
 pick the best step (0 included: never worse than the start).
 
+A training step can take its loss on a random sample of the chunk's tokens (``tokens``, a
+fraction): the block's token-wise part (the MLP, as the model's structure found it: permuting
+its input tokens permutes its outputs) then runs on those tokens only, and attention on all of
+them, so the loss at the sampled positions is exact. The MLP holds most of a block's weights:
+with a quarter of the tokens a step takes about two thirds of the time. Checked once per block:
+when the sampled outputs differ from the full block's (a block that mixes tokens after its
+MLP), the step falls back to every token and the report says so. Held-out losses use every
+token.
+
 Pruned weights stay exactly zero (the keep mask multiplies ``W'``; 0 is on every integer grid).
 After AWQ the block's weights are already rescaled; the walker hands them over as they are.
 """
@@ -30,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +60,7 @@ from llmc.registry import METHODS
 log = logging.getLogger(__name__)
 
 PRESETS = {"fast": 50, "default": 200, "best": 500}  # signed-gradient steps per block
+SAMPLES = {"fast": 1.0, "default": 1.0, "best": 1.0}  # the fraction of tokens a step's loss takes
 INITS = ("rtn", "gptq")
 TARGETS = ("uncompressed", "compressed")
 
@@ -59,12 +70,15 @@ class SignRoundConfig(QuantArgs):
     """Arguments of the ``signround`` recipe step: the integer scheme (``bits``, ``group_size``,
     ``sym``; ``clip`` starts the range factors from the clipping search), ``preset`` (``fast``
     50, ``default`` 200, ``best`` 500 steps per block) or ``iters``, ``lr`` (0: 1 / steps),
-    ``init`` (``rtn`` or ``gptq``), ``target`` (see the module), ``min_range`` (the smallest
-    range factor), ``heldout`` windows that choose the best step, checked every ``eval_every``
-    steps; ``damp`` and ``act_order``: GPTQ's, for ``init: gptq``."""
+    ``init`` (``rtn`` or ``gptq``), ``target`` (see the module), ``tokens`` (the fraction of a
+    chunk's tokens a step's loss is taken on, the MLP run on those only; 0: the preset's),
+    ``min_range`` (the smallest range factor), ``heldout`` windows that choose the best step,
+    checked every ``eval_every`` steps; ``damp`` and ``act_order``: GPTQ's, for
+    ``init: gptq``."""
 
     preset: str = "default"
     iters: int = 0
+    tokens: float = 0.0
     lr: float = 0.0
     init: str = "rtn"
     target: str = "uncompressed"
@@ -88,6 +102,9 @@ class SignRoundConfig(QuantArgs):
             raise ValueError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
         if self.iters < 0:
             raise ValueError(f"iters: {self.iters} must be positive (0: the preset's)")
+        if not 0 <= self.tokens <= 1:
+            raise ValueError(f"tokens: {self.tokens} is a fraction of each chunk's tokens, in "
+                             "(0, 1] (0: the preset's)")
         if self.lr < 0:
             raise ValueError(f"lr: {self.lr} must be positive (0: 1 / iters)")
         if self.init not in INITS:
@@ -105,6 +122,10 @@ class SignRoundConfig(QuantArgs):
     @property
     def steps(self) -> int:
         return self.iters or PRESETS[self.preset]
+
+    @property
+    def token_fraction(self) -> float:
+        return self.tokens or SAMPLES[self.preset]
 
     @property
     def step_lr(self) -> float:
@@ -238,6 +259,62 @@ def _on_grids(linears: dict[str, nn.Linear], grids: dict[str, LearnedGrid]):
         yield
 
 
+def _tokenwise_parts(ctx: BlockContext) -> list[nn.Module]:
+    """The block's outermost token-wise modules (its MLP), as the structure found them."""
+    names = {p.inspect for p in getattr(ctx.adapter, "scale_pairs", ()) if p.inspect and
+             p.tokenwise}
+    outer = sorted(n for n in names if not any(n.startswith(o + ".") for o in names))
+    return [ctx.block.get_submodule(n) for n in outer]
+
+
+@contextlib.contextmanager
+def _on_tokens(parts: list[nn.Module], sel: Tensor):
+    """Each token-wise module computes on the tokens ``sel`` (flat indices into its input's
+    leading dimensions) only; the other positions of its output are 0."""
+    def sampled(orig):
+        def forward(*a: Any, **kw: Any) -> Tensor:
+            if a:
+                x = a[0]
+                y = orig(x.reshape(-1, x.shape[-1])[sel], *a[1:], **kw)
+            else:  # its input passed by keyword: the first tensor
+                key = next(k for k, v in kw.items() if isinstance(v, Tensor))
+                x = kw[key]
+                y = orig(**{**kw, key: x.reshape(-1, x.shape[-1])[sel]})
+            if not isinstance(y, Tensor):
+                raise _NotTokenwise(f"it returns a {type(y).__name__}, not a tensor")
+            out = y.new_zeros(x.shape[:-1].numel(), y.shape[-1]).index_copy(0, sel, y)
+            return out.reshape(*x.shape[:-1], y.shape[-1])
+        return forward
+
+    with contextlib.ExitStack() as stack:
+        for m in parts:
+            stack.enter_context(BlockContext.replaced_forward(m, sampled(m.forward)))
+        yield
+
+
+class _NotTokenwise(Exception):
+    pass
+
+
+def _rows(t: Tensor, sel: Tensor | None) -> Tensor:
+    """The rows ``sel`` of ``t`` [n, T, d] flattened to [n * T, d] (all of them for None)."""
+    return t if sel is None else t.reshape(-1, t.shape[-1])[sel]
+
+
+@torch.no_grad()
+def _sampling_refused(output: Callable[[int, Tensor | None], Tensor], c: int,
+                      sel: Tensor) -> str | None:
+    """Why chunk ``c``'s output at the tokens ``sel`` is not the full block's there (None:
+    it is, to 1e-4 relative)."""
+    try:
+        part = output(c, sel)
+    except Exception as e:  # noqa: BLE001 (whatever it raises, it cannot run on a sample)
+        return f"its token-wise part cannot run on a sample: {type(e).__name__}: {e}"
+    full = _rows(output(c, None), sel)
+    err = float((part - full).abs().max() / full.abs().max().clamp(min=1e-12))
+    return f"the block's output at sampled tokens differs by {err:.1e}" if err > 1e-4 else None
+
+
 def _hessians(ctx: BlockContext, linears: dict[str, nn.Linear], chunks: list[int],
               args32: Any) -> dict[str, Tensor]:
     """Each Linear's input Hessian over ``chunks``, from the block as it is (GPTQ's start)."""
@@ -285,12 +362,19 @@ def signround_block(ctx: BlockContext, step: Any, cfg: SignRoundConfig) -> dict[
     first = {n: g.offsets() for n, g in grids.items()}
     cuda = ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
 
-    def loss_of(c: int) -> Tensor:
+    def output(c: int, sel: Tensor | None) -> Tensor:
+        """The block's output on chunk ``c``, at the flat token positions ``sel`` (None:
+        every position, [n, T, d])."""
         x = ctx.inputs(c, torch.float32)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cuda):
-            out = ctx.run(block, c, x, args32)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cuda), \
+                (_on_tokens(parts, sel.to(ctx.device)) if sel is not None
+                 else contextlib.nullcontext()):
+            return _rows(ctx.run(block, c, x, args32), None if sel is None
+                         else sel.to(ctx.device))
+
+    def loss_of(c: int, sel: Tensor | None = None) -> Tensor:
         target = targets[c] if targets else ctx.teacher_cache.read_output(c)
-        return relative_mse(out, target.to(ctx.device, torch.float32))
+        return relative_mse(output(c, sel), _rows(target, sel).to(ctx.device, torch.float32))
 
     def heldout_loss() -> float:
         with torch.no_grad():
@@ -298,21 +382,34 @@ def signround_block(ctx: BlockContext, step: Any, cfg: SignRoundConfig) -> dict[
 
     steps, lr = cfg.steps, cfg.step_lr
     history: list[dict[str, float]] = []
+    gen = torch.Generator().manual_seed(cfg.seed + ctx.index)
+    n_rows = ctx.batch_size * ctx.seqlen
+    n_sample = max(1, round(cfg.token_fraction * n_rows))
+    parts = _tokenwise_parts(ctx) if n_sample < n_rows else []
+
+    def sample() -> Tensor | None:
+        return torch.randperm(n_rows, generator=gen)[:n_sample].sort().values if parts else None
+
     with _on_grids(linears, grids):
         start = heldout_loss()
         best = Best(params, start)
         history.append({"step": 0, "heldout": start})
-        gen = torch.Generator().manual_seed(cfg.seed + ctx.index)
+        no_sample = None if parts or n_sample == n_rows else "the block has no token-wise part"
+        if parts and train:  # the sampled outputs must be the full block's at those tokens
+            no_sample = _sampling_refused(output, train[0], sample())
+            if no_sample:
+                log.warning("%ssignround: every token per step (%s)", ctx.prefix, no_sample)
+                parts = []
         for i in range(1, steps + 1 if train else 1):
             c = train[int(torch.randint(0, len(train), (1,), generator=gen))]
-            loss = loss_of(c)
+            loss = loss_of(c, sample())
             for p in params:
                 p.grad = None
             loss.backward()
             rate = lr * (1 - (i - 1) / steps)  # linear decay to 0
-            with torch.no_grad():
-                for p in params:
-                    p.sub_(p.grad.sign(), alpha=rate)
+            with torch.no_grad():  # one fused sign step over every parameter
+                torch._foreach_add_(params, torch._foreach_sign([p.grad for p in params]),
+                                    alpha=-rate)
             for g in grids.values():
                 g.clamp_()
             if i % cfg.eval_every == 0 or i == steps:
@@ -333,6 +430,8 @@ def signround_block(ctx: BlockContext, step: Any, cfg: SignRoundConfig) -> dict[
     ctx.forward(ctx.forward_copy(), store=True)
     n_weights = sum(m.weight.numel() for m in linears.values())
     return {"init": cfg.init, "target": cfg.target, "iters": steps, "lr": lr,
+            "tokens": n_sample / n_rows if parts else 1.0,
+            **({"tokens_refused": no_sample} if no_sample and n_sample < n_rows else {}),
             "heldout_start": start, "heldout_best": score, "best_step": best_step,
             "moved": moved / max(n_weights, 1), "history": history,
             "train_windows": len(train) * ctx.batch_size,
