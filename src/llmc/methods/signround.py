@@ -366,11 +366,10 @@ def signround_block(ctx: BlockContext, step: Any, cfg: SignRoundConfig) -> dict[
         """The block's output on chunk ``c``, at the flat token positions ``sel`` (None:
         every position, [n, T, d])."""
         x = ctx.inputs(c, torch.float32)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cuda), \
-                (_on_tokens(parts, sel.to(ctx.device)) if sel is not None
-                 else contextlib.nullcontext()):
-            return _rows(ctx.run(block, c, x, args32), None if sel is None
-                         else sel.to(ctx.device))
+        sel = None if sel is None else sel.to(ctx.device)
+        scope = contextlib.nullcontext() if sel is None else _on_tokens(parts, sel)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cuda), scope:
+            return _rows(ctx.run(block, c, x, args32), sel)
 
     def loss_of(c: int, sel: Tensor | None = None) -> Tensor:
         target = targets[c] if targets else ctx.teacher_cache.read_output(c)
@@ -431,7 +430,7 @@ def signround_block(ctx: BlockContext, step: Any, cfg: SignRoundConfig) -> dict[
     n_weights = sum(m.weight.numel() for m in linears.values())
     return {"init": cfg.init, "target": cfg.target, "iters": steps, "lr": lr,
             "tokens": n_sample / n_rows if parts else 1.0,
-            **({"tokens_refused": no_sample} if no_sample and n_sample < n_rows else {}),
+            **({"tokens_refused": no_sample} if no_sample else {}),
             "heldout_start": start, "heldout_best": score, "best_step": best_step,
             "moved": moved / max(n_weights, 1), "history": history,
             "train_windows": len(train) * ctx.batch_size,
