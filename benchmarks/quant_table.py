@@ -103,6 +103,10 @@ ROWS = {
     "signround-w4g64": signround(4, 64),
     "signround-w3g64": signround(3, 64),
     "signround-w2g64": signround(2, 64),
+    "signround-w4g64-full": signround(4, 64, full_range=True),
+    "signround-w3g64-full": signround(3, 64, full_range=True),
+    "signround-w2g64-full": signround(2, 64, full_range=True),
+    "signround-w3g64-full-gptq": signround(3, 64, full_range=True, init="gptq"),  # GPTQ start
     "awq+signround-w4g64-fast": signround(4, 64, "fast", before=[
         {"method": "awq", "args": {"bits": 4, "group_size": 64}}]),
     # AutoRound itself on the same windows (benchmarks/peers.py; runs where it is installed):

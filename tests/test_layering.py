@@ -23,6 +23,7 @@ LAYERS = {
     "checks": 7,
     "api": 8,
     "cli": 9, "__init__": 9,
+    "__main__": 10,  # `python -m llmc`: the command line's entry point
 }
 
 

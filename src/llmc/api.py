@@ -31,10 +31,11 @@ from llmc.checks import check_model, check_seqlen
 from llmc.engine import Engine, EngineOptions, WalkReport
 from llmc.engine.blocks import LazyBlocks, ResidentBlocks
 from llmc.engine.config import resolve_device
+from llmc.engine.distributed import Distributed, local_device
 from llmc.engine.memory import memory_budget, parse_bytes, rss_bytes
 from llmc.engine.plan import Plan, Shape, Work, make_plan
 from llmc.engine.stream import StreamingCheckpoint, partial_dir
-from llmc.engine.walker import reads_as_stored
+from llmc.engine.walker import check_distributed, reads_as_stored
 from llmc.eval.perplexity import evaluate_text
 from llmc.interfaces import MODEL
 from llmc.models import get_adapter, load_config, load_model, load_tokenizer, resolve
@@ -137,13 +138,20 @@ def _make_plan(model: nn.Module, adapter: Any, recipe: Recipe, steps: list, *,
                calibration: Any, device: torch.device, mode: str, cache: str, lockstep: str,
                max_memory: str | int | None, stored_bytes: int, save_bytes: int,
                out: Path | None, offload_dir: Path | None, probe: bool,
-               max_shard_bytes: int = 2_000_000_000, read_bytes: int = 4) -> Plan:
+               max_shard_bytes: int = 2_000_000_000, read_bytes: int = 4,
+               dist: Distributed | None = None) -> Plan:
     samples, seqlen = _calibration_shape(recipe, calibration)
     shape = Shape.of(model, adapter, lambda n: any(s.selects(n) for _, s, _ in steps))
     if max_memory is not None:
         budget = (parse_bytes(max_memory), "--max-memory")
     else:
         budget = memory_budget()
+    if dist is not None:  # one rank's windows, in its share of the machine's memory
+        bs = recipe.walker.batch_size
+        chunks = -(-samples // bs)  # the most chunks a rank holds, in windows
+        samples = -(-chunks // dist.world) * bs
+        here = dist.ranks_on_machine
+        budget = (budget[0] // here, f"{budget[1]} / {here} ranks on this machine")
     return make_plan(
         shape, Work.of(steps, recipe.kv_cache), samples=samples, seqlen=seqlen,
         batch_size=recipe.walker.batch_size, walker_dtype=recipe.walker.torch_dtype,
@@ -172,6 +180,7 @@ def compress(
     lockstep: str = "auto",
     trust_remote_code: bool = False,
     max_shard_bytes: int = 2_000_000_000,
+    exact_stats: bool = False,
 ) -> tuple[Any, CompressionReport]:
     """Compress a model with ``recipe``.
 
@@ -189,6 +198,12 @@ def compress(
     own tokenizer by default). ``cache`` (``auto``, ``ram``, ``disk``) and ``lockstep``
     (``auto``, ``lockstep``, ``replay``) override the plan's choices. A streamed output of at
     most ``max_shard_bytes`` is one ``model.safetensors``; a larger one keeps a shard per block.
+
+    Inside a process group (an initialised ``torch.distributed`` group, or a ``torchrun``
+    launch) the calibration windows are split over the ranks and every rank must call
+    ``compress`` alike; a streamed output is written by rank 0 (see
+    :mod:`llmc.engine.distributed`). ``exact_stats`` sums the statistics in float64, so that
+    any number of ranks gives the checkpoint of one process.
     """
     if isinstance(model, (str, Path)):
         if out is None:
@@ -199,19 +214,33 @@ def compress(
             overwrite=overwrite, resume=resume, max_memory=max_memory,
             offload_dir=None if offload_dir is None else Path(offload_dir), cache=cache,
             lockstep=lockstep, trust_remote_code=trust_remote_code,
-            max_shard_bytes=max_shard_bytes)
+            max_shard_bytes=max_shard_bytes, exact_stats=exact_stats)
     if out is not None or resume:
         raise ValueError("out= and resume= stream a checkpoint from disk: pass the model's name "
                          "or path, or call llmc.save() after compressing a resident model")
     return _compress_resident(model, Recipe.coerce(recipe), tokenizer=tokenizer,
                               calibration=calibration, progress=progress, device=device,
                               cache=cache, lockstep=lockstep, max_memory=max_memory,
-                              offload_dir=offload_dir)
+                              offload_dir=offload_dir, exact_stats=exact_stats)
+
+
+def _connect(dev: torch.device, steps: list, post_steps: list) -> Distributed | None:
+    """This process's rank when it belongs to a group, after refusing what a distributed run
+    cannot do."""
+    dist = Distributed.connect(dev)
+    if dist is None:
+        return None
+    if post_steps:
+        raise ValueError("distill (logit mode) trains the whole model after the walk, which "
+                         "does not run over several processes; run it in one process")
+    check_distributed(steps)
+    return dist
 
 
 def _compress_resident(model: nn.Module, recipe: Recipe, *, tokenizer: Any, calibration: Any,
                        progress: bool, device: Any, cache: str, lockstep: str,
-                       max_memory: Any, offload_dir: Any) -> tuple[nn.Module, CompressionReport]:
+                       max_memory: Any, offload_dir: Any,
+                       exact_stats: bool = False) -> tuple[nn.Module, CompressionReport]:
     unfuse_experts(model)  # MoE: per-expert Linears in place (the model computes the same)
     adapter = get_adapter(model.config)
     check_model(recipe, model.config)
@@ -226,11 +255,17 @@ def _compress_resident(model: nn.Module, recipe: Recipe, *, tokenizer: Any, cali
     home = next(model.parameters()).device
     dev = home if device is None else resolve_device(device)
     walk_steps, post_steps = _steps(recipe)
+    dist = _connect(dev, walk_steps, post_steps)
+    if dist is not None:
+        dev = local_device(dev)
+        progress = progress and dist.rank == 0
     windows, held, calib_info = None, None, {}
     if recipe.needs_calibration:
         n_held = max((s.config.heldout for _, s, _ in post_steps), default=0)  # logit mode
         windows, held, calib_info = _windows(tokenizer, calibration, recipe, n_held)
         check_seqlen(recipe, model.config, windows.shape[1])
+        if dist is not None:
+            windows = dist.windows(windows, recipe.walker.batch_size)
     t = time.perf_counter()
     # The teacher of the distill steps: the model before any compression step (a copy).
     teacher = None
@@ -246,10 +281,11 @@ def _compress_resident(model: nn.Module, recipe: Recipe, *, tokenizer: Any, cali
                           offload_dir=None, probe=False)
         with tempfile.TemporaryDirectory(prefix="llmc-cache-") as tmp:
             options = EngineOptions(dev, plan.cache, Path(offload_dir or tmp),
-                                    plan.lockstep if plan.lockstep != "n/a" else "lockstep")
+                                    plan.lockstep if plan.lockstep != "n/a" else "lockstep",
+                                    exact_stats=exact_stats)
             engine = Engine(ResidentBlocks(model, adapter, dev), adapter, walk_steps,
                             recipe.walker, options, progress=progress,
-                            kv_cache=recipe.kv_cache)
+                            kv_cache=recipe.kv_cache, dist=dist)
             walk = engine.run(windows)
     distilled = []
     for idx, step, comp in post_steps:
@@ -330,7 +366,8 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
                      calibration: Any, progress: bool, device: Any, fmt: str | None,
                      overwrite: bool, resume: bool, max_memory: Any, offload_dir: Path | None,
                      cache: str, lockstep: str, trust_remote_code: bool,
-                     max_shard_bytes: int) -> tuple[Path, CompressionReport]:
+                     max_shard_bytes: int,
+                     exact_stats: bool = False) -> tuple[Path, CompressionReport]:
     from llmc.formats.checkpoint import recipe_act_order, recipe_quantizes
     from llmc.formats.packer import Packer
 
@@ -339,6 +376,10 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
     src, config, lazy, adapter, fmt = _prepare_stream(model_name, recipe, fmt, trust_remote_code,
                                                       calibration)
     walk_steps, post_steps = _steps(recipe)
+    dist = _connect(dev, walk_steps, post_steps)
+    if dist is not None:
+        dev = local_device(dev)
+        progress = progress and dist.rank == 0
     if post_steps:
         if resume:
             raise ValueError("--resume: a recipe with a logit distill step trains the whole "
@@ -353,7 +394,7 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
                           max_memory=max_memory, stored_bytes=lazy.bytes_on_disk(),
                           read_bytes=lazy.read_bytes(),
                           save_bytes=lazy.save_dtype.itemsize, out=out, offload_dir=offload_dir,
-                          probe=False, max_shard_bytes=max_shard_bytes)
+                          probe=False, max_shard_bytes=max_shard_bytes, dist=dist)
     the_plan.check()
     log.info("%s", the_plan.render())
     if tokenizer is None:
@@ -374,6 +415,11 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
             "shape": list(windows.shape),
             "sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()},
     }
+    if dist is not None:
+        windows = None if windows is None else dist.windows(windows, recipe.walker.batch_size)
+        if dist.rank != 0:
+            return _follow_stream(out, lazy, adapter, walk_steps, recipe, windows, dev,
+                                  the_plan, offload_dir, exact_stats, dist)
     skeleton = lazy.model
     block_lin = [f"{adapter.blocks}.{b}.{n}" for b, blk in enumerate(adapter.get_blocks(skeleton))
                  for n, m in blk.named_modules() if isinstance(m, nn.Linear)]
@@ -389,15 +435,18 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
                                      max_shard_bytes)
     cache_dir = checkpoint.cache_dir if offload_dir is None else (
         offload_dir / f"llmc-{hashlib.sha256(str(partial.resolve()).encode()).hexdigest()[:12]}")
+    if dist is not None:  # (a resumed run's saved activations may be the one-process cache)
+        cache_dir = cache_dir / "rank0"
     t = time.perf_counter()
     try:
         options = EngineOptions(dev, the_plan.cache, cache_dir,
-                                the_plan.lockstep if the_plan.lockstep != "n/a" else "lockstep")
+                                the_plan.lockstep if the_plan.lockstep != "n/a" else "lockstep",
+                                exact_stats=exact_stats)
         dtype = None if reads_as_stored(walk_steps, recipe.kv_cache) else torch.float32
         engine = Engine(LazyBlocks(lazy, adapter, dev, prefetch=the_plan.prefetch, dtype=dtype),
                         adapter,
                         walk_steps, recipe.walker, options, checkpoint=checkpoint,
-                        progress=progress, kv_cache=recipe.kv_cache)
+                        progress=progress, kv_cache=recipe.kv_cache, dist=dist)
         walk = engine.run(windows)
         checkpoint.finish()
         walk.engine["read_ahead"] = the_plan.prefetch
@@ -421,8 +470,32 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
             log.warning("stopped; %s keeps the finished blocks: rerun the same command with "
                         "--resume to continue, or remove it", partial)
         raise
+    if dist is not None:
+        dist.barrier()  # every rank returns once the output is in place
     log.info("wrote %s", out)
     return out, report
+
+
+def _follow_stream(out: Path, lazy: Any, adapter: Any, walk_steps: list, recipe: Recipe,
+                   windows: Tensor | None, dev: torch.device, the_plan: Plan,
+                   offload_dir: Path | None, exact_stats: bool,
+                   dist: Distributed) -> tuple[Path, CompressionReport]:
+    """A rank other than 0 in a streamed run: the same walk on its own windows, writing
+    nothing (rank 0 writes the output); returns once the output is in place."""
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"llmc-rank{dist.rank}-",
+                                     dir=offload_dir) as tmp:
+        options = EngineOptions(dev, the_plan.cache, Path(tmp),
+                                the_plan.lockstep if the_plan.lockstep != "n/a" else "lockstep",
+                                exact_stats=exact_stats)
+        dtype = None if reads_as_stored(walk_steps, recipe.kv_cache) else torch.float32
+        engine = Engine(LazyBlocks(lazy, adapter, dev, prefetch=the_plan.prefetch, dtype=dtype),
+                        adapter, walk_steps, recipe.walker, options, progress=False,
+                        kv_cache=recipe.kv_cache, dist=dist)
+        walk = engine.run(windows)
+    dist.barrier()
+    return out, CompressionReport.from_walk(recipe, walk, seconds=time.perf_counter() - t,
+                                            plan=the_plan.to_dict())
 
 
 def _write_extras(directory: Path, tokenizer: Any, recipe: Recipe | None,

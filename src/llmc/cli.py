@@ -82,6 +82,9 @@ def engine_options(f):
                           "group, or a replay pass per group (auto: the plan chooses)"),
         click.option("--resume", is_flag=True,
                      help="Continue an interrupted run into the same output"),
+        click.option("--exact-stats", is_flag=True,
+                     help="Sum calibration statistics in float64, so that a run over any "
+                          "number of torchrun processes gives the checkpoint of one"),
         click.option("--dry-run", is_flag=True,
                      help="Print the plan (memory, disk, time) and stop before any weight loads"),
         click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON"),
@@ -138,8 +141,16 @@ def _run(model_name: str, recipe, opts: dict[str, Any]) -> None:
         return
     out, report = api.compress(model_name, recipe, out=opts["output"],
                                overwrite=opts["overwrite"], resume=opts["resume"],
-                               progress=not opts["quiet"], **common)
-    click.echo(f"compressed in {report.seconds:.1f} s; wrote {out}", err=True)
+                               progress=not opts["quiet"], exact_stats=opts["exact_stats"],
+                               **common)
+    if _rank() == 0:
+        click.echo(f"compressed in {report.seconds:.1f} s; wrote {out}", err=True)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 @click.group()
@@ -499,7 +510,13 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # a torchrun launch
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -66,6 +66,18 @@ class BlockContext:
     min_tokens: int = 0
     # a context manager factory the storing passes run in (the walker's KV-cache observer)
     store_scope: Callable[[], Any] | None = None
+    # Over several processes: this rank (a Distributed), the index among every rank's chunks
+    # of its own first chunk, the windows of all ranks together, and whether the statistics
+    # are summed exactly (float64), so that a step can choose as one process would.
+    dist: Any = None
+    first_chunk: int = 0
+    all_windows: int | None = None
+    exact_stats: bool = False
+
+    @property
+    def total_windows(self) -> int:
+        """The calibration windows of every rank together (this one's alone in one process)."""
+        return self.n_windows if self.all_windows is None else self.all_windows
 
     @property
     def n_windows(self) -> int:
@@ -149,12 +161,18 @@ class ModelPass(Protocol):
     """A pass of the calibration windows through the uncompressed blocks, for a planning
     step (OWL's outlier ratios): ``visit(ctx, module)`` runs before each block's forward
     (``module``: the forward copy hooks go on) and returns a callable run after it; the pass
-    returns their results. ``prefix(b)`` is block b's name prefix."""
+    returns their results. ``prefix(b)`` is block b's name prefix. Statistics a visit keeps
+    go through ``prepare`` when made and ``reduce`` before they are read (a run over several
+    processes sums them over the ranks)."""
 
     def dense_pass(self, visit: Callable[[BlockContext, nn.Module], Callable[[], Any]],
                    desc: str = "Planning") -> list[Any]: ...
 
     def prefix(self, b: int) -> str: ...
+
+    def prepare(self, stats: Any) -> Any: ...
+
+    def reduce(self, stats: Any) -> None: ...
 
 
 @dataclass
@@ -219,6 +237,9 @@ class BlockTransform(Protocol):
     needs_calibration: bool = True
     stores_outputs: bool = False  # the transform leaves the block's outputs in the cache
     needs_teacher: bool = False  # it needs the uncompressed block and hidden states
+    # it runs over several processes: it reduces what it learns from its chunks over the ranks
+    # (``ctx.dist``) so that every rank makes the choice one process would make
+    distributed: bool = False
 
     def check_model(self, config: Any, adapter: Any) -> None: ...
 

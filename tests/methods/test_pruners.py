@@ -93,6 +93,19 @@ def test_joint_sparsegpt_quantization(args):
     assert output_error(W, res.weight, H) < output_error(W, rtn, H)
 
 
+def test_joint_sparsegpt_without_data_prunes_by_magnitude_then_rounds():
+    # the fallback of a starved MoE expert (it once passed clip=False to RTN and crashed)
+    W, _ = layer(N=32, K=128)
+    comp = Step("sparsegpt", args={"pattern": "2:4", "bits": 4, "group_size": 32}).compressor()
+    res = comp.compress_without_data("layer", W)
+    assert res.info["fallback"] == "magnitude+rtn"
+    assert torch.equal(res.quant.dequantize(), res.weight)
+    assert (res.weight[~res.mask] == 0).all()
+    kept = res.mask.reshape(32, -1, 4)
+    assert (kept.sum(-1) == 2).all()
+    assert torch.equal(kept, W.abs().reshape(32, -1, 4).argsort(-1).argsort(-1) >= 2)
+
+
 @pytest.mark.parametrize("quantizer", ["gptq", "rtn"])
 @pytest.mark.parametrize("act_order", ["none", "static", "dynamic"])
 def test_quantization_after_pruning_keeps_zeros(quantizer, act_order):

@@ -14,6 +14,11 @@ class HessianStats:
     Inputs arrive as ``(..., K)`` in any float dtype; products and sums are float32 (bf16
     products rounded to bf16 made H indefinite on real attention inputs). Only the upper
     triangle is accumulated, in column blocks: about 60% of the multiply-adds of ``X^T X``.
+
+    :meth:`make_exact` (before the first batch) keeps the sums in float64 instead, each batch's
+    float32 products added as they are: the sum then hardly depends on the order of the
+    batches, so data split over processes (:mod:`llmc.engine.distributed`) gives the H of one
+    process. :meth:`reduce` sums the statistics of every process.
     """
 
     def __init__(self, in_features: int, chunk: int = 8192) -> None:
@@ -39,11 +44,27 @@ class HessianStats:
         n = x.shape[0]
         if self._upper.device != x.device:
             self._upper = self._upper.to(x.device)
+        exact = self._upper.dtype == torch.float64
         for r in range(0, n, self.chunk):
             xs = x[r : r + self.chunk].float()
             for a, b in self._spans:
-                self._upper[a:b, a:].addmm_(xs[:, a:b].T, xs[:, a:])
+                if exact:  # this batch's products on their own, then added in float64
+                    self._upper[a:b, a:] += xs[:, a:b].T @ xs[:, a:]
+                else:
+                    self._upper[a:b, a:].addmm_(xs[:, a:b].T, xs[:, a:])
         self.nsamples += n
+
+    def make_exact(self) -> None:
+        """Sums in float64 from now on (call before the first batch)."""
+        if self.nsamples:
+            raise RuntimeError("HessianStats.make_exact: call it before the first batch")
+        self._upper = self._upper.double()
+
+    def reduce(self, comm) -> None:
+        """The sums of every process (``comm``: a :class:`~llmc.engine.distributed.Distributed`);
+        call before reading H."""
+        comm.all_reduce(self._upper)
+        self.nsamples = comm.all_reduce_int(self.nsamples)
 
     def consumed(self) -> None:
         """One Linear is compressed from these statistics; after the last, the shared factor
@@ -62,6 +83,9 @@ class HessianStats:
             for a, b in self._spans:
                 H[b:, a:b] = H[a:b, b:].T
                 H[a:b, a:b] = torch.triu(H[a:b, a:b]) + torch.triu(H[a:b, a:b], 1).T
+            if H.dtype != torch.float32:  # exact sums: the methods solve in float32
+                H = H.float()
+                self._upper = H
             self._H = H
         return self._H
 
@@ -82,9 +106,19 @@ class ColumnNormStats:
             self.sq += x[r : r + 8192].float().square().sum(dim=0)
         self.nsamples += x.shape[0]
 
+    def make_exact(self) -> None:
+        """Sums in float64 (see :meth:`HessianStats.make_exact`)."""
+        if self.nsamples:
+            raise RuntimeError("ColumnNormStats.make_exact: call it before the first batch")
+        self.sq = self.sq.double()
+
+    def reduce(self, comm) -> None:
+        comm.all_reduce(self.sq)
+        self.nsamples = comm.all_reduce_int(self.nsamples)
+
     @property
     def norms(self) -> Tensor:
-        return self.sq.sqrt()
+        return self.sq.float().sqrt()
 
 
 class AbsMaxStats:
@@ -99,6 +133,11 @@ class AbsMaxStats:
         a = inp.detach().abs().amax().float()
         self.amax = torch.maximum(self.amax.to(a.device), a)
         self.nsamples += inp.numel() // inp.shape[-1]
+
+    def reduce(self, comm) -> None:
+        """The maximum over every process (exact in any order)."""
+        self.amax = comm.all_reduce(self.amax.reshape(1).clone(), "max").reshape(())
+        self.nsamples = comm.all_reduce_int(self.nsamples)
 
 
 def require_inputs(name: str, stats: object) -> None:

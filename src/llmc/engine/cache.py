@@ -126,14 +126,30 @@ class ActivationCache:
             os.close(fd)
         return path
 
-    def restore(self, path: Path) -> None:
-        """The inputs become the contents of ``path`` (written by :meth:`persist`)."""
-        expected = self.nbytes
+    def persist_part(self, path: Path, first: int, total: int) -> None:
+        """Write the current inputs as windows ``first, first + 1, ...`` of a file that holds
+        ``total`` windows (this process's share of a distributed run's state), flushed to
+        disk. Every rank writes its own rows of the same file; none truncates the others'."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, total * self._row_bytes)
+            for c in range(-(-self.n_windows // self.batch_size)):
+                a, _ = self._rows(c)
+                _io(fd, self.read(c).contiguous(), (first + a) * self._row_bytes, write=True)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def restore(self, path: Path, first: int = 0, total: int | None = None) -> None:
+        """The inputs become the contents of ``path`` (written by :meth:`persist`), or of its
+        windows ``first, first + 1, ...`` when it holds ``total`` windows (a distributed run's
+        state, or a resumed run over several processes)."""
+        expected = (self.n_windows if total is None else total) * self._row_bytes
         if not path.is_file() or path.stat().st_size != expected:
             raise ValueError(f"{path}: the saved activations are missing or truncated; the "
                              "partial run cannot be resumed (remove it and start again)")
-        if self.place == "disk" and path.resolve() in (self.file(0).resolve(),
-                                                         self.file(1).resolve()):
+        if self.place == "disk" and total is None and path.resolve() in (
+                self.file(0).resolve(), self.file(1).resolve()):
             self._in = 0 if path.resolve() == self.file(0).resolve() else 1
             return
         fd = os.open(path, os.O_RDONLY)
@@ -141,7 +157,7 @@ class ActivationCache:
             for c in range(-(-self.n_windows // self.batch_size)):
                 a, b = self._rows(c)
                 buf = torch.empty((b - a, self.seqlen, self.hidden), dtype=self.dtype)
-                _io(fd, buf, a * self._row_bytes, write=False)
+                _io(fd, buf, (first + a) * self._row_bytes, write=False)
                 self.write(c, buf)
         finally:
             os.close(fd)

@@ -226,10 +226,15 @@ class StreamingCheckpoint:
 
     def boundary(self, blocks_done: int, report: WalkReport,
                  cache: ActivationCache | None = None,
-                 teacher: ActivationCache | None = None) -> None:
+                 teacher: ActivationCache | None = None,
+                 files: dict[str, str] | None = None, world: int = 1) -> None:
         """Everything a resumed run needs to start at block ``blocks_done``: written by the
         writer thread after the last block's file, while the next block is worked on (the
-        cache's inputs stay untouched until the block after)."""
+        cache's inputs stay untouched until the block after).
+
+        Over several processes (``world``) every rank has already written its windows into
+        the snapshot ``files`` (``hidden``: path); the state is written before this returns,
+        so that no rank overwrites a snapshot the state on disk still names."""
         state = {
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint,
@@ -243,16 +248,20 @@ class StreamingCheckpoint:
                        "capture_seconds": report.capture_seconds},
         }
 
+        state["world"] = world  # (informative: any number of ranks resumes it)
+
         def save() -> None:
-            caches = {}
-            if cache is not None:
+            caches = dict(files or {})
+            if files is None and cache is not None:
                 caches["hidden"] = str(cache.persist(self.partial, blocks_done))
-            if teacher is not None:
+            if files is None and teacher is not None:
                 caches["teacher"] = str(teacher.persist(self.partial, blocks_done))
             _write_json_atomic(self.partial / STATE_FILE, {
                 **state, "caches": caches, "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
 
         self._submit(save)
+        if files is not None:
+            self.wait()
 
     # -- completing the output --------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ from llmc.engine.blocks import move_block
 from llmc.engine.cache import ActivationCache
 from llmc.engine.capture import capture
 from llmc.engine.config import WalkerConfig
+from llmc.engine.distributed import Distributed, pack_result, unpack_result
 from llmc.engine.lockstep import Lockstep, Reached
 from llmc.engine.memory import release_memory
 from llmc.interfaces import LINEAR, TRANSFORM, BlockArgs, BlockContext, CodesCompressor, Planner
@@ -89,12 +91,14 @@ class WalkReport:
 class EngineOptions:
     """Where the walk runs: the compute ``device``; the activation cache in ``cache`` (``ram``
     or ``disk``, files in ``offload_dir``); true-sequential groups in ``lockstep`` or
-    ``replay`` mode."""
+    ``replay`` mode; ``exact_stats``: statistics summed in float64, so that the same windows
+    split over any number of processes give the same checkpoint."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache: str = "ram"
     offload_dir: Any = None
     lockstep: str = "lockstep"
+    exact_stats: bool = False
 
     def __post_init__(self) -> None:
         if self.lockstep not in LOCKSTEP_MODES:
@@ -114,6 +118,17 @@ def reads_as_stored(steps: list[tuple[int, Any, Any]], kv_cache: Any = None) -> 
     :class:`~llmc.interfaces.CodesCompressor`."""
     return len(steps) == 1 and isinstance(steps[0][2], CodesCompressor) \
         and not calibrating(steps, kv_cache)
+
+
+def check_distributed(steps: list[tuple[int, Any, Any]]) -> None:
+    """Refuse, before anything loads, what the distributed walk does not share yet: block
+    transforms that do not reduce their statistics and losses across ranks (AWQ and
+    SmoothQuant do; SignRound and block-wise distillation do not)."""
+    for _, step, comp in steps:
+        if comp.kind == TRANSFORM and not getattr(comp, "distributed", False):
+            raise ValueError(f"{step.method}: this step does not run over several processes "
+                             "yet (its losses and statistics are not reduced across ranks); "
+                             "run it in one process (without torchrun)")
 
 
 def _masters(blocks: Any) -> str:
@@ -146,7 +161,8 @@ class Engine:
 
     def __init__(self, blocks: Any, adapter: Adapter, steps: list[tuple[int, Any, Any]],
                  config: WalkerConfig, options: EngineOptions | None = None,
-                 checkpoint: Any = None, progress: bool = True, kv_cache: Any = None) -> None:
+                 checkpoint: Any = None, progress: bool = True, kv_cache: Any = None,
+                 dist: Distributed | None = None) -> None:
         self.blocks = blocks
         self.adapter = adapter
         self.steps = steps
@@ -156,16 +172,24 @@ class Engine:
         self.checkpoint = checkpoint
         self.progress = progress
         self.kv_cache = kv_cache  # a KVCacheScheme: each block's k/v scales from its outputs pass
+        self.dist = dist  # this rank of a process group (None: one process)
         self._kv_ranges = kvcache.KVRanges()
         self.report = WalkReport()
         self._load_seconds = 0.0
         self._fwd: nn.Module | None = None  # the block copy the current Linear phase runs
         # MoE: (experts path, expert) -> tokens routed, statistics rows, fallbacks, this block
         self._experts: dict[tuple[str, int], dict[str, Any]] = {}
+        # over several processes: this rank's first window among all ranks', their number,
+        # and where every rank writes its share of the resume state (rank 0's output)
+        self._first_window, self._all_windows = 0, None
+        self._snapshots: Path | None = None
         self.report.engine = {"device": str(self.device), "cache": self.options.cache,
                               "lockstep": self.options.lockstep,
                               "streaming": bool(getattr(blocks, "lazy", False)),
-                              "masters": _masters(blocks)}
+                              "masters": _masters(blocks),
+                              "exact_stats": self.options.exact_stats}
+        if dist is not None:
+            check_distributed(steps)
 
     # -- helpers -----------------------------------------------------------------------------
     def prefix(self, b: int) -> str:
@@ -195,6 +219,8 @@ class Engine:
             min_tokens=self.config.min_expert_tokens,
             store_scope=(None if self.kv_cache is None
                          else lambda: kvcache.observing(self._kv_ranges)),
+            dist=self.dist, first_chunk=self._first_window // self.config.batch_size,
+            all_windows=self._all_windows, exact_stats=self.options.exact_stats,
         )
 
     @property
@@ -207,6 +233,11 @@ class Engine:
         """The block's attention modules get the static k/v scales of what their keys and
         values were in the block's outputs pass (the final weights)."""
         for name, m in kvcache.attention_modules(ctx.block).items():
+            if self.dist is not None and ctx.prefix + name in self._kv_ranges.amax:
+                # the largest |k| and |v| over every rank's windows (exact in any order)
+                self._kv_ranges.amax[ctx.prefix + name] = tuple(
+                    self.dist.all_reduce(t.clone(), "max")
+                    for t in self._kv_ranges.amax[ctx.prefix + name])
             k, v = self._kv_ranges.pop_scales(ctx.prefix + name, self.kv_cache)
             kvcache.set_scales(m, self.kv_cache, k, v)
 
@@ -229,79 +260,139 @@ class Engine:
                         steps: list, codes_only: bool = False) -> None:
         """Every step of ``steps`` on the Linears of ``group``. ``codes_only`` (a streamed walk
         with no forwards): a :class:`CodesCompressor` that is the last step to touch a Linear
-        gives the codes alone, and the weight keeps its loaded value (the writer replaces it)."""
+        gives the codes alone, and the weight keeps its loaded value (the writer replaces it).
+
+        Over several processes the group's statistics are summed first, each Linear is solved
+        by its owner rank, and the owners broadcast what they solved (see
+        :mod:`llmc.engine.distributed`); the report lists the Linears in the same order as one
+        process does."""
         prefix = self.prefix(block_index)
-        expert = self._expert_of(group[0])
-        seen = self._seen_expert(expert) if expert is not None else None
+        dist = self.dist
+        if dist is not None:
+            self._reduce_stats(group, stats)
         for (gid, kind), st in stats.items():  # how many Linears each statistics object serves
             if gid == id(group) and hasattr(st, "readers"):
                 st.readers = sum(1 for _, step, comp in steps if comp.stats_kind == kind
                                  for n in group if step.selects(prefix + n))
-        for idx, step, comp in steps:
-            for n in group:
-                full = prefix + n
-                if not step.selects(full):
-                    continue
-                master = masters[n]
-                st = stats.get((id(group), comp.stats_kind)) if comp.stats_kind else None
-                mask = getattr(master, "llmc_mask", None)
-                last = codes_only and st is None and mask is None \
-                    and isinstance(comp, CodesCompressor) \
-                    and all(not later.selects(full) for i, later, _ in steps if i > idx)
-                if last:
-                    res = comp.compress_codes(full, master.weight.data, mask=mask)
-                elif expert is not None and comp.needs_calibration and st is not None \
-                        and st.nsamples < self.config.min_expert_tokens:
-                    # an expert the router starved: its statistics cannot be trusted
-                    res = comp.compress_without_data(full, master.weight.data, mask=mask)
-                    seen["fallback"].add(f"{step.method}->{res.info['fallback']}")
+        todo = [(idx, step, comp, n) for idx, step, comp in steps for n in group
+                if step.selects(prefix + n)]
+        owner = None
+        if dist is not None:
+            owner = dist.owners({n: float(masters[n].in_features) ** 2 * masters[n].out_features
+                                 for n in dict.fromkeys(n for *_, n in todo)})
+        solved: dict[tuple[int, str], Any] = {}
+        sparsity: dict[tuple[int, str], float | None] = {}
+        for idx, step, comp, n in todo:  # this rank's Linears (every one in one process)
+            if owner is None or owner[n] == dist.rank:
+                res = self._solve(idx, step, comp, prefix, n, group, masters, stats, steps,
+                                  codes_only)
+                sparsity[(idx, n)] = self._apply(idx, step, n, group, masters, copies, stats, res)
+                solved[(idx, n)] = res
+        if owner is not None:  # the owners' results to every rank, in the walk's order
+            for idx, step, _, n in todo:
+                if owner[n] == dist.rank:
+                    dist.broadcast_tensors(*pack_result(solved[(idx, n)]), src=owner[n])
                 else:
-                    res = comp.compress(full, master.weight.data, st, mask=mask)
-                w = master.weight.data
-                if res.weight is None:
-                    pass  # codes only: the writer takes them, the block is dropped after
-                elif res.weight.dtype == w.dtype and res.weight.shape == w.shape \
-                        and res.weight.device == w.device and res.weight.is_contiguous():
-                    master.weight.data = res.weight  # a new tensor: take it, no copy
-                else:
-                    w.copy_(res.weight.to(w.dtype))
-                if copies[n] is not master and res.weight is not None:
-                    copies[n].weight.data.copy_(res.weight.to(copies[n].weight.dtype))
-                if res.quant is not None:
-                    master.llmc_quant = res.quant.state()  # qparams; writers recover the codes
-                act = getattr(step.config, "act_scheme", None)
-                if act is not None:  # its input quantized in the forward from now on
-                    scale = None
-                    if act.dynamic is not True:  # on the range its calibration inputs had
-                        scale = act_quant.static_scale(stats[(id(group), ACT_RANGE)].amax, act)
-                    act_quant.attach(master, act, scale)
-                    if copies[n] is not master:
-                        act_quant.attach(copies[n], act, scale)
-                if self.checkpoint is not None:
-                    # Streaming: the block is packed right after its steps, so its codes are
-                    # kept until then rather than recovered from the weight again.
-                    if res.quant is not None:
-                        master.llmc_codes = res.quant.q
-                    elif hasattr(master, "llmc_codes"):
-                        del master.llmc_codes
-                sparsity = None
-                if res.mask is not None:
-                    # Later steps of this block keep these zeros; dropped after the block.
-                    master.llmc_mask = res.mask
-                    sparsity = 1.0 - float(res.mask.float().mean())
-                    master.llmc_sparsity = {"structure": step.config.structure,
-                                            "sparsity": sparsity}
-                elif mask is not None:
-                    sparsity = master.llmc_sparsity["sparsity"]
-                self.report.layers.append(LayerRecord(
-                    full, idx, step.method, tuple(master.weight.shape), res.error, res.seconds,
-                    sparsity,
-                ))
-        if seen is not None and expert[2] == 0:  # the expert's first group: its input rows
-            seen["rows"] = max((st.nsamples for (gid, _), st in stats.items()
-                                if gid == id(group)), default=0)
+                    res = unpack_result(*dist.broadcast_tensors(None, None, src=owner[n]),
+                                        device=masters[n].weight.device)
+                    if res.info.get("fallback"):
+                        self._note_fallback(group, step, res)
+                    sparsity[(idx, n)] = self._apply(idx, step, n, group, masters, copies,
+                                                     stats, res)
+                    solved[(idx, n)] = res
+        for idx, step, _, n in todo:
+            res = solved[(idx, n)]
+            self.report.layers.append(LayerRecord(
+                prefix + n, idx, step.method, tuple(masters[n].weight.shape), res.error,
+                res.seconds, sparsity[(idx, n)],
+            ))
+        expert = self._expert_of(group[0])
+        if expert is not None and expert[2] == 0:  # the expert's first group: its input rows
+            self._seen_expert(expert)["rows"] = max(
+                (st.nsamples for (gid, _), st in stats.items() if gid == id(group)), default=0)
         for key in [k for k in stats if k[0] == id(group)]:
             del stats[key]
+
+    def _reduce_stats(self, group: list[str], stats: dict[tuple[int, str], Any]) -> None:
+        """The group's statistics summed over the ranks (a rank that saw none of its inputs
+        takes part with empty ones)."""
+        kinds = sorted({k for gid, k in stats if gid == id(group)})
+        kinds = self.dist.broadcast_json(kinds, src=0)  # the same kinds on every rank
+        for kind in kinds:
+            st = stats.get((id(group), kind))
+            if st is None or not hasattr(st, "reduce"):
+                raise ValueError(f"statistics of kind {kind!r} cannot be reduced over "
+                                 "processes; run this recipe in one process")
+            st.reduce(self.dist)
+
+    def _note_fallback(self, group: list[str], step: Any, res: Any) -> None:
+        expert = self._expert_of(group[0])
+        if expert is not None:
+            self._seen_expert(expert)["fallback"].add(f"{step.method}->{res.info['fallback']}")
+
+    def _solve(self, idx: int, step: Any, comp: Any, prefix: str, n: str, group: list[str],
+               masters: dict[str, nn.Linear], stats: dict[tuple[int, str], Any], steps: list,
+               codes_only: bool) -> Any:
+        """Step ``idx`` on Linear ``n``: its :class:`~llmc.interfaces.CompressResult`."""
+        full = prefix + n
+        master = masters[n]
+        st = stats.get((id(group), comp.stats_kind)) if comp.stats_kind else None
+        mask = getattr(master, "llmc_mask", None)
+        last = codes_only and st is None and mask is None \
+            and isinstance(comp, CodesCompressor) \
+            and all(not later.selects(full) for i, later, _ in steps if i > idx)
+        if last:
+            return comp.compress_codes(full, master.weight.data, mask=mask)
+        if self._expert_of(group[0]) is not None and comp.needs_calibration \
+                and st is not None and st.nsamples < self.config.min_expert_tokens:
+            # an expert the router starved: its statistics cannot be trusted
+            res = comp.compress_without_data(full, master.weight.data, mask=mask)
+            self._note_fallback(group, step, res)
+            return res
+        return comp.compress(full, master.weight.data, st, mask=mask)
+
+    def _apply(self, idx: int, step: Any, n: str, group: list[str],
+               masters: dict[str, nn.Linear], copies: dict[str, nn.Linear],
+               stats: dict[tuple[int, str], Any], res: Any) -> float | None:
+        """Step ``idx``'s result on Linear ``n`` into its master, its forward copy and what
+        the writer and later steps read (codes, qparams, mask, activation scale); returns the
+        fraction of the weight a mask zeroes (None: not pruned)."""
+        master = masters[n]
+        mask = getattr(master, "llmc_mask", None)
+        w = master.weight.data
+        if res.weight is None:
+            pass  # codes only: the writer takes them, the block is dropped after
+        elif res.weight.dtype == w.dtype and res.weight.shape == w.shape \
+                and res.weight.device == w.device and res.weight.is_contiguous():
+            master.weight.data = res.weight  # a new tensor: take it, no copy
+        else:
+            w.copy_(res.weight.to(w.dtype))
+        if copies[n] is not master and res.weight is not None:
+            copies[n].weight.data.copy_(res.weight.to(copies[n].weight.dtype))
+        if res.quant is not None:
+            master.llmc_quant = res.quant.state()  # qparams; writers recover the codes
+        act = getattr(step.config, "act_scheme", None)
+        if act is not None:  # its input quantized in the forward from now on
+            scale = None
+            if act.dynamic is not True:  # on the range its calibration inputs had
+                scale = act_quant.static_scale(stats[(id(group), ACT_RANGE)].amax, act)
+            act_quant.attach(master, act, scale)
+            if copies[n] is not master:
+                act_quant.attach(copies[n], act, scale)
+        if self.checkpoint is not None:
+            # Streaming: the block is packed right after its steps, so its codes are
+            # kept until then rather than recovered from the weight again.
+            if res.quant is not None:
+                master.llmc_codes = res.quant.q
+            elif hasattr(master, "llmc_codes"):
+                del master.llmc_codes
+        if res.mask is not None:
+            # Later steps of this block keep these zeros; dropped after the block.
+            master.llmc_mask = res.mask
+            master.llmc_sparsity = {"structure": step.config.structure,
+                                    "sparsity": 1.0 - float(res.mask.float().mean())}
+            return master.llmc_sparsity["sparsity"]
+        return master.llmc_sparsity["sparsity"] if mask is not None else None
 
     def _expert_of(self, name: str) -> tuple[str, int, int] | None:
         """``(experts path, expert index, group position in the expert)`` of a Linear in an
@@ -321,7 +412,10 @@ class Engine:
 
     def _report_experts(self, b: int) -> None:
         """Per expert of block ``b``: calibration tokens routed to it, rows its statistics saw,
-        the data-free fallback it got (warned)."""
+        the data-free fallback it got (warned). Over several processes the tokens are summed
+        over the ranks (the rows and fallbacks are already the reduced statistics')."""
+        if self.dist is not None:
+            self._reduce_expert_tokens()
         for (path, e), seen in sorted(self._experts.items()):
             record = {"block": b, "experts": path, "expert": e, "tokens": seen["tokens"],
                       "statistics_rows": seen["rows"],
@@ -333,6 +427,20 @@ class Engine:
                             "(%s)", b, path, e, record["tokens"], seen["rows"],
                             self.config.min_expert_tokens, ", ".join(record["fallback"]))
         self._experts = {}
+
+    def _reduce_expert_tokens(self) -> None:
+        """Every rank's count of the tokens routed to each expert, summed (rank 0's experts:
+        every rank calls each expert on every chunk, so the lists agree)."""
+        keys = self.dist.broadcast_json([list(k) for k in sorted(self._experts)], src=0)
+        counts = torch.zeros(2, len(keys), dtype=torch.int64)  # tokens, ranks that counted
+        for i, k in enumerate(keys):
+            tokens = self._experts.get(tuple(k), {}).get("tokens")
+            if tokens is not None:
+                counts[0, i], counts[1, i] = tokens, 1
+        self.dist.all_reduce(counts)
+        for i, k in enumerate(keys):
+            seen = self._seen_expert((*k, 0))
+            seen["tokens"] = int(counts[0, i]) if counts[1, i] else None
 
     def _counter(self, fwd: nn.Module) -> Callable[[list[str]], None]:
         """``count(group)``: the rows the ExpertList calling an expert group routes to it, added
@@ -380,7 +488,7 @@ class Engine:
             for kind, comp in kinds:
                 key = (id(group), kind)
                 if key not in stats:
-                    stats[key] = comp.new_stats(masters[group[0]].in_features)
+                    stats[key] = self.prepare(comp.new_stats(masters[group[0]].in_features))
                 stats[key].add_batch(x if kind == ACT_RANGE else xq)
             count(group)
 
@@ -572,7 +680,11 @@ class Engine:
                                    "pack_seconds": time.perf_counter() - t1})
 
     def compress_without_data(self) -> None:
-        """Every step needs no data (e.g. RTN): compress each targeted Linear directly."""
+        """Every step needs no data (e.g. RTN): compress each targeted Linear directly (over
+        several processes, rank 0 alone: there is nothing to share)."""
+        if self.dist is not None and self.dist.rank != 0:
+            self.blocks.close()
+            return
         start = self.checkpoint.resume_point() if self.checkpoint is not None else None
         if start is not None:
             self.checkpoint.restore_report(self.report)
@@ -593,6 +705,17 @@ class Engine:
                     self.checkpoint.boundary(b + 1, self.report)
         finally:
             self.blocks.close()
+
+    def prepare(self, stats: Any) -> Any:
+        """New statistics of a planning pass, summed in float64 with ``exact_stats``."""
+        if self.options.exact_stats and hasattr(stats, "make_exact"):
+            stats.make_exact()
+        return stats
+
+    def reduce(self, stats: Any) -> None:
+        """A planning pass's statistics summed over the ranks (nothing in one process)."""
+        if self.dist is not None:
+            stats.reduce(self.dist)
 
     def dense_pass(self, visit: Callable[[BlockContext, nn.Module], Callable[[], Any]],
                    desc: str = "Planning") -> list[Any]:
@@ -634,8 +757,12 @@ class Engine:
                                  "architecture's KV cache cannot be quantized")
             kvcache.enable(self.blocks.model)
         ck = self.checkpoint
-        start = ck.resume_point() if ck is not None else None  # None: a fresh run
         S, T = windows.shape
+        if self.dist is not None:
+            start, saved = self._share_start(S)
+        else:
+            start, saved = (ck.resume_point() if ck is not None else None), None
+        # (start None: a fresh run)
         cache = self._cache(S, T, "hidden")
         needs_teacher = any(c.kind == TRANSFORM and c.needs_teacher for _, _, c in self.steps)
         teacher = self._cache(S, T, "teacher") if needs_teacher else None
@@ -652,8 +779,16 @@ class Engine:
                 self.report.capture_seconds = time.perf_counter() - t
                 self._plan()
                 start = 0
+                self._boundary(0, cache, teacher)
+            elif saved is not None:  # over several processes: each rank its own windows
                 if ck is not None:
-                    ck.boundary(0, self.report, cache, teacher)
+                    ck.restore_report(self.report)
+                self.report.plans = saved["plans"]
+                cache.restore(Path(saved["hidden"]), self._first_window, self._all_windows)
+                if teacher is not None:
+                    teacher.restore(Path(saved["teacher"]), self._first_window,
+                                    self._all_windows)
+                self._restore_plans()
             else:
                 ck.restore_report(self.report)
                 ck.restore_caches(cache, teacher)
@@ -672,8 +807,7 @@ class Engine:
                 cache.finish_block()
                 if teacher is not None:
                     teacher.finish_block()
-                if ck is not None:
-                    ck.boundary(b + 1, self.report, cache, teacher)
+                self._boundary(b + 1, cache, teacher)
         finally:
             try:
                 if ck is not None:
@@ -683,7 +817,55 @@ class Engine:
                 if teacher is not None:
                     teacher.close()
                 self.blocks.close()
+        if self.dist is not None:  # every rank's counters, on every rank
+            self.report.engine["distributed"] = self.dist.gather_records()
         return self.report
+
+    def _share_start(self, n_windows: int) -> tuple[int | None, dict[str, Any] | None]:
+        """Over several processes: where this rank's windows sit among all ranks' windows,
+        and from rank 0 (the only one with the output's checkpoint) where the output's
+        partial directory is and, for a resumed run, the block it starts at, its saved
+        snapshot of the activations and the planning steps' choices."""
+        d = self.dist
+        counts = d.all_gather_int(n_windows)
+        self._first_window, self._all_windows = sum(counts[: d.rank]), sum(counts)
+        info = None
+        if d.rank == 0:
+            ck = self.checkpoint
+            info = {"partial": None, "start": None, "saved": None}
+            if ck is not None:
+                info["partial"] = str(ck.partial)
+                info["start"] = ck.resume_point()
+                if info["start"] is not None:
+                    files = ck.state["caches"]
+                    info["saved"] = {**files, "plans": ck.state["report"]["plans"]}
+        info = d.broadcast_json(info, 0)
+        self._snapshots = Path(info["partial"]) if info["partial"] else None
+        return info["start"], info["saved"]
+
+    def _boundary(self, blocks_done: int, cache: ActivationCache,
+                  teacher: ActivationCache | None) -> None:
+        """The resume state at a block boundary. Over several processes every rank writes its
+        own windows into the one snapshot file, then rank 0 writes the state that names it
+        (so a run of any number of ranks can resume it); the second barrier keeps every rank
+        from overwriting a snapshot before the state on disk names the newer one."""
+        if self.dist is None:
+            if self.checkpoint is not None:
+                self.checkpoint.boundary(blocks_done, self.report, cache, teacher)
+            return
+        if self._snapshots is None:  # an in-memory run: no output, no state
+            return
+        files = {}
+        for kind, c in (("hidden", cache), ("teacher", teacher)):
+            if c is not None:
+                path = (self._snapshots / f"{c.name}-snapshot-{blocks_done % 2}.bin").resolve()
+                c.persist_part(path, self._first_window, self._all_windows)
+                files[kind] = str(path)
+        self.dist.barrier()
+        if self.checkpoint is not None:
+            self.checkpoint.boundary(blocks_done, self.report, files=files,
+                                     world=self.dist.world)
+        self.dist.barrier()
 
     def _plan(self) -> None:
         for idx, step, comp in self.steps:

@@ -304,6 +304,10 @@ class AWQ(BlockTransform):
     every scaling pair of the architecture whose Linears the step targets, then clips."""
 
     needs_calibration = True
+    # Over several processes: the input statistics and every candidate's loss are summed over
+    # the ranks (windows and tokens drawn from all ranks' chunks as in one process), and rank
+    # 0's choice of scales is every rank's.
+    distributed = True
 
     def __init__(self, config: AWQConfig) -> None:
         self.config = config
@@ -320,24 +324,35 @@ class AWQ(BlockTransform):
             return {}
         t0 = time.perf_counter()
         fwd = ctx.forward_copy()
-        windows = search_windows(ctx.n_windows, c.search_samples, c.seed)
+        # Chunks are numbered among every rank's chunks (this rank's start at first_chunk), so
+        # the search windows and token samples are those one process would draw.
+        n_all = ctx.total_windows
+        windows = search_windows(n_all, c.search_samples, c.seed)
         bs = ctx.batch_size
+        n_chunks = -(-n_all // bs)
+
+        def chunk_windows(ch: int) -> int:
+            return min(bs, n_all - ch * bs)
+
         rows_of = {}  # chunk -> rows of its search windows
         for w in windows:
             rows_of.setdefault(w // bs, []).append(w % bs)
         rows_of = {ch: torch.tensor(r) for ch, r in rows_of.items()}
         # Token-wise statistics (each pair's input Hessian, the MLP search) use as many tokens
         # as the search windows hold, drawn at random from every chunk.
-        per_chunk = -(-c.search_samples * ctx.seqlen // ctx.n_chunks)
+        per_chunk = -(-c.search_samples * ctx.seqlen // n_chunks)
         gen = torch.Generator().manual_seed(c.seed)
-        sel_of = {ch: torch.randperm(ctx.chunk_windows(ch) * ctx.seqlen,
+        sel_of = {ch: torch.randperm(chunk_windows(ch) * ctx.seqlen,
                                      generator=gen)[:per_chunk].sort().values
-                  for ch in range(ctx.n_chunks)}
+                  for ch in range(n_chunks)}
         current = [-1]
         xsum = {p.prev: None for p in pairs}
         count = dict.fromkeys(xsum, 0)
         hess = {p.prev: HessianStats(fwd.get_submodule(p.linears[0]).in_features)
                 for p in pairs}
+        if ctx.exact_stats:
+            for h in hess.values():
+                h.make_exact()
         calls: dict[str, list] = {p.inspect: [] for p in pairs if p.inspect}
         tokenwise = {p.inspect for p in pairs if p.inspect and p.tokenwise}
 
@@ -345,9 +360,11 @@ class AWQ(BlockTransform):
             def hook(module: nn.Module, inputs: tuple) -> None:
                 x2 = inputs[0].detach().reshape(-1, inputs[0].shape[-1])  # [n * T, d]
                 part = x2.abs().sum(dim=0, dtype=torch.float32)
+                if ctx.exact_stats:  # each chunk's float32 sum added in float64
+                    part = part.double()
                 xsum[prev] = part if xsum[prev] is None else xsum[prev] + part
                 count[prev] += x2.shape[0]
-                if x2.shape[0] == ctx.chunk_windows(current[0]) * ctx.seqlen:
+                if x2.shape[0] == chunk_windows(current[0]) * ctx.seqlen:
                     hess[prev].add_batch(x2[sel_of[current[0]]])
                 else:  # an MoE expert's Linear: the rows routed to it, all of them
                     hess[prev].add_batch(x2)
@@ -358,12 +375,13 @@ class AWQ(BlockTransform):
                 if name in tokenwise:  # one input, any leading shape: a sample of its tokens
                     x = args[0] if args else next(iter(kwargs.values()))
                     calls[name].append([(x.reshape(-1, x.shape[-1])[sel_of[current[0]]],), {},
-                                        None])
+                                        None, current[0]])
                     return
                 rows = rows_of.get(current[0])
                 if rows is not None:
-                    n = ctx.chunk_windows(current[0])
-                    calls[name].append([_rows(args, rows, n), _rows(kwargs, rows, n), None])
+                    n = chunk_windows(current[0])
+                    calls[name].append([_rows(args, rows, n), _rows(kwargs, rows, n), None,
+                                        current[0]])
 
             def post(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
                 # (a token-wise module's reference outputs are computed at search time)
@@ -384,10 +402,15 @@ class AWQ(BlockTransform):
         # Only the tail's inputs matter in this pass, not its outputs: skip its matmul.
         try:
             with ctx.replaced_forward(tail, lambda x: torch.zeros((), dtype=x.dtype)):
-                ctx.forward(fwd, before=lambda i: current.__setitem__(0, i))
+                ctx.forward(fwd, before=lambda i: current.__setitem__(0, ctx.first_chunk + i))
         finally:
             for h in handles:
                 h.remove()
+        if ctx.dist is not None:  # every rank holds chunks, so every sum has a part here
+            for prev in xsum:
+                xsum[prev] = ctx.dist.all_reduce(xsum[prev])
+                count[prev] = ctx.dist.all_reduce_int(count[prev])
+                hess[prev].reduce(ctx.dist)
         t_stats = time.perf_counter() - t0
 
         pair_records = []
@@ -404,11 +427,12 @@ class AWQ(BlockTransform):
                 continue
             masters = [ctx.block.get_submodule(n) for n in p.linears]
             weights = [m.weight.data.float() for m in masters]
-            x_mean = xsum[p.prev] / max(count[p.prev], 1)
+            x_mean = (xsum[p.prev] / max(count[p.prev], 1)).float()
             tie = head_tie(ctx.block, p)
             H = hess[p.prev].H
             if p.inspect:
-                loss = self._module_loss(fwd, p, calls[p.inspect], ctx.dtype)
+                loss = self._module_loss(fwd, p, calls[p.inspect], ctx.dtype, n_chunks,
+                                         ctx.dist)
             else:
                 loss = hessian_loss(H, weights)
             with torch.no_grad():
@@ -420,7 +444,10 @@ class AWQ(BlockTransform):
             if p.inspect:  # the copy's Linears back to their unquantized weights
                 for n, W in zip(p.linears, weights):
                     fwd.get_submodule(n).weight.data.copy_(W)
-            s_in = apply_scales(ctx.block, p, res.scales, ctx.adapter.norm_offset, tie)
+            scales = res.scales
+            if ctx.dist is not None:  # rank 0's choice (the ranks' sums agree; this makes sure)
+                scales = ctx.dist.broadcast(scales.contiguous().clone(), 0)
+            s_in = apply_scales(ctx.block, p, scales, ctx.adapter.norm_offset, tie)
             Hs = H / (s_in[:, None] * s_in[None, :])
             for n in p.linears:
                 input_h[n] = Hs
@@ -454,9 +481,11 @@ class AWQ(BlockTransform):
         }
 
     @staticmethod
-    def _module_loss(fwd: nn.Module, pair, calls: list, dtype: torch.dtype):
+    def _module_loss(fwd: nn.Module, pair, calls: list, dtype: torch.dtype, n_chunks: int,
+                     dist: Any = None):
         """Squared error of ``pair.inspect``'s output on the search windows, its Linears set to
-        the candidate weights (in the forward dtype)."""
+        the candidate weights (in the forward dtype): summed per chunk, over the ranks when
+        ``dist`` is given, then over the chunks in order (the same sum on any split)."""
         module = fwd.get_submodule(pair.inspect)
         linears = [fwd.get_submodule(n) for n in pair.linears]
 
@@ -468,11 +497,13 @@ class AWQ(BlockTransform):
         def loss(candidates: list[Tensor]) -> float:
             for m, W in zip(linears, candidates):
                 m.weight.data.copy_(W.to(dtype))
-            total = 0.0
-            for args, kwargs, ref in calls:
+            per_chunk = torch.zeros(n_chunks, dtype=torch.float64)
+            for args, kwargs, ref, chunk in calls:
                 out = first_tensor(module(*args, **kwargs))
-                total += float((out.float() - ref.float()).pow(2).sum())
-            return total
+                per_chunk[chunk] += float((out.float() - ref.float()).pow(2).sum())
+            if dist is not None:
+                dist.all_reduce(per_chunk)
+            return sum(per_chunk.tolist())
 
         return loss
 

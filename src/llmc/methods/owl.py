@@ -53,13 +53,15 @@ def owl_plan(passes: ModelPass, step: Any,
         for name, lin in block_linears(module).items():
             if not step.selects(ctx.prefix + name):
                 continue
-            st = stats[name] = ColumnNormStats(lin.in_features)
+            st = stats[name] = passes.prepare(ColumnNormStats(lin.in_features))
             handles.append(lin.register_forward_pre_hook(
                 lambda _m, inp, st=st: st.add_batch(inp[0])))
 
         def done() -> float:
             for h in handles:
                 h.remove()
+            for st in stats.values():  # over several processes: every rank's windows
+                passes.reduce(st)
             masters = block_linears(ctx.block)
             scores = [wanda_scores(masters[n].weight.data, st.norms) for n, st in stats.items()]
             return outlier_ratio(scores, config.owl_m) if scores else 0.0

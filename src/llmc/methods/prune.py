@@ -137,7 +137,7 @@ def _magnitude_fallback(pruner: _Pruner, name: str, weight: Tensor, mask: Tensor
     keep = pruner.keep(name, weight.detach().float().abs(), mask)
     W, qw, how = weight.detach().float() * keep, None, "magnitude"
     if scheme is not None:  # zeros stay zero under RTN (see RTN.compress)
-        qw, W = rtn_compress(W, scheme, False)
+        qw, W = rtn_compress(W, scheme)
         how = "magnitude+rtn"
     res = pruner.result(weight, keep, None, t, W=W, quant=qw)
     res.info["fallback"] = how

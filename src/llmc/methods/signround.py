@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from llmc.core.scheme import QuantArgs, QuantScheme, QuantState, find_qparams
 from llmc.core.stats import HessianStats
 from llmc.interfaces import TRANSFORM, BlockContext, BlockTransform
-from llmc.methods.distill.block import split_chunks, teacher_outputs
+from llmc.methods.distill.block import Chunks, share_tensors, teacher_outputs
 from llmc.methods.distill.constraints import Best, _ste, keep_mask
 from llmc.methods.distill.losses import relative_mse
 from llmc.methods.gptq import ACT_ORDERS, gptq_quantize
@@ -317,8 +317,12 @@ def _sampling_refused(output: Callable[[int, Tensor | None], Tensor], c: int,
 
 def _hessians(ctx: BlockContext, linears: dict[str, nn.Linear], chunks: list[int],
               args32: Any) -> dict[str, Tensor]:
-    """Each Linear's input Hessian over ``chunks``, from the block as it is (GPTQ's start)."""
+    """Each Linear's input Hessian over ``chunks`` (this rank's), from the block as it is
+    (GPTQ's start); summed over the ranks when the walk runs over several processes."""
     stats = {n: HessianStats(m.in_features) for n, m in linears.items()}
+    if ctx.exact_stats:
+        for st in stats.values():
+            st.make_exact()
     handles = [m.register_forward_pre_hook(lambda _m, inp, n=n: stats[n].add_batch(inp[0]))
                for n, m in linears.items()]
     try:
@@ -328,7 +332,51 @@ def _hessians(ctx: BlockContext, linears: dict[str, nn.Linear], chunks: list[int
     finally:
         for h in handles:
             h.remove()
+    if ctx.dist is not None:
+        for st in stats.values():
+            st.reduce(ctx.dist)
     return {n: st.H for n, st in stats.items()}
+
+
+def _gptq_start(ctx: BlockContext, linears: dict[str, nn.Linear],
+                grids: dict[str, LearnedGrid], train: list[int], cfg: Any,
+                args32: Any) -> None:
+    """GPTQ's codes and scales as every grid's start. Over several processes each Linear is
+    solved by one owner rank (balanced by K^2 N), which sends the grid's start to the others."""
+    dist = ctx.dist
+    H = _hessians(ctx, linears, train, args32)
+    owner = None if dist is None else dist.owners(
+        {n: float(m.in_features) ** 2 * m.out_features for n, m in linears.items()})
+    for n, m in linears.items():
+        h = H.pop(n)
+        if owner is None or owner[n] == dist.rank:
+            qw = gptq_quantize(m.weight.data, h, cfg.scheme, act_order=cfg.act_order,
+                               damp=cfg.damp, clip=cfg.clip_search, keep=keep_mask(m),
+                               name=ctx.prefix + n)
+            grids[n].start_from(qw)
+        del h
+    if owner is not None:
+        for n in linears:
+            _share_grid(dist, grids[n], owner[n])
+
+
+def _share_grid(dist: Any, grid: LearnedGrid, src: int) -> None:
+    """Rank ``src``'s rounding state of ``grid`` on every rank."""
+    state = {"v": grid.v.data, "a": grid.a.data, "b": grid.b.data, "d": grid.d}
+    got, _ = dist.broadcast_tensors(state if dist.rank == src else None, None, src=src)
+    if dist.rank != src:
+        with torch.no_grad():
+            for k, t in state.items():
+                t.copy_(got[k].to(t.device))
+
+
+def _sign_step(params: list[Tensor], signs: list[Tensor] | None, src: int, dist: Any,
+               rate: float) -> None:
+    """One signed gradient step over every parameter, with the signs rank ``src`` computed
+    (sent as one byte each; all of them in one process)."""
+    signs = share_tensors(dist, params, signs, src, torch.int8)
+    with torch.no_grad():
+        torch._foreach_add_(params, signs, alpha=-rate)
 
 
 def signround_block(ctx: BlockContext, step: Any, cfg: SignRoundConfig) -> dict[str, Any]:
@@ -336,7 +384,10 @@ def signround_block(ctx: BlockContext, step: Any, cfg: SignRoundConfig) -> dict[
     them on their grids with their qparams, and write the block's outputs to the cache."""
     t0 = time.perf_counter()
     block, scheme = ctx.block, cfg.scheme
-    held, train = split_chunks(ctx, cfg.heldout, "signround")
+    chunks = Chunks(ctx, cfg.heldout, "signround")
+    held, train = chunks.held, chunks.train  # among every rank's chunks
+    local, owner = chunks.local, chunks.owner
+    dist, bs = ctx.dist, ctx.batch_size
     args32 = ctx.args_as(torch.float32)
     teacher = teacher_outputs(ctx, args32)
     targets: dict[int, Tensor] = {}
@@ -352,12 +403,7 @@ def signround_block(ctx: BlockContext, step: Any, cfg: SignRoundConfig) -> dict[
                             cfg.learn_range, cfg.clip_search).to(ctx.device)
              for n, m in linears.items()}
     if cfg.init == "gptq":
-        H = _hessians(ctx, linears, train, args32)
-        for n, m in linears.items():
-            qw = gptq_quantize(m.weight.data, H.pop(n), scheme, act_order=cfg.act_order,
-                               damp=cfg.damp, clip=cfg.clip_search, keep=keep_mask(m),
-                               name=ctx.prefix + n)
-            grids[n].start_from(qw)
+        _gptq_start(ctx, linears, grids, chunks.mine(train), cfg, args32)
     params = [p for g in grids.values() for p in g.params()]
     first = {n: g.offsets() for n, g in grids.items()}
     cuda = ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -377,7 +423,7 @@ def signround_block(ctx: BlockContext, step: Any, cfg: SignRoundConfig) -> dict[
 
     def heldout_loss() -> float:
         with torch.no_grad():
-            return sum(loss_of(c).item() for c in held) / len(held)
+            return chunks.heldout_mean(lambda c: loss_of(c).item())
 
     steps, lr = cfg.steps, cfg.step_lr
     history: list[dict[str, float]] = []
@@ -395,27 +441,37 @@ def signround_block(ctx: BlockContext, step: Any, cfg: SignRoundConfig) -> dict[
         history.append({"step": 0, "heldout": start})
         no_sample = None if parts or n_sample == n_rows else "the block has no token-wise part"
         if parts and train:  # the sampled outputs must be the full block's at those tokens
-            no_sample = _sampling_refused(output, train[0], sample())
+            sel = sample()
+            if local(train[0]) is not None:
+                no_sample = _sampling_refused(output, local(train[0]), sel)
+            if dist is not None:
+                no_sample = dist.broadcast_json(no_sample, owner(train[0]))
             if no_sample:
                 log.warning("%ssignround: every token per step (%s)", ctx.prefix, no_sample)
                 parts = []
         for i in range(1, steps + 1 if train else 1):
-            c = train[int(torch.randint(0, len(train), (1,), generator=gen))]
-            loss = loss_of(c, sample())
-            for p in params:
-                p.grad = None
-            loss.backward()
-            rate = lr * (1 - (i - 1) / steps)  # linear decay to 0
-            with torch.no_grad():  # one fused sign step over every parameter
-                torch._foreach_add_(params, torch._foreach_sign([p.grad for p in params]),
-                                    alpha=-rate)
-            for g in grids.values():
-                g.clamp_()
+            # every rank draws the same chunk and tokens; the rank holding the chunk computes
+            # the step, the others take its signs
+            g = train[int(torch.randint(0, len(train), (1,), generator=gen))]
+            sel, src, signs, loss = sample(), owner(g), None, None
+            if (c := local(g)) is not None:
+                loss = loss_of(c, sel)
+                for p in params:
+                    p.grad = None
+                loss.backward()
+                signs = torch._foreach_sign([p.grad for p in params])
+            _sign_step(params, signs, src, dist, lr * (1 - (i - 1) / steps))  # decay to 0
+            for grid in grids.values():
+                grid.clamp_()
             if i % cfg.eval_every == 0 or i == steps:
                 h = heldout_loss()
-                history.append({"step": i, "loss": loss.item(), "heldout": h})
+                value = chunks.share_value(loss.item() if loss is not None else None, src)
+                history.append({"step": i, "loss": value, "heldout": h})
                 best.offer(h, i)
         best.restore()
+        if dist is not None:  # the ranks took the same steps; rank 0's state, to be sure
+            for grid in grids.values():
+                _share_grid(dist, grid, 0)
     moved = sum(int((g.offsets() != first.pop(n)).sum()) for n, g in grids.items())
     for n, m in linears.items():
         W, state = grids[n].final()
@@ -433,8 +489,8 @@ def signround_block(ctx: BlockContext, step: Any, cfg: SignRoundConfig) -> dict[
             **({"tokens_refused": no_sample} if no_sample else {}),
             "heldout_start": start, "heldout_best": score, "best_step": best_step,
             "moved": moved / max(n_weights, 1), "history": history,
-            "train_windows": len(train) * ctx.batch_size,
-            "heldout_windows": ctx.n_windows - held[0] * ctx.batch_size,
+            "train_windows": len(train) * bs,
+            "heldout_windows": ctx.total_windows - held[0] * bs,
             "linears": len(linears), "seconds": time.perf_counter() - t0}
 
 
@@ -446,6 +502,7 @@ class SignRound(BlockTransform):
     needs_calibration = True
     stores_outputs = True
     needs_teacher = True
+    distributed = True  # the ranks split the forwards; each step is its chunk's rank's
 
     def __init__(self, config: SignRoundConfig) -> None:
         self.config = config

@@ -72,6 +72,7 @@ class SmoothQuant(BlockTransform):
     step targets, then the scales folded in."""
 
     needs_calibration = True
+    distributed = True  # the input maxima are reduced by their maximum over the ranks (exact)
 
     def __init__(self, config: SmoothQuantConfig) -> None:
         self.config = config
@@ -108,6 +109,10 @@ class SmoothQuant(BlockTransform):
         finally:
             for h in handles:
                 h.remove()
+        if ctx.dist is not None:  # every rank holds chunks: each pair saw rows here
+            for prev in x_max:
+                x_max[prev] = ctx.dist.all_reduce(x_max[prev], "max")
+                rows[prev] = ctx.dist.all_reduce_int(rows[prev])
         records = []
         for p in pairs:
             if x_max[p.prev] is None or rows[p.prev] < ctx.min_tokens:

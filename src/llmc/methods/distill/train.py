@@ -258,6 +258,7 @@ class Distill(BlockTransform, WholeModelStep):
         self.post_walk = config.mode == "logit"
         self.needs_teacher = config.mode == "block"
         self.kind = MODEL if self.post_walk else TRANSFORM  # (the kinds: llmc.interfaces)
+        self.distributed = not self.post_walk  # block mode's steps are shared across ranks
 
     def transform(self, ctx: Any, step: Any) -> dict[str, Any]:
         from llmc.methods.distill.block import distill_block
