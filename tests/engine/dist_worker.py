@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest's helpers
 
 RECIPES = {
+    "rtn": {"steps": [{"method": "rtn", "args": {"bits": 4, "group_size": 32}}]},  # rank 0 alone
     "gptq": {"steps": [{"method": "gptq", "args": {"bits": 4, "group_size": 32}}]},
     "sparsegpt24": {"steps": [{"method": "sparsegpt", "args": {"sparsity": 0.5,
                                                                "pattern": "2:4"}}]},

@@ -25,7 +25,7 @@ from llmc.engine.walker import check_distributed
 from llmc.interfaces import CompressResult
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-RECIPES = ("gptq,sparsegpt24,sparsegpt24+gptq,wanda,wanda-owl,gptq-w8a8-static,awq+gptq,"
+RECIPES = ("rtn,gptq,sparsegpt24,sparsegpt24+gptq,wanda,wanda-owl,gptq-w8a8-static,awq+gptq,"
            "smoothquant+gptq-w8a8,gptq+kv,signround,signround-gptq,gptq+distill")
 LIMIT = 240  # seconds a launch may take here (each rank imports torch and transformers)
 

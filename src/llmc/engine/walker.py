@@ -685,6 +685,13 @@ class Engine:
         if self.dist is not None and self.dist.rank != 0:
             self.blocks.close()
             return
+        dist, self.dist = self.dist, None  # rank 0 works as one process: no collectives
+        try:
+            self._compress_all_without_data()
+        finally:
+            self.dist = dist
+
+    def _compress_all_without_data(self) -> None:
         start = self.checkpoint.resume_point() if self.checkpoint is not None else None
         if start is not None:
             self.checkpoint.restore_report(self.report)
