@@ -224,17 +224,18 @@ def compress(
                               offload_dir=offload_dir, exact_stats=exact_stats)
 
 
-def _connect(dev: torch.device, steps: list, post_steps: list) -> Distributed | None:
-    """This process's rank when it belongs to a group, after refusing what a distributed run
-    cannot do."""
+def _connect(dev: torch.device, steps: list, post_steps: list,
+             progress: bool) -> tuple[Distributed | None, torch.device, bool]:
+    """This process's rank when it belongs to a group (after refusing what a distributed run
+    cannot do), its device and whether it shows progress (rank 0 only)."""
     dist = Distributed.connect(dev)
     if dist is None:
-        return None
+        return None, dev, progress
     if post_steps:
         raise ValueError("distill (logit mode) trains the whole model after the walk, which "
                          "does not run over several processes; run it in one process")
     check_distributed(steps)
-    return dist
+    return dist, local_device(dev), progress and dist.rank == 0
 
 
 def _compress_resident(model: nn.Module, recipe: Recipe, *, tokenizer: Any, calibration: Any,
@@ -255,10 +256,7 @@ def _compress_resident(model: nn.Module, recipe: Recipe, *, tokenizer: Any, cali
     home = next(model.parameters()).device
     dev = home if device is None else resolve_device(device)
     walk_steps, post_steps = _steps(recipe)
-    dist = _connect(dev, walk_steps, post_steps)
-    if dist is not None:
-        dev = local_device(dev)
-        progress = progress and dist.rank == 0
+    dist, dev, progress = _connect(dev, walk_steps, post_steps, progress)
     windows, held, calib_info = None, None, {}
     if recipe.needs_calibration:
         n_held = max((s.config.heldout for _, s, _ in post_steps), default=0)  # logit mode
@@ -376,10 +374,7 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
     src, config, lazy, adapter, fmt = _prepare_stream(model_name, recipe, fmt, trust_remote_code,
                                                       calibration)
     walk_steps, post_steps = _steps(recipe)
-    dist = _connect(dev, walk_steps, post_steps)
-    if dist is not None:
-        dev = local_device(dev)
-        progress = progress and dist.rank == 0
+    dist, dev, progress = _connect(dev, walk_steps, post_steps, progress)
     if post_steps:
         if resume:
             raise ValueError("--resume: a recipe with a logit distill step trains the whole "
@@ -439,14 +434,8 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
         cache_dir = cache_dir / "rank0"
     t = time.perf_counter()
     try:
-        options = EngineOptions(dev, the_plan.cache, cache_dir,
-                                the_plan.lockstep if the_plan.lockstep != "n/a" else "lockstep",
-                                exact_stats=exact_stats)
-        dtype = None if reads_as_stored(walk_steps, recipe.kv_cache) else torch.float32
-        engine = Engine(LazyBlocks(lazy, adapter, dev, prefetch=the_plan.prefetch, dtype=dtype),
-                        adapter,
-                        walk_steps, recipe.walker, options, checkpoint=checkpoint,
-                        progress=progress, kv_cache=recipe.kv_cache, dist=dist)
+        engine = _stream_engine(lazy, adapter, walk_steps, recipe, dev, the_plan, cache_dir,
+                                exact_stats, dist, checkpoint=checkpoint, progress=progress)
         walk = engine.run(windows)
         checkpoint.finish()
         walk.engine["read_ahead"] = the_plan.prefetch
@@ -476,6 +465,20 @@ def _compress_stream(model_name: str, recipe: Recipe, out: Path, *, tokenizer: A
     return out, report
 
 
+def _stream_engine(lazy: Any, adapter: Any, walk_steps: list, recipe: Recipe,
+                   dev: torch.device, the_plan: Plan, cache_dir: Path, exact_stats: bool,
+                   dist: Distributed | None, checkpoint: Any = None,
+                   progress: bool = False) -> Engine:
+    """The engine of a streamed walk (rank 0's with the output's ``checkpoint``)."""
+    options = EngineOptions(dev, the_plan.cache, cache_dir,
+                            the_plan.lockstep if the_plan.lockstep != "n/a" else "lockstep",
+                            exact_stats=exact_stats)
+    dtype = None if reads_as_stored(walk_steps, recipe.kv_cache) else torch.float32
+    return Engine(LazyBlocks(lazy, adapter, dev, prefetch=the_plan.prefetch, dtype=dtype),
+                  adapter, walk_steps, recipe.walker, options, checkpoint=checkpoint,
+                  progress=progress, kv_cache=recipe.kv_cache, dist=dist)
+
+
 def _follow_stream(out: Path, lazy: Any, adapter: Any, walk_steps: list, recipe: Recipe,
                    windows: Tensor | None, dev: torch.device, the_plan: Plan,
                    offload_dir: Path | None, exact_stats: bool,
@@ -485,14 +488,8 @@ def _follow_stream(out: Path, lazy: Any, adapter: Any, walk_steps: list, recipe:
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"llmc-rank{dist.rank}-",
                                      dir=offload_dir) as tmp:
-        options = EngineOptions(dev, the_plan.cache, Path(tmp),
-                                the_plan.lockstep if the_plan.lockstep != "n/a" else "lockstep",
-                                exact_stats=exact_stats)
-        dtype = None if reads_as_stored(walk_steps, recipe.kv_cache) else torch.float32
-        engine = Engine(LazyBlocks(lazy, adapter, dev, prefetch=the_plan.prefetch, dtype=dtype),
-                        adapter, walk_steps, recipe.walker, options, progress=False,
-                        kv_cache=recipe.kv_cache, dist=dist)
-        walk = engine.run(windows)
+        walk = _stream_engine(lazy, adapter, walk_steps, recipe, dev, the_plan, Path(tmp),
+                              exact_stats, dist).run(windows)
     dist.barrier()
     return out, CompressionReport.from_walk(recipe, walk, seconds=time.perf_counter() - t,
                                             plan=the_plan.to_dict())

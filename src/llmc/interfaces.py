@@ -80,6 +80,11 @@ class BlockContext:
         return self.n_windows if self.all_windows is None else self.all_windows
 
     @property
+    def total_chunks(self) -> int:
+        """The chunks of every rank together (this one's in one process)."""
+        return -(-self.total_windows // self.batch_size)
+
+    @property
     def n_windows(self) -> int:
         return self.cache.n_windows
 

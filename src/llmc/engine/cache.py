@@ -118,10 +118,7 @@ class ActivationCache:
         path = (directory / f"{self.name}-snapshot-{tag % 2}.bin").resolve()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            for c in range(-(-self.n_windows // self.batch_size)):
-                a, _ = self._rows(c)
-                _io(fd, self.read(c).contiguous(), a * self._row_bytes, write=True)
-            os.fsync(fd)
+            self._write_inputs(fd, 0)
         finally:
             os.close(fd)
         return path
@@ -133,12 +130,16 @@ class ActivationCache:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             os.ftruncate(fd, total * self._row_bytes)
-            for c in range(-(-self.n_windows // self.batch_size)):
-                a, _ = self._rows(c)
-                _io(fd, self.read(c).contiguous(), (first + a) * self._row_bytes, write=True)
-            os.fsync(fd)
+            self._write_inputs(fd, first)
         finally:
             os.close(fd)
+
+    def _write_inputs(self, fd: int, first: int) -> None:
+        """The current inputs into ``fd`` from window ``first`` on, flushed to disk."""
+        for c in range(-(-self.n_windows // self.batch_size)):
+            a, _ = self._rows(c)
+            _io(fd, self.read(c).contiguous(), (first + a) * self._row_bytes, write=True)
+        os.fsync(fd)
 
     def restore(self, path: Path, first: int = 0, total: int | None = None) -> None:
         """The inputs become the contents of ``path`` (written by :meth:`persist`), or of its

@@ -120,12 +120,15 @@ class Distributed:
             raise ValueError(f"{self.world} ranks but only {n_chunks} chunks of calibration "
                              "windows: use fewer ranks, more --samples or a smaller "
                              "--batch-size (each rank needs a chunk)")
-        return self.rank * n_chunks // self.world, (self.rank + 1) * n_chunks // self.world
+        return self._span(self.rank, n_chunks)
+
+    def _span(self, rank: int, n_chunks: int) -> tuple[int, int]:
+        return rank * n_chunks // self.world, (rank + 1) * n_chunks // self.world
 
     def chunk_owner(self, chunk: int, n_chunks: int) -> int:
         """The rank whose :meth:`chunk_range` of ``n_chunks`` holds ``chunk``."""
         return next(r for r in range(self.world)
-                    if r * n_chunks // self.world <= chunk < (r + 1) * n_chunks // self.world)
+                    if self._span(r, n_chunks)[0] <= chunk < self._span(r, n_chunks)[1])
 
     def windows(self, windows: Tensor, batch_size: int) -> Tensor:
         """This rank's rows of the calibration ``windows`` [S, T]."""

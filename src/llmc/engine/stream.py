@@ -246,9 +246,8 @@ class StreamingCheckpoint:
                        "blocks": list(report.blocks), "transforms": list(report.transforms),
                        "plans": list(report.plans), "experts": list(report.experts),
                        "capture_seconds": report.capture_seconds},
+            "world": world,  # (informative: any number of ranks resumes it)
         }
-
-        state["world"] = world  # (informative: any number of ranks resumes it)
 
         def save() -> None:
             caches = dict(files or {})

@@ -329,7 +329,7 @@ class AWQ(BlockTransform):
         n_all = ctx.total_windows
         windows = search_windows(n_all, c.search_samples, c.seed)
         bs = ctx.batch_size
-        n_chunks = -(-n_all // bs)
+        n_chunks = ctx.total_chunks
 
         def chunk_windows(ch: int) -> int:
             return min(bs, n_all - ch * bs)

@@ -30,7 +30,7 @@ def split_chunks(ctx: BlockContext, heldout: int, what: str) -> tuple[list[int],
     chunks before them, the training chunks; numbered among every rank's chunks when the walk
     runs over several processes (this rank's own are ``ctx.first_chunk`` on)."""
     bs, S = ctx.batch_size, ctx.total_windows
-    chunks = list(range(-(-S // bs)))
+    chunks = list(range(ctx.total_chunks))
     n_held = min(len(chunks) - 1, -(-heldout // bs))
     if n_held < 1:
         raise ValueError(f"{what} needs at least two chunks of {bs} calibration windows (one "
@@ -47,7 +47,7 @@ class Chunks:
     def __init__(self, ctx: BlockContext, heldout: int, what: str) -> None:
         self.held, self.train = split_chunks(ctx, heldout, what)
         self.first, self.n_local, self.dist = ctx.first_chunk, ctx.n_chunks, ctx.dist
-        self.n_all = -(-ctx.total_windows // ctx.batch_size)
+        self.n_all = ctx.total_chunks
 
     def local(self, g: int) -> int | None:
         """Chunk ``g``'s index in this rank's cache (None: another rank's)."""
