@@ -18,7 +18,7 @@ LAYERS = {
     "models": 2, "kernels": 2,
     "calibration": 3, "interfaces": 3, "nn": 3,
     "engine": 4, "methods": 4,
-    "formats": 5, "eval": 5,
+    "formats": 5, "eval": 5, "report": 5,
     "recipe": 6,
     "checks": 7,
     "api": 8,

@@ -133,3 +133,37 @@ def test_streaming_reads_and_writes_what_the_resident_path_does(smollm2, tmp_pat
         x, y = a.read(k), b.read(k)
         assert x.dtype == y.dtype and torch.equal(x, y), k
     assert report.engine["streaming"] and len(report.blocks) == 30
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                    reason="pip install 'llmc-compress[eval]'")
+def test_task_scores_equal_lm_evals_own_hf_model(smollm2, tmp_path):
+    """lm-eval scoring the model llmc holds gives the log-likelihoods lm-eval's own ``hf``
+    model gives loading the same GGUF file, on the same local task."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from llmc.eval.tasks import evaluate_tasks
+    from llmc.models import resolve
+
+    model, tok, _, _ = smollm2
+    tasks = Path(__file__).parent / "data" / "lm_eval"
+    ours = evaluate_tasks(model, tok, [str(tasks / "tiny_choice.yaml")], log_samples=True)
+    src = resolve("smollm2-135m")
+    # lm-eval's own loader reads relative data files from the working directory
+    (tmp_path / "tiny_choice.yaml").write_text((tasks / "tiny_choice.yaml").read_text().replace(
+        "test: tiny_choice.jsonl", f"test: {tasks / 'tiny_choice.jsonl'}"))
+    theirs = simple_evaluate(
+        model="hf", model_args={"pretrained": src.path, "gguf_file": src.gguf_file,
+                                "dtype": "float32"},
+        tasks=["llmc_tiny_choice"], device="cpu", log_samples=True,
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+
+    def lls(result):
+        docs = sorted(result["samples"]["llmc_tiny_choice"], key=lambda s: s["doc_id"])
+        return [float(r[0][0]) for s in docs for r in s["resps"]]
+
+    assert lls(ours) == lls(theirs) and len(lls(ours)) == 18
+    assert ours["results"]["llmc_tiny_choice"]["acc,none"] == \
+        theirs["results"]["llmc_tiny_choice"]["acc,none"]
+    assert ours["results"]["llmc_tiny_choice"]["acc,none"] >= 0.5  # a real model, not noise

@@ -37,11 +37,13 @@ from llmc.engine.plan import Plan, Shape, Work, make_plan
 from llmc.engine.stream import StreamingCheckpoint, partial_dir
 from llmc.engine.walker import check_distributed, reads_as_stored
 from llmc.eval.perplexity import evaluate_text
+from llmc.eval.tasks import PreparedTasks, evaluate_tasks, task_scores
 from llmc.interfaces import MODEL
 from llmc.models import get_adapter, load_config, load_model, load_tokenizer, resolve
 from llmc.models.moe import unfuse_experts
 from llmc.recipe import Recipe
 from llmc.registry import FORMATS
+from llmc.report import HTML_FILE, write_html
 
 log = logging.getLogger(__name__)
 
@@ -504,8 +506,13 @@ def _write_extras(directory: Path, tokenizer: Any, recipe: Recipe | None,
     if recipe is not None:
         (directory / RECIPE_FILE).write_text(recipe.to_yaml())
     if report is not None:
-        save_json(directory / REPORT_FILE,
-                  report.to_dict() if hasattr(report, "to_dict") else report)
+        data = report.to_dict() if hasattr(report, "to_dict") else report
+        save_json(directory / REPORT_FILE, data)
+        try:
+            write_html(data, directory)
+        except Exception as e:  # the checkpoint matters more than its page: never lose a run
+            log.warning("could not draw %s (%s); the JSON report is complete, rebuild the page "
+                        "with: llmc report OUT", HTML_FILE, e)
 
 
 def _compress_whole(model_name: str, recipe: Recipe, out: Path, *, calibration: Any,
@@ -532,7 +539,8 @@ def _compress_whole(model_name: str, recipe: Recipe, out: Path, *, calibration: 
                                        device=device, cache="auto", lockstep="auto",
                                        max_memory=max_memory, offload_dir=None)
     report.plan = the_plan.to_dict()
-    save(model, out, tokenizer=tokenizer or tok, report=report, overwrite=overwrite, format=fmt)
+    save(model, out, tokenizer=tokenizer or tok, report=report, overwrite=overwrite, format=fmt,
+         progress=progress)
     return out, report
 
 
@@ -571,9 +579,40 @@ def distill(
     return student, report
 
 
-# Perplexity with the GPTQ protocol (see the README): non-overlapping windows of ``seqlen``
-# over the joined split, the first ``windows`` of them when given.
-evaluate = evaluate_text
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    dataset: str = "wikitext2",
+    split: str = "test",
+    seqlen: int = 2048,
+    windows: int | None = None,
+    *,
+    tasks: str | list[str] | PreparedTasks | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    include_path: str | Path | None = None,
+    perplexity: bool | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Perplexity with the GPTQ protocol (see the README: non-overlapping windows of
+    ``seqlen`` over the joined split, the first ``windows`` of them when given), and with
+    ``tasks`` lm-eval's task scores (:func:`llmc.eval.tasks.evaluate_tasks`; ``limit``
+    documents per task, ``num_fewshot``, task YAMLs under ``include_path``) on the same model
+    object: ``"tasks"`` holds ``{"task/metric": value}`` and ``"lm_eval"`` lm-eval's own
+    results with their stderr. With tasks, perplexity is measured too only when
+    ``perplexity`` is true."""
+    out: dict[str, Any] = {}
+    if perplexity or (perplexity is None and tasks is None):
+        out.update(evaluate_text(model, tokenizer, dataset, split, seqlen, windows,
+                                 batch_size=batch_size, progress=progress, **kwargs))
+    if tasks is not None:
+        result = evaluate_tasks(model, tokenizer, tasks, limit=limit, num_fewshot=num_fewshot,
+                                batch_size=batch_size, include_path=include_path)
+        out["tasks"] = task_scores(result)
+        out["lm_eval"] = result
+    return out
 
 
 def save(
@@ -584,6 +623,7 @@ def save(
     report: CompressionReport | dict | None = None,
     overwrite: bool = False,
     format: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Write ``model`` to ``out``: the HF GPTQ, AWQ or compressed-tensors layout (``format``;
     default: awq after a 4-bit awq recipe, else gptq) when it holds quantized Linears, a dense
@@ -597,14 +637,14 @@ def save(
     recipe = getattr(model, "llmc_recipe", None)
     fmt = format or default_format(recipe)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_model(model, tmp, fmt=fmt)
+        write_model(model, tmp, fmt=fmt, progress=progress)
         _write_extras(tmp, tokenizer, recipe, report)
     log.info("wrote %s", out)
     return out
 
 
-def load(path: str | Path, *, packed: bool = False,
-         trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+def load(path: str | Path, *, packed: bool = False, trust_remote_code: bool = False,
+         progress: bool = False) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from an llmc, GPTQ, AWQ or compressed-tensors checkpoint (dequantized
     on CPU, each quantized Linear keeping its integer form; with ``packed``, as
     :class:`llmc.nn.QuantLinear` modules that keep the packed codes and call the kernels), any
@@ -615,7 +655,7 @@ def load(path: str | Path, *, packed: bool = False,
     if p.is_dir() and is_llmc_checkpoint(p):
         from transformers import AutoTokenizer
 
-        model = read_model(p, packed=packed)
+        model = read_model(p, packed=packed, progress=progress)
         tok = None
         if (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file():
             tok = AutoTokenizer.from_pretrained(str(p))

@@ -329,7 +329,10 @@ def compress(model: str, recipe_path: Path, **opts: Any) -> None:
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--compare", is_flag=True,
+              help="Evaluate every MODEL on the same windows and tasks and print one table "
+                   "(perplexity, each task, size on disk, bits per weight)")
 @click.option("--dataset", default="wikitext2", show_default=True,
               help="Evaluation text: wikitext2 is the raw Wikitext-2 test split of the GPTQ "
                    "protocol (wiki.test.raw); or a .txt/.jsonl file or an HF dataset id")
@@ -337,34 +340,107 @@ def compress(model: str, recipe_path: Path, **opts: Any) -> None:
 @click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per window")
 @click.option("--windows", type=int, default=None,
               help="Evaluate only the first N windows [default: all]")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout")
+@click.option("--tasks", default=None,
+              help="lm-eval tasks, comma-separated: lm-eval's names (arc_easy,hellaswag,...), "
+                   "tasks under --include-path, or task YAML files (needs the eval extra)")
+@click.option("--limit", type=float, default=None,
+              help="Tasks: the first N documents of each (a fraction below 1) [default: all]")
+@click.option("--num-fewshot", type=int, default=None,
+              help="Tasks: few-shot examples [default: each task's own]")
+@click.option("--include-path", type=click.Path(path_type=Path), default=None,
+              help="A directory of lm-eval task YAML files of your own")
+@click.option("--perplexity/--no-perplexity", "with_ppl", default=None,
+              help="Measure perplexity too [default: yes, except with --tasks on one model]")
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help="Windows (perplexity) or requests (tasks) per forward")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the model runs: cpu, cuda, cuda:N or auto")
+@click.option("--packed", is_flag=True,
+              help="Quantized checkpoints: keep the packed codes and run the kernels "
+                   "(QuantLinear) instead of dequantized weights")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON on stdout (one object; with --compare a list)")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code to run")
 @_errors
-def evaluate(model: str, dataset: str, split: str, seqlen: int, windows: int | None,
-             as_json: bool, trust_remote_code: bool) -> None:
-    """Perplexity of MODEL (an llmc output, HF directory or id, .gguf file or demo name)."""
+def evaluate(models: tuple[str, ...], compare: bool, dataset: str, split: str, seqlen: int,
+             windows: int | None, tasks: str | None, limit: float | None,
+             num_fewshot: int | None, include_path: Path | None, with_ppl: bool | None,
+             batch_size: int, device: str, packed: bool, as_json: bool,
+             trust_remote_code: bool) -> None:
+    """Perplexity and lm-eval task scores of MODEL (an llmc output, HF directory or id, .gguf
+    file or demo name); with --compare, of several models in one table."""
     from llmc import api
     from llmc.calibration import load_rows
+    from llmc.engine.config import resolve_device
+    from llmc.eval.compare import footprint, markdown_table
     from llmc.eval.perplexity import eval_dataset
+    from llmc.eval.tasks import prepare_tasks, task_stderr
+    from llmc.models import resolve
 
     _setup_logging(as_json)
+    if len(models) > 1 and not compare:
+        raise click.UsageError("several models: pass --compare to evaluate them in one table")
     if seqlen < 2:
         raise ValueError("--seqlen must be at least 2")
     if windows is not None and windows < 1:
         raise ValueError("--windows must be at least 1")
-    # a missing data file fails before the model loads
-    load_rows(eval_dataset(dataset, split), split)
-    m, tok = api.load(model, trust_remote_code=trust_remote_code)
-    if tok is None:
-        raise ValueError(f"{model} has no tokenizer files")
-    res = api.evaluate(m, tok, dataset=dataset, split=split, seqlen=seqlen, windows=windows,
-                       progress=not as_json)
-    res = {"model": model, "dataset": dataset, "split": split, **res}
+    if limit is not None and limit <= 0:
+        raise ValueError("--limit must be positive")
+    if tasks is None and (limit, num_fewshot, include_path) != (None, None, None):
+        raise click.UsageError("--limit, --num-fewshot and --include-path apply to --tasks")
+    if batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    dev = resolve_device(device)
+    with_ppl = (tasks is None or compare) if with_ppl is None else with_ppl
+    if not with_ppl and tasks is None:
+        raise click.UsageError("--no-perplexity needs --tasks: there is nothing else to measure")
+    limit_n = None if limit is None else (int(limit) if limit >= 1 else limit)
+    # every input is checked before the first model loads
+    for name in models:
+        resolve(name)
+    if with_ppl:
+        load_rows(eval_dataset(dataset, split), split)
+    prepared = prepare_tasks(tasks, include_path=include_path) if tasks else None
+    rows = []
+    for name in models:
+        m, tok = api.load(name, packed=packed, trust_remote_code=trust_remote_code,
+                          progress=not as_json)
+        if tok is None:
+            raise ValueError(f"{name} has no tokenizer files")
+        m.to(dev)
+        res = api.evaluate(m, tok, dataset=dataset, split=split, seqlen=seqlen, windows=windows,
+                           tasks=prepared, limit=limit_n, num_fewshot=num_fewshot,
+                           perplexity=with_ppl, batch_size=batch_size, progress=not as_json)
+        res = {"model": name, **({"dataset": dataset, "split": split} if with_ppl else {}),
+               **res}
+        if compare:
+            res.update(footprint(name, m))
+            res["stderr"] = {k: task_stderr(res["lm_eval"], k) for k in res.get("tasks", {})}
+        rows.append(res)
+        del m
     if as_json:
-        click.echo(json.dumps(res))
+        click.echo(json.dumps(rows if compare else rows[0]))
+    elif compare:
+        click.echo(markdown_table(rows))
     else:
-        click.echo(f"perplexity {res['perplexity']:.4f} over {res['windows']} windows of "
-                   f"{seqlen} tokens ({res['seconds']:.1f} s)")
+        res = rows[0]
+        if with_ppl:
+            click.echo(f"perplexity {res['perplexity']:.4f} over {res['windows']} windows of "
+                       f"{seqlen} tokens ({res['seconds']:.1f} s)")
+        for key, value in res.get("tasks", {}).items():
+            err = task_stderr(res["lm_eval"], key)
+            click.echo(f"{key} {value:.4f}" + ("" if err is None else f" ± {err:.4f}"))
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--no-plots", is_flag=True, help="Tables only (no matplotlib)")
+@_errors
+def report(output: Path, no_plots: bool) -> None:
+    """Rebuild OUTPUT/llmc_report.html, the run's page, from OUTPUT/llmc_report.json."""
+    from llmc.report import rebuild
+
+    click.echo(f"wrote {rebuild(output, plots=not no_plots)}", err=True)
 
 
 @cli.command()
@@ -390,9 +466,10 @@ def export(source: str, fmt: str, output: Path, overwrite: bool) -> None:
         raise ValueError(f"{output} exists; pass --overwrite to replace it")
     if output.resolve() == src.resolve():
         raise ValueError("the output must not be the source directory")
-    model, tok = api.load(src)
+    model, tok = api.load(src, progress=True)
     report = api.read_report(src) if (src / api.REPORT_FILE).is_file() else None
-    api.save(model, output, tokenizer=tok, report=report, overwrite=overwrite, format=fmt)
+    api.save(model, output, tokenizer=tok, report=report, overwrite=overwrite, format=fmt,
+             progress=True)
     click.echo(f"wrote {output} ({fmt})", err=True)
 
 
@@ -468,12 +545,12 @@ def distill(student: str, teacher: str, steps: int, lr: float, train_batch: int,
     cal = recipe.calibration
     load_rows(cal.dataset, cal.split, text_column=cal.text_column)  # a missing file fails now
     fmt = opts["fmt"] or (quant_method(src) if quant_method(src) in FORMATS else "gptq")
-    model, tok = api.load(src)
+    model, tok = api.load(src, progress=not opts["quiet"])
     teacher_model, t_tok = load_model(teacher, trust_remote_code=opts["trust_remote_code"])
     model, report = api.distill(model, teacher_model, recipe, tokenizer=tok or t_tok,
                                 progress=not opts["quiet"])
     api.save(model, out, tokenizer=tok or t_tok, report=report, overwrite=opts["overwrite"],
-             format=fmt)
+             format=fmt, progress=not opts["quiet"])
     d = report.distill[0]
     click.echo(f"distilled {d['steps_run']} steps in {d['seconds']:.1f} s; held-out KL "
                f"{d['heldout_kl_start']:.4f} -> {d['heldout_kl_best']:.4f} (step "

@@ -4,6 +4,7 @@ arguments (attention masks, position embeddings) per chunk size."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -41,11 +42,13 @@ class _Recorder(nn.Module):
 
 
 def capture(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size: int,
-            device: torch.device, cache: ActivationCache | None) -> list[BlockArgs]:
+            device: torch.device, cache: ActivationCache | None,
+            bar: Callable[[list[int]], Iterable[int]] = iter) -> list[BlockArgs]:
     """Run ``windows`` [S, T] through ``model`` chunk by chunk with ``blocks`` replaced by
     recorders. Block 0's inputs go to ``cache`` (as its outputs: call ``finish_block`` after);
     with ``cache=None`` only the first chunk of each size runs, for the arguments alone (a
-    resumed run). Returns each block's arguments per chunk size (CPU tensors)."""
+    resumed run). ``bar`` wraps the chunks' starts (a progress bar). Returns each block's
+    arguments per chunk size (CPU tensors)."""
     originals = list(blocks)
     sink: dict[str, Any] = {"cache": cache, "chunk": 0, "last": len(blocks) - 1,
                             "args": [{} for _ in blocks]}
@@ -57,7 +60,7 @@ def capture(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size
         for i in range(len(blocks)):
             blocks[i] = _Recorder(i, sink)
         with torch.no_grad():
-            for start in starts:
+            for start in bar(starts):
                 sink["chunk"] = start // batch_size
                 try:
                     model(input_ids=windows[start : start + batch_size].to(device),

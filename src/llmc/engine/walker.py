@@ -46,7 +46,7 @@ from llmc.engine.capture import capture
 from llmc.engine.config import WalkerConfig
 from llmc.engine.distributed import Distributed, pack_result, unpack_result
 from llmc.engine.lockstep import Lockstep, Reached
-from llmc.engine.memory import release_memory
+from llmc.engine.memory import peak_rss_bytes, release_memory, rss_bytes
 from llmc.interfaces import LINEAR, TRANSFORM, BlockArgs, BlockContext, CodesCompressor, Planner
 from llmc.models import kvcache
 from llmc.models.adapters import Adapter, block_linears
@@ -195,13 +195,13 @@ class Engine:
     def prefix(self, b: int) -> str:
         return f"{self.adapter.blocks}.{b}."
 
-    def _bar(self, items, desc: str = "Compressing blocks", initial: int = 0):
+    def _bar(self, items, desc: str = "Compressing blocks", initial: int = 0,
+             unit: str = "block"):
         if not self.progress:
             return items
         from tqdm.auto import tqdm
 
-        return tqdm(items, desc=desc, unit="block", initial=initial,
-                    total=initial + len(items))
+        return tqdm(items, desc=desc, unit=unit, initial=initial, total=initial + len(items))
 
     def _cache(self, S: int, T: int, name: str) -> ActivationCache:
         hidden = self.blocks.model.config.get_text_config().hidden_size
@@ -675,9 +675,12 @@ class Engine:
             self.checkpoint.block_done(b, block, self.report)
         self.blocks.unload(b)
         release_memory()
+        memory = {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}
+        if self.device.type == "cuda":
+            memory["peak_device_bytes"] = torch.cuda.max_memory_allocated(self.device)
         self.report.blocks.append({"block": b, "seconds": time.perf_counter() - t0,
                                    "load_seconds": self._load_seconds,
-                                   "pack_seconds": time.perf_counter() - t1})
+                                   "pack_seconds": time.perf_counter() - t1, **memory})
 
     def compress_without_data(self) -> None:
         """Every step needs no data (e.g. RTN): compress each targeted Linear directly (over
@@ -778,7 +781,9 @@ class Engine:
             t = time.perf_counter()
             with self.blocks.embeddings() as model:
                 self._args = capture(model, self.blocks.blocks, windows, self.config.batch_size,
-                                     self.device, cache if start is None else None)
+                                     self.device, cache if start is None else None,
+                                     bar=lambda s: self._bar(s, "Capturing block 0's inputs",
+                                                             unit="chunk"))
             if start is None:  # a fresh run: block 0's inputs were just captured
                 cache.finish_block()
                 if teacher is not None:

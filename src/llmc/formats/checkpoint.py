@@ -89,18 +89,24 @@ def block_piece(block: nn.Module, prefix: str) -> tuple[dict[str, nn.Module], di
 
 
 def write_model(
-    model: nn.Module, out_dir: Path, max_shard_bytes: int = 2_000_000_000, fmt: str = "gptq"
+    model: nn.Module, out_dir: Path, max_shard_bytes: int = 2_000_000_000, fmt: str = "gptq",
+    progress: bool = False,
 ) -> None:
     """Write ``model``'s tensors and ``config.json`` into ``out_dir`` (an empty directory): the
     ``fmt`` layout when it holds quantized Linears (or, for compressed-tensors, 2:4 weights),
-    dense safetensors otherwise; packed block by block as the streaming writer packs them."""
+    dense safetensors otherwise; packed block by block as the streaming writer packs them
+    (``progress``: a bar over the blocks)."""
+    from tqdm.auto import tqdm
+
     from llmc.models import get_adapter
 
     packer = model_packer(model, fmt)
     adapter = get_adapter(model.config)
     tensors: dict[str, Tensor] = {}
     in_blocks: set[str] = set()
-    for b, block in enumerate(adapter.get_blocks(model)):
+    blocks = adapter.get_blocks(model)
+    for b, block in enumerate(tqdm(blocks, desc="Packing blocks", unit="block",
+                                   disable=not progress)):
         modules, state = block_piece(block, f"{adapter.blocks}.{b}")
         tensors.update(packer.pack(modules, state))
         in_blocks |= set(state)
@@ -128,13 +134,15 @@ def is_llmc_checkpoint(path: Path) -> bool:
     return quant_method(path) in FORMATS or (path / "llmc_report.json").is_file()
 
 
-def read_model(path: Path, packed: bool = False) -> nn.Module:
+def read_model(path: Path, packed: bool = False, progress: bool = False) -> nn.Module:
     """Build the model from ``config.json`` and fill it from the safetensors files.
 
     Quantized Linears are dequantized on CPU and keep their qparams in ``.llmc_quant``; with
     ``packed``, they become :class:`llmc.nn.QuantLinear` modules holding the packed codes (fp16
     scales), or :class:`llmc.nn.W8A8Linear` for FP8 / INT8 W8A8, built on the meta device so
-    that no dense weight is ever materialised."""
+    that no dense weight is ever materialised. ``progress``: a bar over the quantized
+    Linears."""
+    from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = json.loads((path / "config.json").read_text())
@@ -165,7 +173,8 @@ def read_model(path: Path, packed: bool = False) -> nn.Module:
         return to_checkpoint_name(n, renames)
 
     reading = layout.read(path, qconfig, tensors, shapes, config_name) if layout else ()
-    for prefix, qw, bias in reading:
+    for prefix, qw, bias in tqdm(reading, desc="Reading quantized Linears", unit="Linear",
+                                 disable=not progress or not layout):
         quantized.add(prefix)
         act = (layout.act_scheme(qconfig, config_name(prefix)) if hasattr(layout, "act_scheme")
                else None)
