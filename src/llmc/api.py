@@ -43,11 +43,11 @@ from llmc.models import get_adapter, load_config, load_model, load_tokenizer, re
 from llmc.models.moe import unfuse_experts
 from llmc.recipe import Recipe
 from llmc.registry import FORMATS
-from llmc.report import HTML_FILE, write_html
+from llmc.report import HTML_FILE, JSON_FILE, write_html
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "llmc_report.json"
+REPORT_FILE = JSON_FILE
 RECIPE_FILE = "recipe.yaml"
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+JSON_FILE = "llmc_report.json"  # what a compression did, written by llmc.api
 HTML_FILE = "llmc_report.html"
 _BLOCK = re.compile(r"^.*?\.(\d+)\.(.+)$")  # the first index in a Linear's name is its block
 _EXPERT = re.compile(r"experts\.\d+\.")
@@ -331,7 +332,7 @@ def write_html(report: dict[str, Any], directory: str | Path, *, title: str | No
 def rebuild(directory: str | Path, *, plots: bool = True) -> Path:
     """``llmc report OUT``: the HTML page again from ``OUT/llmc_report.json``."""
     directory = Path(directory)
-    source = directory / "llmc_report.json"
+    source = directory / JSON_FILE
     if not source.is_file():
         raise ValueError(f"{directory} has no llmc_report.json: pass the output directory of a "
                          "compressing command")
