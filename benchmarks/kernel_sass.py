@@ -113,6 +113,19 @@ def jobs():
                 dict(BLOCK_M=16, EVEN=True, MAGIC16=0x6400, **c), {**qptrs, "meta_ptr": "*i16"},
                 cfg, 16, dict(stride_mr=2 * N, stride_mc=1, **ints),
                 c["BLOCK_W"] * 16 * c["BLOCK_N"]))
+    from llmc.kernels import _native_triton as nv
+    from llmc.kernels.tune import Config
+
+    cfg = Config({}, num_warps=4, num_stages=2)
+    for M, meta, tiles in ((1, False, 2), (16, False, 2), (16, False, 8), (1, True, 2)):
+        kt = K // (128 if meta else 64)
+        out.append((f"native layout decode{', 2:4 + INT4' if meta else ''}, {tiles} tiles",
+                    nv._native_kernel,
+                    dict(GROUP=GROUP, BLOCK_M=M, TILES=tiles, PERM=False, META=meta),
+                    {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
+                     "perm_ptr": "*i32", "m_ptr": "*i32", "out_ptr": "*fp16"}, cfg, M,
+                    dict(M=M, N=N, K=K, KT=kt, NP=N, stride_xm=K, stride_om=N),
+                    tiles * 16 * (128 if meta else 64)))
     return out
 
 

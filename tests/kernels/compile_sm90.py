@@ -76,6 +76,15 @@ def main() -> dict:
     jobs.append(("2:4+int4 gemv", sp._sparse24q_gemv_kernel,
                  dict(BLOCK_N=g.kwargs["BLOCK_N"], BLOCK_W=g.kwargs["BLOCK_G"] // 4,
                       SPLIT_K=g.kwargs["SPLIT_K"], WORD_GROUPS=True), ptrs, g))
+    from llmc.kernels import _native_triton as nv
+    from llmc.kernels.tune import Config
+
+    nv_cfg = Config({}, num_warps=4, num_stages=2)
+    for perm, meta, dt in ((False, False, "fp16"), (True, False, "bf16"), (False, True, "fp16")):
+        jobs.append((f"native decode perm={perm} 2:4={meta} {dt}", nv._native_kernel,
+                     dict(GROUP=128, BLOCK_M=16, TILES=2, PERM=perm, META=meta),
+                     {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
+                      "perm_ptr": "*i32", "m_ptr": "*i32", "out_ptr": f"*{dt}"}, nv_cfg))
     failed = {}
     for name, fn, const, pointers, cfg in jobs:
         try:
