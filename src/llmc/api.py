@@ -644,18 +644,28 @@ def save(
 
 
 def load(path: str | Path, *, packed: bool = False, trust_remote_code: bool = False,
-         progress: bool = False) -> tuple[nn.Module, Any]:
+         progress: bool = False, native_layout: bool = False) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from an llmc, GPTQ, AWQ or compressed-tensors checkpoint (dequantized
     on CPU, each quantized Linear keeping its integer form; with ``packed``, as
     :class:`llmc.nn.QuantLinear` modules that keep the packed codes and call the kernels), any
-    HF model directory or id, a GGUF file or a demo name."""
+    HF model directory or id, a GGUF file or a demo name. ``native_layout`` (with ``packed``)
+    also builds each 4-bit layer's kernel-native layout for decode (see docs/kernels.md; not
+    yet run on a GPU)."""
     from llmc.formats.checkpoint import is_llmc_checkpoint, read_model
 
+    if native_layout and not packed:
+        raise ValueError("native_layout needs packed=True: it is built from the packed codes")
     p = Path(path)
     if p.is_dir() and is_llmc_checkpoint(p):
         from transformers import AutoTokenizer
 
         model = read_model(p, packed=packed, progress=progress)
+        if native_layout:
+            from llmc.nn import use_native_layout
+
+            if not use_native_layout(model):
+                raise ValueError(f"{p} has no 4-bit quantized layer to put in the native "
+                                 "layout")
         tok = None
         if (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file():
             tok = AutoTokenizer.from_pretrained(str(p))

@@ -113,10 +113,31 @@ class QuantLinear(nn.Module):
         return dequantize_ref(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits,
                               self.in_features)
 
+    native = None  # a NativeInt4 once use_native_layout() ran (not in the state dict)
+
+    def use_native_layout(self) -> None:
+        """Also keep the weight in the kernel-native layout (:mod:`llmc.kernels.native`, 4-bit
+        only): eager calls with at most 16 rows of x then run its decode kernel; larger M and
+        compiled calls keep the GPTQ-layout kernel, so both layouts stay in memory."""
+        from llmc.kernels.native import from_quant_linear
+
+        w = from_quant_linear(self)
+        dev = self.qweight.device
+        for f in ("words", "scales", "zeros", "perm"):
+            t = getattr(w, f)
+            if t is not None:
+                setattr(w, f, t.to(dev))
+        self.native = w
+
     def forward(self, x: Tensor) -> Tensor:
         """The kernel computes in the scales' dtype (fp16 by default) with fp32 accumulation;
         the ``*_ref`` path in fp32. The output has x's dtype."""
-        if self.bits in KERNEL_BITS and use_triton(x.device.type):
+        if self.native is not None and use_triton(x.device.type) and \
+                not torch.compiler.is_compiling() and x.numel() <= 16 * self.in_features:
+            from llmc.kernels.native import native_matmul
+
+            y = native_matmul(x.to(self.scales.dtype), self.native)
+        elif self.bits in KERNEL_BITS and use_triton(x.device.type):
             compiling = torch.compiler.is_compiling()  # then one opaque op per call
             trivial = self._trivial if compiling else self._check_groups()
             gs = self.group_size if trivial and self.group_size != -1 else 0  # 0: use g_idx
@@ -337,3 +358,14 @@ class W8A8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"kind={self.kind}")
+
+
+def use_native_layout(model: nn.Module) -> int:
+    """:meth:`QuantLinear.use_native_layout` on every 4-bit QuantLinear of ``model``; returns
+    how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.bits == 4:
+            m.use_native_layout()
+            n += 1
+    return n

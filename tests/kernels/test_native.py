@@ -223,3 +223,34 @@ def test_from_a_packed_quant_linear(group_size, act_order):
     ref = ql(x)
     got = native_matmul_ref(x, w)
     assert (got.float() - ref.float()).abs().max() <= 2e-3 * ref.float().abs().max()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="Triton is not installed (pip install triton)")
+def test_packed_load_in_the_native_layout(tmp_path, monkeypatch):
+    from conftest import calib_ids, tiny_model
+
+    import llmc
+    from llmc.nn import QuantLinear
+
+    model, _ = llmc.compress(tiny_model("llama"), {"steps": [
+        {"method": "gptq", "args": {"bits": 4, "group_size": 32}}]}, calibration=calib_ids(),
+        progress=False)
+    out = llmc.save(model, tmp_path / "gptq")
+    with pytest.raises(ValueError, match="packed=True"):
+        llmc.load(out, native_layout=True)
+    packed, _ = llmc.load(out, packed=True, native_layout=True)
+    layers = [m for m in packed.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 14 and all(m.native is not None for m in layers)
+    calls = []
+    import llmc.kernels.native as native
+
+    real = native.native_matmul
+    monkeypatch.setattr(native, "native_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the decode kernel on the CPU
+    x = calib_ids(1, 4)
+    with torch.no_grad():
+        got = packed(x).logits
+        want = model(x).logits
+    assert len(calls) >= 14  # every layer went through the native path
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
