@@ -150,4 +150,3 @@ def test_w8a8_linear_computes_the_fake_quantized_product(kind, M):
     torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
     assert W8A8Linear.supports(qw, ActScheme(kind))
     assert not W8A8Linear.supports(qw, ActScheme("float" if kind == "int" else "int"))
-

@@ -38,7 +38,7 @@ def _positions(length: int, bits: int, device: torch.device) -> tuple[Tensor, Te
     return start // _WORD, start % _WORD
 
 
-def _to_int32(words: Tensor) -> Tensor:
+def to_int32(words: Tensor) -> Tensor:
     """int64 values in ``[0, 2^32)`` -> int32 with two's-complement wrap-around."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
@@ -79,7 +79,7 @@ def _pack_rows_general(q: Tensor, bits: int) -> Tensor:
     if spill.any():
         hi = v[spill] >> (_WORD - off[spill])[:, None]
         out.index_add_(0, word[spill] + 1, hi)
-    return _to_int32(out)
+    return to_int32(out)
 
 
 def _pack_rows_aligned(q: Tensor, bits: int) -> Tensor:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmc.core.pack import to_int32
 from llmc.core.scheme import QuantizedWeight
 from llmc.formats.io import StatelessWriter
 from llmc.registry import FORMATS
@@ -55,7 +56,7 @@ def _pack(codes: Tensor) -> Tensor:
     c = codes.to(torch.int64).reshape(R, N // PACK, PACK)[:, :, list(AWQ_ORDER)]
     shifts = torch.arange(PACK, dtype=torch.int64) * BITS
     words = (c << shifts).sum(dim=-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return to_int32(words)
 
 
 def _unpack(words: Tensor, N: int) -> Tensor:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmc.core.pack import to_int32
 from llmc.kernels import use_triton
 
 TILE_N, TILE_K, LANES, WORDS = 16, 64, 32, 4
@@ -179,7 +180,7 @@ def _pack_fragments(frag: Tensor, bits: int) -> Tensor:
     word = (frag << shifts).sum(-1)  # fields never overlap: the sum is the OR
     if bits == 2:
         word = word[..., 0::2] | (word[..., 1::2] << 16)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
+    return to_int32(word).contiguous()
 
 
 def _unpack_fragments(words: Tensor, bits: int) -> Tensor:
@@ -202,6 +203,13 @@ def _scale_unorder(x: Tensor) -> Tensor:
     return out.reshape(G, Np)
 
 
+def _qparams(w: NativeInt4) -> tuple[Tensor, Tensor]:
+    """Scales fp16 and zeros int32, [N, G], back in row order."""
+    N = w.out_features
+    scales = _scale_unorder(w.scales)[:, :N].t().contiguous()
+    return scales, _scale_unorder(w.zeros)[:, :N].t().to(torch.int32).contiguous()
+
+
 def unpack_native(w: NativeInt4) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The inverse of :func:`repack_native`: codes uint8 [N, K], scales fp16 [N, G], zeros
     int32 [N, G] and ``g_idx`` int32 [K], in the original column order."""
@@ -216,9 +224,7 @@ def unpack_native(w: NativeInt4) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         q = q[:, inv]
         g_idx = torch.empty(K, dtype=torch.int32)
         g_idx[w.perm.long()] = torch.arange(K, dtype=torch.int32) // w.group_size
-    scales = _scale_unorder(w.scales)[:, :N].t().contiguous()
-    zeros = _scale_unorder(w.zeros)[:, :N].t().to(torch.int32).contiguous()
-    return q.to(torch.uint8).contiguous(), scales, zeros, g_idx
+    return (q.to(torch.uint8).contiguous(), *_qparams(w), g_idx)
 
 
 def dequantize_native(w: NativeInt4) -> Tensor:
@@ -270,11 +276,11 @@ def repack_native_24(q: Tensor, W: Tensor, scales: Tensor, zeros: Tensor, g_idx:
     if not torch.equal(g_idx.long(), torch.arange(K, device=g_idx.device) // group_size):
         raise ValueError("2:4 in the native layout needs the original column order (no act "
                          "order): sorting columns would break the groups of 4")
-    pos = nm_slots(W, 2, 4)  # [N, K/4, 2], refuses a weight that is not 2:4
-    kept = torch.gather(q.to(torch.int64).reshape(N, K // 4, 4), -1, pos).reshape(N, K // 2)
     if group_size <= 0 or (2 * TILE_K) % group_size and group_size % (2 * TILE_K):
         raise ValueError(f"group_size {group_size}: 2:4 in the native layout needs groups that "
                          f"are a multiple or a divisor of {2 * TILE_K} inputs")
+    pos = nm_slots(W, 2, 4)  # [N, K/4, 2], refuses a weight that is not 2:4
+    kept = torch.gather(q.to(torch.int64).reshape(N, K // 4, 4), -1, pos).reshape(N, K // 2)
     # slot c's inputs are 4 (c // 2) .. 4 (c // 2) + 3, in group c // (group_size / 2)
     half = group_size // 2
     dense = repack_native(kept, scales, zeros,
@@ -293,9 +299,7 @@ def unpack_native_24(w: NativeInt4) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     N, K = w.out_features, w.in_features
     kept = _unfragments(_unpack_fragments(w.words, 4), N, K // 2)
     pos = _unfragments(_unpack_fragments(w.meta, 2), N, K // 2).reshape(N, K // 4, 2)
-    scales = _scale_unorder(w.scales)[:, :N].t().contiguous()
-    zeros = _scale_unorder(w.zeros)[:, :N].t().to(torch.int32).contiguous()
-    return kept.to(torch.uint8).contiguous(), pos, scales, zeros
+    return (kept.to(torch.uint8).contiguous(), pos, *_qparams(w))
 
 
 def _dequantize_24(w: NativeInt4) -> Tensor:
@@ -311,12 +315,8 @@ def _dequantize_24(w: NativeInt4) -> Tensor:
 def from_quant_linear(ql: Any) -> NativeInt4:
     """The native layout of a 4-bit :class:`~llmc.nn.QuantLinear` (GPTQ-layout buffers, as
     ``llmc.load(packed=True)`` builds them): what a load in this layout converts, once."""
-    from llmc.core.pack import unpack_cols, unpack_rows
-
     if ql.bits != 4:
         raise ValueError(f"the native layout holds 4-bit codes; this layer has {ql.bits}")
-    K, N = ql.in_features, ql.out_features
-    q = unpack_rows(ql.qweight.cpu(), 4, K).t().contiguous()
-    zeros = unpack_cols(ql.qzeros.cpu(), 4, N).t().contiguous()
-    group_size = ql.group_size if ql.group_size > 0 else K
-    return repack_native(q, ql.scales.cpu().t(), zeros, ql.g_idx.cpu(), group_size)
+    qw = ql.quantized()
+    group_size = ql.group_size if ql.group_size > 0 else ql.in_features
+    return repack_native(qw.q.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu(), group_size)

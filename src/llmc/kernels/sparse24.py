@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from llmc.core.masks import nm_slots
-from llmc.core.pack import pack_rows, unpack_cols, unpack_rows
+from llmc.core.pack import pack_rows, to_int32, unpack_cols, unpack_rows
 from llmc.kernels import use_triton
 
 
@@ -35,7 +35,7 @@ def _pack_meta(pos: Tensor) -> Tensor:
     p = pos.reshape(N, -1, 16)
     shifts = torch.arange(16, dtype=torch.int64, device=pos.device) * 2
     words = (p << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    return to_int32(words).contiguous()
 
 
 def _unpack_meta(meta: Tensor) -> Tensor:
