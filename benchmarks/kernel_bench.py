@@ -15,11 +15,18 @@ included). Each kernel's output is checked against its ``*_ref`` first. The laun
 each kernel is the fastest of its short fixed list (``llmc.kernels.tune``, timed once per
 shape; the picks are in the JSON). 2:4 rows: random 2:4 fp16 weights (Triton kernel, and
 ``torch.sparse`` semi-structured where it runs) and the joint 2:4 + INT4 group-128 form.
+Native rows: the W4A16 row's codes in the kernel-native layout (``llmc.kernels.native``: the
+decode kernel up to M = 16, prefill up to 256, dequantize and cuBLAS above) and a random 2:4 +
+INT4 weight in it, group 128.
 Decode: llama with hidden 4096, intermediate 11008, 32 layers, 32 heads, vocabulary 32000,
 fp16, a static KV cache, one decode step captured in a CUDA graph and replayed for 128 tokens;
-every block Linear dense, a 4-bit group-128 ``QuantLinear``, a 2:4 ``SparseLinear`` or a 2:4 +
-INT4 ``SparseQuantLinear`` (random codes), or a stand-in that launches nothing (``no-matmul``:
-the step's cost besides its block matmuls, so dense / no-matmul bounds any format's gain).
+every block Linear dense, a 4-bit group-128 ``QuantLinear`` (``native-w4g128``: the same,
+running on the kernel-native layout with q/k/v and gate/up fused), a 2:4 ``SparseLinear``
+or a 2:4 + INT4 ``SparseQuantLinear`` (random codes), or a stand-in that launches nothing
+(``no-matmul``: the step's cost besides its block matmuls, so dense / no-matmul bounds any
+format's gain).
+Each decode row runs eager (one step in a CUDA graph) and again compiled (``torch.compile``
+around the forward, then the same graph), by default.
 Results: ``kernels.json`` and ``.md`` in ``--out``
 (default ``benchmarks/results``), the GPU named, rewritten after every row.
 """
@@ -40,7 +47,7 @@ RESULTS = Path(__file__).parent / "results"
 SHAPES = [(4096, 11008), (8192, 28672), (4096, 4096), (11008, 4096)]  # the targets' first
 MS = [1, 16, 4, 64, 256]
 GROUPS = [128, 64]
-DECODE_KINDS = ["dense", "w4g128", "no-matmul", "2:4", "2:4+w4g128"]
+DECODE_KINDS = ["dense", "w4g128", "native-w4g128", "no-matmul", "2:4", "2:4+w4g128"]
 
 
 def bench(fn, smoke: bool) -> float:
@@ -91,11 +98,16 @@ def no_matmul(K: int, N: int):
 
 
 def random_module(kind: str, K: int, N: int, device, group: int = 128, seed: int = 0):
-    """A random packed module of ``kind`` (w4 / 2:4 / 2:4+w4) with fp16 scales/values."""
+    """A random packed module of ``kind`` (w4 / 2:4 / 2:4+w4, ``native-``: a w4 QuantLinear
+    that also holds the kernel-native layout and runs on it) with fp16 scales/values."""
     import torch
 
     from llmc.nn import QuantLinear, SparseLinear, SparseQuantLinear
 
+    if kind.startswith("native-"):
+        m = random_module(kind.removeprefix("native-"), K, N, device, group, seed)
+        m.use_native_layout()
+        return m
     g = torch.Generator(device=device).manual_seed(seed)
     if kind.startswith("w4"):
         m = QuantLinear(K, N, 4, group, True, dtype=torch.float16, device=device)
@@ -120,9 +132,25 @@ def random_module(kind: str, K: int, N: int, device, group: int = 128, seed: int
     return m
 
 
+def native_24(K: int, N: int, group: int, device, seed: int = 0):
+    """A random 2:4 + INT4 weight (asymmetric, groups of ``group``) in the native layout."""
+    import torch
+
+    from llmc.core.masks import nm_keep
+    from llmc.core.scheme import QuantScheme, rtn_codes
+    from llmc.kernels.native import repack_native_24
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    W = torch.randn(N, K, generator=g, device=device)
+    W = W * nm_keep(W, 2, 4)
+    qw = rtn_codes(W, QuantScheme(bits=4, group_size=group, sym=False))
+    return repack_native_24(qw.q, W, qw.scales, qw.zeros, qw.g_idx, group)
+
+
 def matmul_row(K: int, N: int, M: int, group: int, device, smoke: bool) -> dict:
     import torch
 
+    from llmc.kernels.native import from_quant_linear, native_matmul, native_matmul_ref
     from llmc.kernels.sparse24 import (
         sparse24_matmul,
         sparse24_matmul_ref,
@@ -144,8 +172,17 @@ def matmul_row(K: int, N: int, M: int, group: int, device, smoke: bool) -> dict:
     row["w4a16_speedup"] = row["fp16_ms"] / row["w4a16_ms"]
     row["fp16_eager_ms"] = bench_host(lambda: torch.matmul(x, W.t()), smoke)
     row["w4a16_eager_ms"] = bench_host(lambda: wq_matmul(x, *args, group), smoke)
+    # the same codes in the kernel-native layout (decode kernel up to 16 rows, prefill to 256)
+    nw = from_quant_linear(ql).to(device)
+    row["native_rel_err"] = rel_err(native_matmul(x, nw), native_matmul_ref(x, nw))
+    row["native_ms"] = bench(lambda: native_matmul(x, nw), smoke)
+    row["native_speedup"] = row["fp16_ms"] / row["native_ms"]
     if group != GROUPS[0]:
         return row
+    n24 = native_24(K, N, group, device, seed=M)
+    row["native24w4_rel_err"] = rel_err(native_matmul(x, n24), native_matmul_ref(x, n24))
+    row["native24w4_ms"] = bench(lambda: native_matmul(x, n24), smoke)
+    row["native24w4_speedup"] = row["fp16_ms"] / row["native24w4_ms"]
     sl = random_module("2:4", K, N, device)
     v, meta = sl.values, sl.meta
     row["sparse24_rel_err"] = rel_err(sparse24_matmul(x, v, meta),
@@ -294,6 +331,10 @@ def llama(device, smoke: bool, kind: str):
                        random_module(kind, lin.in_features, lin.out_features, device,
                                      seed=i * 16 + j))
                 setattr(layer.get_submodule(parent), child, new)
+    if kind.startswith("native-"):  # q/k/v and gate/up as one matmul each
+        from llmc.api import fuse_siblings
+
+        fuse_siblings(model)
     return model.eval()
 
 
@@ -374,9 +415,10 @@ def write(results: dict, out_dir: Path, name: str) -> None:
         return f"{r[f'{key}_ms'] * 1e3:.1f} | {r[f'{key}_speedup']:.2f}"
 
     lines = [f"# Kernels on {results['device']}", "", results["protocol"], "",
-             "| K | N | M | group | fp16 µs | W4A16 µs | W4A16 x | 2:4 µs | 2:4 x | "
-             "2:4+W4 µs | 2:4+W4 x | semi-structured µs | semi x | eager fp16 / W4A16 µs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| K | N | M | group | fp16 µs | W4A16 µs | W4A16 x | native µs | native x | "
+             "2:4 µs | 2:4 x | 2:4+W4 µs | 2:4+W4 x | native 2:4+W4 µs | native 2:4+W4 x | "
+             "semi-structured µs | semi x | eager fp16 / W4A16 µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["matmuls"]:
         if "error" in r:
             lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {r['group']} | error: "
@@ -385,8 +427,9 @@ def write(results: dict, out_dir: Path, name: str) -> None:
         eager = (f"{r['fp16_eager_ms'] * 1e3:.1f} / {r['w4a16_eager_ms'] * 1e3:.1f}"
                  if "w4a16_eager_ms" in r else "")
         lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {r['group']} | "
-                     f"{r['fp16_ms'] * 1e3:.1f} | {cell(r, 'w4a16')} | {cell(r, 'sparse24')} | "
-                     f"{cell(r, 'sparse24w4')} | {cell(r, 'semi')} | {eager} |")
+                     f"{r['fp16_ms'] * 1e3:.1f} | {cell(r, 'w4a16')} | {cell(r, 'native')} | "
+                     f"{cell(r, 'sparse24')} | {cell(r, 'sparse24w4')} | "
+                     f"{cell(r, 'native24w4')} | {cell(r, 'semi')} | {eager} |")
     d = [r for r in results["decode"] if "tokens_per_s" in r]
     if d:
         lines += ["", "| decode (7B-shaped llama, fp16) | block weights GB | tokens/s | x dense "
@@ -420,9 +463,10 @@ def main() -> None:
                     help="Group sizes (2:4 rows come with the first)")
     ap.add_argument("--decode", nargs="*", default=DECODE_KINDS, choices=DECODE_KINDS,
                     help="Decode rows to run (default: all four)")
-    ap.add_argument("--compile", nargs="*", default=[], choices=DECODE_KINDS,
+    ap.add_argument("--compile", nargs="*", default=None, choices=DECODE_KINDS,
                     help="Decode rows to run again with torch.compile around the model's "
-                         "forward (compiling takes a minute or more each)")
+                         "forward (default: every --decode row on a GPU, none in a smoke run; "
+                         "compiling takes a minute or more each; --compile alone: none)")
     ap.add_argument("--checks", action="store_true",
                     help="Also run every tuner config against *_ref on small odd shapes")
     args = ap.parse_args()
@@ -462,6 +506,8 @@ def main() -> None:
         print(json.dumps(results["checks"]), flush=True)
         save()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    if args.compile is None:
+        args.compile = [] if args.smoke else args.decode
     matmuls(device, args.smoke, args.budget, results, save, shapes, args.ms, args.groups)
     if not args.no_decode:
         for kind, compiled in ([(k, False) for k in args.decode]

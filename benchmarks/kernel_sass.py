@@ -117,11 +117,13 @@ def jobs():
     from llmc.kernels.tune import Config
 
     cfg = Config({}, num_warps=4, num_stages=2)
-    for M, meta, tiles in ((1, False, 2), (16, False, 2), (16, False, 8), (1, True, 2)):
+    for M, meta, tiles in ((1, False, 2), (16, False, 2), (16, False, 8), (1, True, 2),
+                           (64, False, 4), (64, True, 4)):
         kt = K // (128 if meta else 64)
-        out.append((f"native layout decode{', 2:4 + INT4' if meta else ''}, {tiles} tiles",
+        phase = "decode" if M <= 16 else "prefill"
+        out.append((f"native layout {phase}{', 2:4 + INT4' if meta else ''}, {tiles} tiles",
                     nv._native_kernel,
-                    dict(GROUP=GROUP, BLOCK_M=M, TILES=tiles, PERM=False, META=meta),
+                    dict(GROUP=GROUP, BLOCK_M=max(M, 16), TILES=tiles, PERM=False, META=meta),
                     {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
                      "perm_ptr": "*i32", "m_ptr": "*i32", "out_ptr": "*fp16"}, cfg, M,
                     dict(M=M, N=N, K=K, KT=kt, NP=N, stride_xm=K, stride_om=N),

@@ -24,8 +24,9 @@ import table
 from llmc.methods.signround import PRESETS, SAMPLES
 
 
-def gptq(bits: int, group: int, dtype: str = "bfloat16", **extra) -> dict:
-    return {"steps": [{"method": "gptq", "args": {"bits": bits, "group_size": group, **extra}}],
+def gptq(bits: int, group_size: int, dtype: str = "bfloat16", **extra) -> dict:
+    return {"steps": [{"method": "gptq", "args": {"bits": bits, "group_size": group_size,
+                                                  **extra}}],
             "walker": {"dtype": dtype}}
 
 
@@ -55,6 +56,8 @@ def signround(bits: int, group: int, preset: str = "default", before: list | Non
 FP8 = {"bits": 8, "group_size": -1, "type": "float", "act_bits": 8, "act_type": "float"}
 W8A8 = {"bits": 8, "group_size": -1, "act_bits": 8, "act_type": "int"}
 NVFP4 = {"bits": 4, "group_size": 16, "type": "float"}
+MXFP4 = {"bits": 4, "group_size": 32, "type": "float"}
+FP4_ACTS = {"act_bits": 4, "act_type": "float"}  # NVFP4's; with act_strategy group, MXFP4's
 STATIC = {"act_strategy": "tensor", "act_dynamic": False}  # one calibrated scale per Linear
 
 
@@ -123,6 +126,13 @@ ROWS = {
     "autoround-w2g64": {"peer": "auto-round", "bits": 2, "group_size": 64, "iters": 200},
     "nvfp4-rtn": {"steps": [{"method": "rtn", "args": NVFP4}]},
     "nvfp4-gptq": {"steps": [{"method": "gptq", "args": NVFP4}], "walker": {"dtype": "bfloat16"}},
+    "nvfp4-w4a4-rtn": {"steps": [{"method": "rtn", "args": {**NVFP4, **FP4_ACTS}}]},
+    "nvfp4-w4a4-gptq": gptq(**NVFP4, **FP4_ACTS),
+    "mxfp4-rtn": {"steps": [{"method": "rtn", "args": MXFP4}]},
+    "mxfp4-gptq": gptq(**MXFP4),
+    "mxfp4-w4a4-rtn": {"steps": [{"method": "rtn", "args": {**MXFP4, **FP4_ACTS,
+                                                            "act_strategy": "group"}}]},
+    "mxfp4-w4a4-gptq": gptq(**MXFP4, **FP4_ACTS, act_strategy="group"),
     "fp8-dynamic": w8a8("rtn", FP8),
     "fp8-dynamic-gptq": w8a8("gptq", FP8),
     "w8a8-int8-rtn": w8a8("rtn", W8A8),
@@ -170,14 +180,16 @@ def _acts(r: dict) -> str:
     a = _step(r)["args"]
     if a.get("act_bits", 16) == 16:
         return ""
+    if a["act_bits"] == 4:
+        return "mxfp4" if a.get("act_strategy") == "group" else "nvfp4"
     static = "" if a.get("act_dynamic", True) else " static"
-    return f"{a['act_type']}{a['act_bits']} per {a['act_strategy']}{static}"
+    return f"{a['act_type']}{a['act_bits']} per {a.get('act_strategy', 'token')}{static}"
 
 
 def _weights(r: dict) -> str:
     a = _step(r)["args"]
     if a.get("type") == "float":
-        return "nvfp4" if a["bits"] == 4 else "fp8"
+        return ("mxfp4" if a["group_size"] == 32 else "nvfp4") if a["bits"] == 4 else "fp8"
     return f"int{a['bits']}"
 
 

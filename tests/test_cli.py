@@ -242,12 +242,14 @@ def test_quantize_nvfp4(model_dir, text_file, tmp_path):
 @pytest.mark.parametrize("args, fmt", [
     (["--scheme", "nvfp4-w4a4"], "nvfp4-pack-quantized"),
     (["--scheme", "mxfp4"], "mxfp4-pack-quantized"),
+    (["--scheme", "mxfp4-w4a4", "--method", "rtn"], "mxfp4-pack-quantized"),
     (["--scheme", "fp8-static", "--method", "rtn"], "float-quantized"),
     (["--group-size", "32", "--kv-cache", "fp8-head"], "pack-quantized"),
 ])
 def test_quantize_schemes_and_kv_cache(model_dir, text_file, tmp_path, args, fmt):
-    """The schemes that calibrate activation scales (W4A4's global scales, static FP8's) and
-    the KV cache's: streamed, written as compressed-tensors, read back and evaluated."""
+    """The schemes that calibrate activation scales (NVFP4 W4A4's global scales, static
+    FP8's), MXFP4 W4A4's (computed in the forward) and the KV cache's: streamed, written as
+    compressed-tensors, read back and evaluated."""
     out = tmp_path / "o"
     run("quantize", model_dir, *args, *calib_flags(text_file), "-o", out)
     q = json.loads((out / "config.json").read_text())["quantization_config"]

@@ -649,7 +649,8 @@ def load(path: str | Path, *, packed: bool = False, trust_remote_code: bool = Fa
     on CPU, each quantized Linear keeping its integer form; with ``packed``, as
     :class:`llmc.nn.QuantLinear` modules that keep the packed codes and call the kernels), any
     HF model directory or id, a GGUF file or a demo name. ``native_layout`` (with ``packed``)
-    also builds each 4-bit layer's kernel-native layout for decode (see docs/kernels.md; not
+    also builds each 4-bit layer's kernel-native layout and runs on it, the Linears of a block
+    that read the same input (q/k/v, gate/up) fused into one weight (see docs/kernels.md; not
     yet run on a GPU)."""
     from llmc.formats.checkpoint import is_llmc_checkpoint, read_model
 
@@ -666,6 +667,7 @@ def load(path: str | Path, *, packed: bool = False, trust_remote_code: bool = Fa
             if not use_native_layout(model):
                 raise ValueError(f"{p} has no 4-bit quantized layer to put in the native "
                                  "layout")
+            fuse_siblings(model)
         tok = None
         if (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file():
             tok = AutoTokenizer.from_pretrained(str(p))
@@ -674,6 +676,21 @@ def load(path: str | Path, *, packed: bool = False, trust_remote_code: bool = Fa
             model.llmc_recipe = Recipe.from_yaml(recipe_file)
         return model, tok
     return load_model(str(path), trust_remote_code=trust_remote_code)
+
+
+def fuse_siblings(model: nn.Module) -> int:
+    """:func:`llmc.nn.fuse_native` on every block's groups of Linears that read the same input
+    (the architecture's, as the walker finds them); none where its structure cannot be read."""
+    from llmc.nn import fuse_native
+
+    try:
+        adapter = get_adapter(model.config)
+    except ValueError as e:
+        log.info("native layout: Linears left unfused (%s)", e)
+        return 0
+    groups = [[f"{adapter.blocks}.{b}.{n}" for n in g]
+              for b in range(len(adapter.get_blocks(model))) for g in adapter.groups]
+    return fuse_native(model, groups)
 
 
 def read_report(path: str | Path) -> dict[str, Any]:

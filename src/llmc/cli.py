@@ -173,7 +173,7 @@ def cli() -> None:
               help="A named scheme: w4a16 (the --bits/--group-size default), w8a16, "
                    "nvfp4 (NVFP4 weights: E2M1 in groups of 16, E4M3 scales), nvfp4-w4a4 "
                    "(NVFP4 weights and activations), mxfp4 (E2M1 in groups of 32, "
-                   "power-of-two scales), "
+                   "power-of-two scales), mxfp4-w4a4 (MXFP4 weights and activations), "
                    "w8a8-int8 (INT8 weights per channel, INT8 activations per token), "
                    "fp8-dynamic (FP8 E4M3 weights per channel, FP8 activations per token), "
                    "w8a8-int8-static and fp8-static (one activation scale per Linear, "

@@ -114,29 +114,28 @@ class QuantLinear(nn.Module):
                               self.in_features)
 
     native = None  # a NativeInt4 once use_native_layout() ran (not in the state dict)
+    fused = None  # a _Fused group (with fused_index) once fuse_native() put it in one
 
     def use_native_layout(self) -> None:
         """Also keep the weight in the kernel-native layout (:mod:`llmc.kernels.native`, 4-bit
-        only): eager calls with at most 16 rows of x then run its decode kernel; larger M and
-        compiled calls keep the GPTQ-layout kernel, so both layouts stay in memory."""
+        only): calls then run on it (the decode kernel up to 16 rows of x, the prefill kernel
+        up to 256, the weight dequantized once for a dense matmul above; compiled, as one
+        custom op). The GPTQ-layout buffers stay: they are the state dict."""
         from llmc.kernels.native import from_quant_linear
 
-        w = from_quant_linear(self)
-        dev = self.qweight.device
-        for f in ("words", "scales", "zeros", "perm"):
-            t = getattr(w, f)
-            if t is not None:
-                setattr(w, f, t.to(dev))
-        self.native = w
+        self.native = from_quant_linear(self).to(self.qweight.device)
 
     def forward(self, x: Tensor) -> Tensor:
         """The kernel computes in the scales' dtype (fp16 by default) with fp32 accumulation;
         the ``*_ref`` path in fp32. The output has x's dtype."""
-        if self.native is not None and use_triton(x.device.type) and \
-                not torch.compiler.is_compiling() and x.numel() <= 16 * self.in_features:
+        if self.fused is not None and use_triton(x.device.type):
+            y = self.fused.output(self.fused_index, x, self.scales.dtype)
+        elif self.native is not None and use_triton(x.device.type):
             from llmc.kernels.native import native_matmul
 
-            y = native_matmul(x.to(self.scales.dtype), self.native)
+            xs = x.to(self.scales.dtype)
+            y = ops.native_op(xs, self.native) if torch.compiler.is_compiling() \
+                else native_matmul(xs, self.native)
         elif self.bits in KERNEL_BITS and use_triton(x.device.type):
             compiling = torch.compiler.is_compiling()  # then one opaque op per call
             trivial = self._trivial if compiling else self._check_groups()
@@ -358,6 +357,73 @@ class W8A8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"kind={self.kind}")
+
+
+class _Fused:
+    """Sibling 4-bit QuantLinears that read the same input (q/k/v, gate/up) as one native
+    weight, their rows concatenated: the first member called with an input computes every
+    member's output in one matmul, each member takes its rows, and once all have, the result
+    is let go. A member called with another input (or twice) computes the group again, so
+    the answer never depends on the call order."""
+
+    def __init__(self, members: list[QuantLinear]) -> None:
+        from llmc.kernels.native import repack_fused
+
+        parts = []
+        for m in members:
+            qw = m.quantized()
+            parts.append((qw.q.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu()))
+        first = members[0]
+        group = first.group_size if first.group_size > 0 else first.in_features
+        self.native = repack_fused(parts, group).to(first.qweight.device)
+        ends = [*self.native.splits[1:], self.native.out_features]
+        self.rows = list(zip(self.native.splits, ends))
+        self.everyone = (1 << len(members)) - 1
+        self.x: Tensor | None = None
+        self.y: Tensor | None = None
+        self.taken = 0
+
+    def output(self, i: int, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """Member ``i``'s output for input ``x`` (before its bias)."""
+        if self.x is not x or self.taken >> i & 1:
+            from llmc.kernels.native import native_matmul
+
+            xs = x.to(dtype)
+            self.y = ops.native_op(xs, self.native) if torch.compiler.is_compiling() \
+                else native_matmul(xs, self.native)
+            self.x, self.taken = x, 0
+        self.taken |= 1 << i
+        lo, hi = self.rows[i]
+        y = self.y[..., lo:hi]
+        if self.taken == self.everyone:
+            self.x = self.y = None
+        return y
+
+
+def fuse_native(model: nn.Module, groups: list[list[str]]) -> int:
+    """Run each group of sibling 4-bit QuantLinears (full module names; those that read the
+    same input, e.g. a block's q/k/v and gate/up) as one native matmul (:class:`_Fused`).
+    Groups of one, and groups whose members differ in input width, group size or column
+    order (act order), stay as they are. Returns how many groups were fused."""
+    n = 0
+    for names in groups:
+        try:
+            members = [model.get_submodule(name) for name in names]
+        except AttributeError:  # not in this model (a packed expert stack, say)
+            continue
+        if len(members) < 2 or not all(isinstance(m, QuantLinear) and m.bits == 4
+                                       for m in members):
+            continue
+        first = members[0]
+        if any(m.in_features != first.in_features or m.group_size != first.group_size
+               or not torch.equal(m.g_idx, first.g_idx) for m in members[1:]):
+            continue
+        fused = _Fused(members)
+        for i, m in enumerate(members):
+            m.fused, m.fused_index = fused, i
+            m.native = None  # the group's weight has its rows
+        n += 1
+    return n
 
 
 def use_native_layout(model: nn.Module) -> int:

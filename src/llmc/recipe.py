@@ -27,6 +27,8 @@ SCHEME_PRESETS: dict[str, dict[str, Any]] = {
     "mxfp4": {"bits": 4, "group_size": 32, "sym": True, "type": "float"},
     "nvfp4-w4a4": {"bits": 4, "group_size": 16, "sym": True, "type": "float", "act_bits": 4,
                    "act_type": "float"},
+    "mxfp4-w4a4": {"bits": 4, "group_size": 32, "sym": True, "type": "float", "act_bits": 4,
+                   "act_type": "float", "act_strategy": "group"},
     "fp8-dynamic": {"bits": 8, "group_size": -1, "sym": True, "type": "float", "act_bits": 8,
                     "act_type": "float"},
     # static: one activation scale per Linear, calibrated on the calibration windows

@@ -130,8 +130,11 @@ def test_a_rank_that_dies_ends_every_rank_and_another_number_of_ranks_resumes(
         src, runs, tmp_path, recipe, ranks, again):
     from llmc.engine.stream import partial_dir, read_state
 
+    scratch = tmp_path / "tmp"  # the dead rank's scratch directory stays behind, here
+    scratch.mkdir()
     proc = torchrun(ranks, str(WORKER), str(tmp_path), str(src), recipe, "--exact",
-                    "--die-at", "1", env={"LLMC_DIST_TIMEOUT": "60"}, timeout=180)
+                    "--die-at", "1", env={"LLMC_DIST_TIMEOUT": "60", "TMPDIR": str(scratch)},
+                    timeout=180)
     assert proc.returncode != 0
     assert not (tmp_path / recipe).exists()  # no output
     state = read_state(partial_dir(tmp_path / recipe))

@@ -287,9 +287,9 @@ def test_nvfp4_is_the_packages_layout(tmp_path):
 
 
 @has_ct
-@pytest.mark.parametrize("args", ["nvfp4", "nvfp4-w4a4", "mxfp4"])
+@pytest.mark.parametrize("args", ["nvfp4", "nvfp4-w4a4", "mxfp4", "mxfp4-w4a4"])
 def test_transformers_runs_fp4(tmp_path, args):
-    """transformers keeps NVFP4 / MXFP4 compressed and runs it in bfloat16 on the CPU (NVFP4
+    """transformers keeps NVFP4 / MXFP4 compressed and runs it in bfloat16 on the CPU (their
     activations too): its logits agree with llmc's bfloat16 model to that precision (within
     twice llmc's own bfloat16-to-float32 change)."""
     from transformers import AutoModelForCausalLM
@@ -416,6 +416,38 @@ def test_mxfp4_round_trip_is_bit_exact(tmp_path):
     assert "model.layers.0.mlp.up_proj.weight_global_scale" not in t
     back, _ = llmc.load(out)
     linears_equal(model, back)
+
+
+def test_mxfp4_w4a4_round_trip_is_bit_exact(tmp_path):
+    """MXFP4 weights and activations: the inputs' scales are computed in the forward (nothing
+    calibrated, nothing stored), the config group names them as the package's MXFP4 preset
+    does, and the model reads back with the same logits."""
+    from conftest import output_tensors
+
+    from llmc.core.act import ActScheme, detach
+    from llmc.recipe import SCHEME_PRESETS
+
+    model = compressed([{"method": "gptq", "args": SCHEME_PRESETS["mxfp4-w4a4"]}])
+    down = model.model.layers[0].mlp.down_proj
+    assert down.llmc_act == ActScheme("float", "group", True, 4)
+    out = llmc.save(model, tmp_path / "mx")
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["format"] == "mxfp4-pack-quantized"
+    acts = q["config_groups"]["group_0"]["input_activations"]
+    assert (acts["num_bits"], acts["type"], acts["strategy"], acts["dynamic"],
+            acts["group_size"], acts["scale_dtype"]) == (4, "float", "group", True, 32,
+                                                         "torch.uint8")
+    t = output_tensors(out)
+    assert not any(k.endswith(("input_scale", "input_global_scale")) for k in t)
+    back, _ = llmc.load(out)
+    linears_equal(model, back)
+    assert back.model.layers[1].self_attn.o_proj.llmc_act.is_mx
+    x = calib_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)
+        for m in back.modules():
+            detach(m)
+        assert not torch.equal(back(x).logits, model(x).logits)  # the inputs were quantized
 
 
 def test_fp8_block_scales(tmp_path):

@@ -80,9 +80,13 @@ def main() -> dict:
     from llmc.kernels.tune import Config
 
     nv_cfg = Config({}, num_warps=4, num_stages=2)
-    for perm, meta, dt in ((False, False, "fp16"), (True, False, "bf16"), (False, True, "fp16")):
-        jobs.append((f"native decode perm={perm} 2:4={meta} {dt}", nv._native_kernel,
-                     dict(GROUP=128, BLOCK_M=16, TILES=2, PERM=perm, META=meta),
+    for perm, meta, dt, bm in ((False, False, "fp16", 16), (True, False, "bf16", 16),
+                               (False, True, "fp16", 16), (False, False, "fp16", 64),
+                               (False, True, "bf16", 64)):
+        phase = "decode" if bm <= 16 else "prefill"
+        jobs.append((f"native {phase} perm={perm} 2:4={meta} {dt}", nv._native_kernel,
+                     dict(GROUP=128, BLOCK_M=bm, TILES=2 if bm <= 16 else 4, PERM=perm,
+                          META=meta),
                      {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
                       "perm_ptr": "*i32", "m_ptr": "*i32", "out_ptr": f"*{dt}"}, nv_cfg))
     failed = {}

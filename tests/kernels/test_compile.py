@@ -29,7 +29,7 @@ def test_every_kernel_compiles_for_sm90():
     if "skip" in result:
         pytest.skip(result["skip"])
     assert result["failed"] == {}
-    assert result["compiled"] >= 25  # 22 GPTQ-layout and 2:4 configs, 3 native
+    assert result["compiled"] >= 27  # 22 GPTQ-layout and 2:4 configs, 5 native
 
 
 def test_kernel_instruction_report_runs(tmp_path):
@@ -48,16 +48,18 @@ def test_kernel_instruction_report_runs(tmp_path):
     assert all(r["loop_instructions"] > 0 for r in rows)
     swapped = [r for r in rows if "swapped" in r["kernel"]]
     assert swapped and all(r["HGMMA"] > 0 for r in swapped)  # the weight tile feeds wgmma
-    # the native-layout decode kernel's K loop may not get heavier than measured (Triton
-    # 3.9, sm_90: 21.2, 20.1, 13.8 and 25.2 instructions per weight) by more than 10%
-    ceilings = {("native layout decode, 2 tiles", 1): 21.2, ("native layout decode, 2 tiles", 16):
+    # the native-layout kernel's K loop may not get heavier than measured (Triton 3.9, sm_90,
+    # instructions per weight) by more than 10%
+    ceilings = {("native layout decode, 2 tiles", 1): 20.1, ("native layout decode, 2 tiles", 16):
                 20.1, ("native layout decode, 8 tiles", 16): 13.8,
-                ("native layout decode, 2:4 + INT4, 2 tiles", 1): 25.2}
+                ("native layout decode, 2:4 + INT4, 2 tiles", 1): 20.6,
+                ("native layout prefill, 4 tiles", 64): 15.2,
+                ("native layout prefill, 2:4 + INT4, 4 tiles", 64): 15.8}
     native = {(r["kernel"], r["M"]): r["instructions_per_weight"] for r in rows
               if r["kernel"].startswith("native")}
     assert set(native) == set(ceilings)
     for key, ceiling in ceilings.items():
         assert native[key] <= 1.1 * ceiling, (key, native[key])
-    assert all(r["HMMA"] > 0 for r in rows if r["kernel"].startswith("native layout decode, "
-                                                                      "2 tiles"))
+    assert all(r["HMMA"] > 0 for r in rows if r["kernel"].startswith("native layout decode"))
+    assert all(r["HGMMA"] > 0 for r in rows if r["kernel"].startswith("native layout prefill"))
     assert (tmp_path / "kernel_sass.md").exists()

@@ -152,6 +152,43 @@ def test_triton_decode_kernel_matches_the_reference(monkeypatch, M, N, K, group_
     assert err <= tol * ref.float().abs().max().item()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="Triton is not installed (pip install triton)")
+@pytest.mark.parametrize("M,N,K,group_size,act_order,dtype", [
+    (17, 70, 128, 64, False, torch.float16),  # one tile-row of 64 programs' N left over
+    (40, 32, 192, 32, True, torch.bfloat16),  # groups narrower than a tile, act order
+    (100, 20, 100, 4, False, torch.float32)])  # K and N ragged, x in two programs of 64 rows
+def test_triton_prefill_kernel_matches_the_reference(monkeypatch, M, N, K, group_size,
+                                                     act_order, dtype):
+    from llmc.kernels._native_triton import config
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert config(M, 2) == (min(64, 1 << (M - 1).bit_length()), 4)
+    q, s, z, g_idx = _random(N, K, group_size, act_order, seed=M)
+    w = repack_native(q, s, z, g_idx, group_size)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = native_matmul(x, w)
+    ref = native_matmul_ref(x, w)
+    assert y.dtype == dtype and y.shape == (M, N)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}.get(dtype, 2e-3)
+    assert (y.float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
+
+
+def test_above_256_rows_the_weight_is_dequantized_once(monkeypatch):
+    """More than 256 rows of x: one dense matmul on the weight dequantized into x's dtype
+    (cuBLAS on a GPU), not the kernel."""
+    import llmc.kernels._native_triton as nt
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(nt, "launch", lambda *a, **k: pytest.fail("the kernel ran"))
+    q, s, z, g_idx = _random(24, 64, 32, seed=3)
+    w = repack_native(q, s, z, g_idx, 32)
+    x = torch.randn(2, 150, 64, generator=torch.Generator().manual_seed(4))
+    y = native_matmul(x, w)
+    assert y.shape == (2, 150, 24)
+    assert torch.equal(y, x @ dequantize_native(w).t())
+
+
 def _sparse24(N, K, group_size, seed=0):
     from llmc.core.masks import nm_keep
 
@@ -193,8 +230,10 @@ def test_24_refuses_dense_or_act_order_weights():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                     reason="Triton is not installed (pip install triton)")
-@pytest.mark.parametrize("M,N,K,group_size", [(1, 32, 256, 128), (7, 20, 96, 32)])
-def test_triton_decode_kernel_on_24(monkeypatch, M, N, K, group_size):
+@pytest.mark.parametrize("M,N,K,group_size", [(1, 32, 256, 128), (7, 20, 96, 32),
+                                               (24, 40, 256, 128), (33, 20, 160, 32)])
+def test_triton_kernel_on_24(monkeypatch, M, N, K, group_size):
+    """Decode (a reduction over x's rows) and prefill (each tile expanded for one MMA)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     W, qw = _sparse24(N, K, group_size, seed=M)
     w = repack_native_24(qw.q, W, qw.scales, qw.zeros, qw.g_idx, group_size)
@@ -241,7 +280,8 @@ def test_packed_load_in_the_native_layout(tmp_path, monkeypatch):
         llmc.load(out, native_layout=True)
     packed, _ = llmc.load(out, packed=True, native_layout=True)
     layers = [m for m in packed.modules() if isinstance(m, QuantLinear)]
-    assert len(layers) == 14 and all(m.native is not None for m in layers)
+    assert len(layers) == 14 and all(m.native is not None or m.fused is not None
+                                     for m in layers)
     calls = []
     import llmc.kernels.native as native
 
@@ -252,5 +292,67 @@ def test_packed_load_in_the_native_layout(tmp_path, monkeypatch):
     with torch.no_grad():
         got = packed(x).logits
         want = model(x).logits
-    assert len(calls) >= 14  # every layer went through the native path
+    assert len(calls) >= 8  # every layer went through the native path (q/k/v, gate/up fused)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="Triton is not installed (pip install triton)")
+def test_compiled_calls_run_on_the_native_layout_as_one_op(monkeypatch):
+    """``torch.compile(fullgraph=True)`` traces a QuantLinear with the native layout as one
+    custom op (``llmc::native_matmul``) and gives the eager result, decode and prefill."""
+    import llmc.kernels.native as native
+    from llmc.kernels import ops
+    from llmc.nn import QuantLinear
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(5))
+    ql = QuantLinear.from_quantized(rtn_codes(W, QuantScheme(4, 64, True)), torch.randn(48))
+    ql.use_native_layout()
+    calls = []
+    real = native.native_matmul
+    for where in (native, ops):  # eager calls, and the custom op's body
+        monkeypatch.setattr(where, "native_matmul", lambda *a: calls.append(1) or real(*a))
+    for M in (3, 40):
+        x = torch.randn(M, 128, generator=torch.Generator().manual_seed(M)).half()
+        eager = ql(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(ql, fullgraph=True, backend="eager")(x)
+        assert torch.equal(compiled, eager)
+    assert len(calls) == 4  # eager and compiled, twice: the GPTQ-layout kernel never ran
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="Triton is not installed (pip install triton)")
+def test_siblings_are_fused_at_load(tmp_path, monkeypatch):
+    """A native-layout load runs each block's q/k/v and gate/up as one matmul (4 per block
+    instead of 7), with the logits of the unfused layers, eager and compiled."""
+    from conftest import calib_ids, tiny_model
+
+    import llmc
+    import llmc.kernels.native as native
+    from llmc.kernels import ops
+
+    model, _ = llmc.compress(tiny_model("llama"), {"steps": [
+        {"method": "gptq", "args": {"bits": 4, "group_size": 32}}]}, calibration=calib_ids(),
+        progress=False)
+    out = llmc.save(model, tmp_path / "gptq")
+    fused, _ = llmc.load(out, packed=True, native_layout=True)
+    attn = fused.model.layers[0].self_attn
+    assert attn.q_proj.fused is attn.v_proj.fused is not None and attn.o_proj.fused is None
+    assert attn.q_proj.native is None and attn.o_proj.native is not None
+    assert fused.model.layers[1].mlp.up_proj.fused.native.splits == [0, 128]
+    calls = []
+    real = native.native_matmul
+    for where in (native, ops):
+        monkeypatch.setattr(where, "native_matmul", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = calib_ids(1, 4)
+    with torch.no_grad():
+        got = fused(x).logits
+        assert len(calls) == 8  # 2 blocks x (q/k/v, o, gate/up, down)
+        torch.testing.assert_close(got.float(), model(x).logits.float(), rtol=2e-2, atol=2e-2)
+        assert attn.q_proj.fused.y is None  # let go once every member took its rows
+        torch._dynamo.reset()
+        compiled = torch.compile(fused.model, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x).last_hidden_state, fused.model(x).last_hidden_state)

@@ -6,7 +6,9 @@ scale per token computed in the forward (``dynamic``, strategy ``token``) or one
 calibrated beforehand (static, strategy ``tensor``); or NVFP4 (4 bits, ``tensor_group``): E2M1
 values in groups of 16 along the input, each group's E4M3 scale computed in the forward
 (``dynamic="local"``) over a global scale ``448 * 6 / amax`` calibrated beforehand, the
-weights' NVFP4 recipe applied to the input. The scales follow vLLM's kernels, which
+weights' NVFP4 recipe applied to the input; or MXFP4 (4 bits, strategy ``group``, dynamic): E2M1
+values in groups of 32 along the input, each group's power-of-two (E8M0) scale computed in the
+forward, the weights' MXFP4 rule applied to the input. The scales follow vLLM's kernels, which
 are what serves these checkpoints: ``amax / 127`` for INT8 and ``amax / 448`` for FP8, per
 token row of the flattened input. (The compressed-tensors package's own CPU fake-quantization
 divides INT8 by 127.5, so transformers' logits on an INT8 W8A8 export differ from llmc's by
@@ -29,6 +31,7 @@ from llmc.core.scheme import (
     FP4_GROUP,
     FP4_MAX,
     FP8_MAX,
+    MX_GROUP,
     QuantScheme,
     qparams_from_range,
     quantize,
@@ -45,9 +48,11 @@ MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # vLLM's floor for a dynamic FP8 scale (all
 
 @dataclass(frozen=True)
 class ActScheme:
-    """8-bit activation quantization of a Linear's input: ``type`` int or float (E4M3),
-    ``strategy`` token (one scale per token, computed in the forward) or tensor (one scale,
-    calibrated when ``dynamic`` is False, or computed per call when True)."""
+    """Activation quantization of a Linear's input. 8 bits: ``type`` int or float (E4M3),
+    ``strategy`` token (one scale per token, computed in the forward), group (per token and
+    128 inputs) or tensor (one scale, calibrated when ``dynamic`` is False, or computed per
+    call when True). 4 bits, ``type`` float: NVFP4 (``tensor_group``, ``dynamic="local"``) or
+    MXFP4 (``group``, dynamic: groups of 32, power-of-two scales)."""
 
     type: str = "int"
     strategy: str = "token"
@@ -60,20 +65,21 @@ class ActScheme:
         if self.strategy not in ACT_STRATEGIES:
             raise ValueError(f"act_strategy: {self.strategy!r} is not one of "
                              f"{', '.join(ACT_STRATEGIES)}")
-        fp4 = (self.bits, self.type, self.strategy, self.dynamic) == (4, "float", "tensor_group",
-                                                                     LOCAL)
-        if self.bits == 4 and not fp4:
-            raise ValueError("4-bit activations are NVFP4: act_type float (groups of 16, local "
-                             "scales over a calibrated global scale)")
+        if self.bits == 4 and not (self.is_nvfp4 or self.is_mx):
+            raise ValueError("4-bit activations are act_type float, either NVFP4 (act_strategy "
+                             "tensor_group: groups of 16, local scales over a calibrated global "
+                             "scale) or MXFP4 (act_strategy group, dynamic: groups of 32, "
+                             "power-of-two scales)")
         if self.bits not in (4, 8):
             raise ValueError(f"act_bits: {self.bits} is not supported; activations are "
-                             "quantized to 8 bits, or 4 (NVFP4; 16 leaves them unquantized)")
-        if (self.strategy == "tensor_group" or self.dynamic == LOCAL) and not fp4:
+                             "quantized to 8 bits, or 4 (NVFP4 or MXFP4; 16 leaves them "
+                             "unquantized)")
+        if (self.strategy == "tensor_group" or self.dynamic == LOCAL) and not self.is_nvfp4:
             raise ValueError("act_strategy tensor_group (local dynamic scales) is NVFP4's: "
                              "act_bits 4, act_type float")
-        if self.strategy == "group" and (self.dynamic is not True or self.bits != 8):
-            raise ValueError("act_strategy group (a scale per token and 128 inputs) is "
-                             "dynamic, 8-bit")
+        if self.strategy == "group" and self.dynamic is not True:
+            raise ValueError("act_strategy group (a scale per token and 128 inputs; at 4 bits "
+                             "MXFP4's per 32) is dynamic: use act_dynamic true")
         if self.strategy == "token" and not self.dynamic:
             raise ValueError("per-token activation scales are computed in the forward: use "
                              "act_dynamic true, or act_strategy tensor for a static scale")
@@ -83,14 +89,23 @@ class ActScheme:
         return FP8_MAX if self.type == "float" else INT8_MAX
 
     @property
-    def is_fp4(self) -> bool:
-        return self.bits == 4
+    def is_nvfp4(self) -> bool:
+        """NVFP4: local group scales over a calibrated global scale."""
+        return (self.bits, self.type, self.strategy, self.dynamic) == (
+            4, "float", "tensor_group", LOCAL)
+
+    @property
+    def is_mx(self) -> bool:
+        """MXFP4: dynamic power-of-two scales per token and 32 inputs."""
+        return (self.bits, self.type, self.strategy, self.dynamic) == (4, "float", "group", True)
 
     @property
     def group_width(self) -> int | None:
         """Input columns per scale of a grouped scheme (which input widths must divide), None
         for per-token and per-tensor scales."""
-        return {"group": ACT_GROUP, "tensor_group": FP4_GROUP}.get(self.strategy)
+        if self.strategy == "group":
+            return MX_GROUP if self.bits == 4 else ACT_GROUP
+        return FP4_GROUP if self.strategy == "tensor_group" else None
 
     def check_width(self, K: int) -> None:
         if self.group_width and K % self.group_width:
@@ -99,12 +114,17 @@ class ActScheme:
 
     def to_ct(self) -> dict[str, Any]:
         """compressed-tensors ``input_activations`` arguments."""
-        if self.is_fp4:
+        if self.is_nvfp4:
             return {"num_bits": 4, "type": "float", "symmetric": True,
                     "strategy": "tensor_group", "dynamic": LOCAL, "group_size": FP4_GROUP,
                     "observer": "static_minmax", "observer_kwargs": {},
                     "scale_dtype": "torch.float8_e4m3fn", "block_structure": None,
                     "actorder": None}
+        if self.is_mx:  # compressed-tensors' MXFP4 preset
+            return {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group",
+                    "dynamic": True, "group_size": MX_GROUP, "observer": None,
+                    "observer_kwargs": {}, "scale_dtype": "torch.uint8",
+                    "zp_dtype": "torch.uint8", "block_structure": None, "actorder": None}
         return {"num_bits": self.bits, "type": self.type, "symmetric": True,
                 "strategy": self.strategy, "dynamic": self.dynamic,
                 "group_size": ACT_GROUP if self.strategy == "group" else None,
@@ -116,16 +136,22 @@ class ActScheme:
         if not args.get("symmetric", True):
             raise ValueError("asymmetric activation quantization is not supported")
         dynamic = args.get("dynamic", True)
-        return cls(type=args.get("type", "int"), strategy=args.get("strategy", "token"),
-                   dynamic=dynamic if dynamic == LOCAL else bool(dynamic),
-                   bits=int(args.get("num_bits", 8)))
+        scheme = cls(type=args.get("type", "int"), strategy=args.get("strategy", "token"),
+                     dynamic=dynamic if dynamic == LOCAL else bool(dynamic),
+                     bits=int(args.get("num_bits", 8)))
+        width = args.get("group_size")
+        if scheme.group_width is not None and width not in (None, scheme.group_width):
+            raise ValueError(f"input_activations: {scheme.bits}-bit {scheme.strategy} scales "
+                             f"over {width} inputs are not supported; llmc reads groups of "
+                             f"{scheme.group_width}")
+        return scheme
 
 
 def static_scale(amax: Tensor, scheme: ActScheme) -> Tensor:
     """A static per-tensor scale [1] (float32) from the calibrated ``max |x|``; for NVFP4 the
     global scale ``448 * 6 / amax`` (the checkpoint's ``input_global_scale``)."""
     a = amax.detach().float().reshape(1).cpu()
-    if scheme.is_fp4:
+    if scheme.is_nvfp4:
         return torch.where(a > 0, FP8_MAX * FP4_MAX / a, torch.ones_like(a))
     return (a / scheme.qmax).clamp(min=MIN_SCALE)
 
@@ -148,8 +174,13 @@ def act_scale(x: Tensor, scheme: ActScheme) -> Tensor:
 def fake_quantize_act(x: Tensor, scheme: ActScheme, scale: Tensor | None = None) -> Tensor:
     """``x`` quantized and dequantized on ``scheme`` (``scale`` given for a static scheme),
     in ``x``'s dtype."""
-    if scheme.is_fp4:
-        return _fake_fp4(x, float(scale.reshape(-1)[0]))
+    if scheme.bits == 4:
+        scheme.check_width(x.shape[-1])
+    if scheme.is_nvfp4:
+        return _fake_fp4(x, QuantScheme(4, FP4_GROUP, True, "float",
+                                        global_scale=float(scale.reshape(-1)[0])))
+    if scheme.is_mx:
+        return _fake_fp4(x, QuantScheme(4, MX_GROUP, True, "float"))
     if scheme.strategy == "group":
         K = x.shape[-1]
         scheme.check_width(K)
@@ -164,13 +195,12 @@ def fake_quantize_act(x: Tensor, scheme: ActScheme, scale: Tensor | None = None)
     return (y * s).to(x.dtype)
 
 
-def _fake_fp4(x: Tensor, global_scale: float) -> Tensor:
-    """``x`` [..., K] on NVFP4 in groups of 16 along K (the weights' grid and scales)."""
-    K = x.shape[-1]
-    ActScheme("float", "tensor_group", LOCAL, 4).check_width(K)
-    g = x.float().unflatten(-1, (K // FP4_GROUP, FP4_GROUP))
+def _fake_fp4(x: Tensor, scheme: QuantScheme) -> Tensor:
+    """``x`` [..., K] on the E2M1 grid in groups along K, with the weights' group scales of
+    ``scheme`` (NVFP4 with its global scale, or MXFP4)."""
+    K, width = x.shape[-1], scheme.group_size
+    g = x.float().unflatten(-1, (K // width, width))
     amax = g.abs().amax(dim=-1, keepdim=True)
-    scheme = QuantScheme(4, FP4_GROUP, True, "float", global_scale=global_scale)
     scale, zero = qparams_from_range(-amax, amax, scheme)
     return (quantize(g, scale, zero, scheme) * scale).flatten(-2).to(x.dtype)
 

@@ -56,19 +56,17 @@ FP4_GROUP = 16  # NVFP4's group width
 MX_GROUP = 32  # MXFP4's group width
 WEIGHT_TYPES = ("int", "float")
 FP4_LEVELS = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # E2M1's magnitudes
-_FP4_MIDPOINTS = (FP4_LEVELS[1:] + FP4_LEVELS[:-1]) / 2
 
 
 def round_fp4(x: Tensor) -> Tensor:
     """``x`` (float32, already within [-6, 6]) rounded to the nearest E2M1 value; a tie goes to
     the value with the even mantissa (0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 5 -> 4)."""
+    # E2M1's spacing is 0.5 below 2, 1 below 4 and 2 up to 6: half the power of two at or
+    # below |x| (its float32 exponent bits), clamped to [1, 4]. |x| / step is then rounded
+    # half-to-even, which is the even mantissa, and scaled back; all of it exact.
     a = x.abs()
-    mids = _FP4_MIDPOINTS.to(x.device)
-    idx = torch.bucketize(a, mids, right=False)  # a == midpoint: the lower level
-    levels = FP4_LEVELS.to(x.device)
-    up = torch.isin(a, mids[[1, 3, 5]])  # ties whose even neighbour is the upper one: 0.75...
-    idx = torch.where(up, idx + 1, idx)
-    return torch.copysign(levels[idx], x)
+    step = (a.view(torch.int32) & 0x7F800000).view(torch.float32).clamp_(1.0, 4.0).mul_(0.5)
+    return torch.copysign(_round_half_even_(a.div_(step)).mul_(step), x)
 
 
 @dataclass(frozen=True)
@@ -195,7 +193,8 @@ class ClipSearch:
 class QuantArgs:
     """Recipe arguments shared by the quantizers: the weight scheme, the clipping search, and
     the activation scheme (``act_bits`` 8 quantizes each targeted Linear's input in the forward,
-    see :mod:`llmc.core.act`; 16 leaves activations alone)."""
+    4 with ``act_type`` float on NVFP4, or MXFP4 with ``act_strategy`` group, see
+    :mod:`llmc.core.act`; 16 leaves activations alone)."""
 
     bits: int = 4
     group_size: int = 128
@@ -228,9 +227,16 @@ class QuantArgs:
 
         if self.act_bits == 16:
             return None
-        if self.act_bits == 4:  # NVFP4: its strategy and scales are the format's
+        if self.act_bits == 4:  # NVFP4 or MXFP4: their scales are the format's
             if self.act_type != "float":
-                raise ValueError("act_bits 4: activations are NVFP4; use act_type float")
+                raise ValueError("act_bits 4: activations are NVFP4 or MXFP4; use act_type "
+                                 "float")
+            if self.act_strategy == "group":  # MXFP4: dynamic power-of-two scales per 32
+                return ActScheme("float", "group", True, 4)
+            if self.act_strategy not in ("token", "tensor_group"):
+                raise ValueError(f"act_bits 4: act_strategy {self.act_strategy!r} is neither "
+                                 "NVFP4's (tensor_group, the default at 4 bits) nor MXFP4's "
+                                 "(group)")
             return ActScheme("float", "tensor_group", "local", 4)
         return ActScheme(self.act_type, self.act_strategy, self.act_dynamic, self.act_bits)
 

@@ -200,7 +200,7 @@ def read_model(path: Path, packed: bool = False, progress: bool = False) -> nn.M
         if act is not None:  # a static scheme's calibrated scale is the checkpoint's
             scale = tensors.pop(f"{prefix}.input_scale", None)
             glob = tensors.pop(f"{prefix}.input_global_scale", None)
-            act_quant.attach(module, act, glob if act.is_fp4 else scale)
+            act_quant.attach(module, act, glob if act.is_nvfp4 else scale)
         if bias is not None:
             module.bias.data = bias.float()
     missing, unexpected = model.load_state_dict(

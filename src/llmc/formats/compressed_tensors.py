@@ -401,7 +401,7 @@ class CTWriter(StatelessWriter):
         if act is not None and act.dynamic is not True:
             if act_scale is None:
                 raise ValueError(f"{name}: its static activation scale was never calibrated")
-            key = "input_global_scale" if act.is_fp4 else "input_scale"
+            key = "input_global_scale" if act.is_nvfp4 else "input_scale"
             out[f"{name}.{key}"] = act_scale.detach().float().reshape(1).cpu()
         return out
 

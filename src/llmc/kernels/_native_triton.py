@@ -5,9 +5,13 @@ no split-K, so no memset and no atomics. Each 16 x 64 tile's 128 words are read 
 fragment's elements: element ``e`` of row ``R`` is lane ``4 (R % 8) + t``, word ``s``, fragment
 slot ``j = 4 jh + 2 (R // 8) + jl`` (``e = ((t * 4 + s) * 2 + jh) * 2 + jl``), column
 ``16 s + 8 jh + 2 t + jl``; x is read at those columns, so no reordering of the weights is
-ever done. A 2:4 weight's tile covers 128 inputs: its 64 columns are the kept slots, each
-read at input ``4 (col // 2) + position``. Codes become fp16 by the bit trick
-(``code | 0x6400`` is ``1024 + code``).
+ever done. A 2:4 weight's tile covers 128 inputs: its 64 columns are the kept slots, read in
+slot order (element ``c`` is column ``c``); each kept value is put at its input
+``4 (c // 2) + position`` inside the tile's 128, and one MMA takes x's 128 inputs. Codes
+become fp16 by the bit trick (``code | 0x6400`` is ``1024 + code``).
+
+Prefill (more than 16 rows of x) runs the same kernel with ``BLOCK_M`` up to 64 and 4 tiles
+per program.
 """
 
 from __future__ import annotations
@@ -32,9 +36,14 @@ def _native_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, m_ptr, out_ptr, M, N, K
     tile = pid_n * TILES + rt // 16
     R = rt % 16
     e = tl.arange(0, 64)
-    t = e // 16
-    s = (e // 4) % 4
-    jh = (e // 2) % 2
+    if META:  # slot order: element c is column c (c = 16 s + 8 jh + 2 t + jl)
+        t = (e // 2) % 4
+        s = e // 16
+        jh = (e // 8) % 2
+    else:
+        t = e // 16
+        s = (e // 4) % 4
+        jh = (e // 2) % 2
     jl = e % 2
     lane = 4 * (R[:, None] % 8) + t[None, :]
     word_off = lane * 4 + s[None, :]  # [rows, 64] inside a tile's 128 words
@@ -55,17 +64,38 @@ def _native_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, m_ptr, out_ptr, M, N, K
             mw = tl.load(m_ptr + (tile[:, None] * KT + kt) * 64 + lane * 2 + s[None, :] // 2,
                          mask=n_ok[:, None], other=0)
             pos = (mw >> (16 * (s[None, :] % 2) + shift // 2)) & 3
-            base = kt * 128 + 4 * (col // 2)
-            k = base + pos  # [rows, 64]: x differs per row, so a reduction, not an MMA
-            k_ok = k < K
-            ok = n_ok[:, None] & k_ok
-            g = base // GROUP
-            sc = tl.load(s_ptr + g * NP + srow[:, None], mask=ok, other=0.0)
-            zp = tl.load(z_ptr + g * NP + srow[:, None], mask=ok, other=0)
-            w = (w16.to(tl.float32) - zp.to(tl.float32)) * sc.to(tl.float32)
-            xv = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + k[None, :, :],
-                         mask=m_ok[:, None, None] & k_ok[None, :, :], other=0.0)
-            acc += tl.sum(xv.to(tl.float32) * w[None, :, :], axis=2)
+            # the tile's kept values at their inputs: [rows, 128], then one MMA
+            k2 = kt * 128 + tl.arange(0, 128)
+            k2_ok = k2 < K
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + k2[None, :],
+                         mask=m_ok[:, None] & k2_ok[None, :], other=0.0)
+            if GROUP % 128 == 0:  # one group per tile: q - z (exact) and scales after
+                g0 = (kt * 128) // GROUP
+                sc = tl.load(s_ptr + g0 * NP + srow, mask=n_ok, other=0.0)
+                zp = tl.load(z_ptr + g0 * NP + srow, mask=n_ok, other=0)
+                wv = (w16 - zp[:, None].to(tl.float16)).to(xv.dtype)
+            else:
+                kb = kt * 128 + 4 * (col // 2)  # the first input of the slot's four
+                ok = n_ok[:, None] & (kb < K)
+                sc = tl.load(s_ptr + (kb // GROUP) * NP + srow[:, None], mask=ok, other=0.0)
+                zp = tl.load(z_ptr + (kb // GROUP) * NP + srow[:, None], mask=ok, other=0)
+                wv = ((w16.to(tl.float32) - zp.to(tl.float32)) * sc.to(tl.float32)).to(xv.dtype)
+            # slots 2q and 2q + 1 hold group q's two kept values, at distinct positions
+            wa, wb = tl.split(tl.reshape(wv, (16 * TILES, 32, 2)))
+            pa, pb = tl.split(tl.reshape(pos, (16 * TILES, 32, 2)))
+            zero = tl.zeros_like(wa)
+            d0 = tl.where(pa == 0, wa, zero) + tl.where(pb == 0, wb, zero)
+            d1 = tl.where(pa == 1, wa, zero) + tl.where(pb == 1, wb, zero)
+            d2 = tl.where(pa == 2, wa, zero) + tl.where(pb == 2, wb, zero)
+            d3 = tl.where(pa == 3, wa, zero) + tl.where(pb == 3, wb, zero)
+            # tl.join stacks on a new last dim: join(join(d0, d2), join(d1, d3))[r, q, a, b]
+            # is d(2a + b), so each row reads d0 d1 d2 d3, the group's four inputs, in order
+            dense = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (16 * TILES, 128))
+            part = tl.dot(xv, tl.trans(dense), input_precision="ieee")
+            if GROUP % 128 == 0:
+                acc += part * sc[None, :].to(tl.float32)
+            else:
+                acc += part
         else:  # a column depends on the element alone: x [BLOCK_M, 64] and one MMA
             k1 = kt * 64 + col1
             k1_ok = k1 < K
@@ -95,14 +125,26 @@ def _native_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, m_ptr, out_ptr, M, N, K
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+DECODE_M = 16  # rows of x up to which the decode configuration runs
+PREFILL_TILES = 4  # 16-row tiles of W per program in prefill
+
+
+def config(M: int, tiles: int) -> tuple[int, int]:
+    """``(BLOCK_M, TILES)`` for ``M`` rows of x: decode up to 16 rows (16 rows per program,
+    ``tiles`` tiles), prefill above (up to 64 rows and 4 tiles per program)."""
+    if M <= DECODE_M:
+        return DECODE_M, tiles
+    return min(64, triton.next_power_of_2(M)), PREFILL_TILES
+
+
 def launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, perm: Tensor | None,
            N: int, K: int, group_size: int, tiles: int = 2, meta: Tensor | None = None) -> Tensor:
     """``x`` [M, K] (contiguous rows) times the native weight: [M, N] in ``x``'s dtype
-    (``meta``: a 2:4 weight's positions)."""
+    (``meta``: a 2:4 weight's positions); ``tiles`` per program in decode."""
     M = x.shape[0]
     NT, KT = words.shape[:2]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    block_m = 16 if meta is None else max(1, min(16, triton.next_power_of_2(M)))  # tl.dot
+    block_m, tiles = config(M, tiles)
     grid = (triton.cdiv(NT, tiles), triton.cdiv(M, block_m))
     _native_kernel[grid](x, words, scales, zeros, perm if perm is not None else words,
                          meta if meta is not None else words, out,

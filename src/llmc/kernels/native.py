@@ -33,6 +33,7 @@ each output begins.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,15 @@ class NativeInt4:
     @property
     def bits(self) -> int:
         return 4
+
+    def to(self, device: torch.device | str) -> NativeInt4:
+        """The same weight with its tensors on ``device``."""
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(self, words=self.words.to(device),
+                                   scales=self.scales.to(device), zeros=self.zeros.to(device),
+                                   perm=move(self.perm), meta=move(self.meta))
 
 
 def _pad_to(x: Tensor, dim: int, multiple: int) -> Tensor:
@@ -243,18 +253,27 @@ def native_matmul_ref(x: Tensor, w: NativeInt4) -> Tensor:
     return (x.float() @ dequantize_native(w).t()).to(x.dtype)
 
 
+PREFILL_MAX = 256  # rows of x up to which the native kernel runs; above, a dense matmul
+
+
 def native_matmul(x: Tensor, w: NativeInt4, tiles: int = 2) -> Tensor:
-    """``x [..., K] @ W^T -> [..., N]`` on the native layout: the Triton decode kernel on CUDA
-    (or under ``TRITON_INTERPRET=1``), else :func:`native_matmul_ref`. Decode-sized M is what
-    it is for; ``tiles`` 16-row tiles of W per program."""
+    """``x [..., K] @ W^T -> [..., N]`` on the native layout: on CUDA (or under
+    ``TRITON_INTERPRET=1``) the Triton kernel for up to 256 rows of x (decode up to 16, with
+    ``tiles`` 16-row tiles of W per program; prefill above), and above 256 rows the weight
+    dequantized once into x's dtype for a dense (cuBLAS) matmul; elsewhere
+    :func:`native_matmul_ref`."""
     if x.shape[-1] != w.in_features:
         raise ValueError(f"x has {x.shape[-1]} features; the weight takes {w.in_features}")
     if not use_triton(x.device.type):
         return native_matmul_ref(x, w)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.in_features)
+    if x2.shape[0] > PREFILL_MAX:
+        out = x2 @ dequantize_native(w).to(x.dtype).t()
+        return out.reshape(*lead, w.out_features)
     from llmc.kernels._native_triton import launch
 
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.in_features).contiguous()
+    x2 = x2.contiguous()
     out = launch(x2, w.words, w.scales, w.zeros, w.perm, w.out_features, w.in_features,
                  w.group_size, tiles=tiles, meta=w.meta)
     return out.reshape(*lead, w.out_features)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from llmc.kernels.native import NativeInt4, native_matmul
 from llmc.kernels.sparse24 import sparse24_matmul, sparse24_quant_matmul
 from llmc.kernels.wq_matmul import wq_matmul
 
@@ -46,3 +47,23 @@ def sparse24_quant_matmul_op(x: Tensor, qvalues: Tensor, meta: Tensor, scales: T
 @sparse24_quant_matmul_op.register_fake
 def _(x, qvalues, meta, scales, qzeros, group_size):
     return x.new_empty(*x.shape[:-1], meta.shape[1])
+
+
+@torch.library.custom_op("llmc::native_matmul", mutates_args=())
+def native_matmul_op(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor,
+                     perm: Tensor | None, meta: Tensor | None, out_features: int,
+                     in_features: int, group_size: int) -> Tensor:
+    """:func:`llmc.kernels.native.native_matmul` on a :class:`NativeInt4`'s fields."""
+    return native_matmul(x, NativeInt4(words, scales, zeros, perm, out_features, in_features,
+                                       group_size, meta=meta))
+
+
+@native_matmul_op.register_fake
+def _(x, words, scales, zeros, perm, meta, out_features, in_features, group_size):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def native_op(x: Tensor, w: NativeInt4) -> Tensor:
+    """:func:`native_matmul_op` on ``w``."""
+    return native_matmul_op(x, w.words, w.scales, w.zeros, w.perm, w.meta, w.out_features,
+                            w.in_features, w.group_size)
