@@ -133,6 +133,11 @@ ROWS = {
     "mxfp4-w4a4-rtn": {"steps": [{"method": "rtn", "args": {**MXFP4, **FP4_ACTS,
                                                             "act_strategy": "group"}}]},
     "mxfp4-w4a4-gptq": gptq(**MXFP4, **FP4_ACTS, act_strategy="group"),
+    # SmoothQuant's scales before 4-bit activations (bf16 walk, as the GPTQ rows)
+    "nvfp4-w4a4-sq0.5-gptq": {**w8a8("gptq", {**NVFP4, **FP4_ACTS}, smooth=0.5),
+                              "walker": {"dtype": "bfloat16"}},
+    "mxfp4-w4a4-sq0.5-gptq": {**w8a8("gptq", {**MXFP4, **FP4_ACTS, "act_strategy": "group"},
+                                     smooth=0.5), "walker": {"dtype": "bfloat16"}},
     "fp8-dynamic": w8a8("rtn", FP8),
     "fp8-dynamic-gptq": w8a8("gptq", FP8),
     "w8a8-int8-rtn": w8a8("rtn", W8A8),
