@@ -98,16 +98,14 @@ def no_matmul(K: int, N: int):
 
 
 def random_module(kind: str, K: int, N: int, device, group: int = 128, seed: int = 0):
-    """A random packed module of ``kind`` (w4 / 2:4 / 2:4+w4, ``native-``: a w4 QuantLinear
-    that also holds the kernel-native layout and runs on it) with fp16 scales/values."""
+    """A random packed module of ``kind`` (w4 / 2:4 / 2:4+w4; ``native-w4...``: the w4
+    QuantLinear, which :func:`llama` then puts in the kernel-native layout) with fp16
+    scales/values."""
     import torch
 
     from llmc.nn import QuantLinear, SparseLinear, SparseQuantLinear
 
-    if kind.startswith("native-"):
-        m = random_module(kind.removeprefix("native-"), K, N, device, group, seed)
-        m.use_native_layout()
-        return m
+    kind = kind.removeprefix("native-")
     g = torch.Generator(device=device).manual_seed(seed)
     if kind.startswith("w4"):
         m = QuantLinear(K, N, 4, group, True, dtype=torch.float16, device=device)
@@ -331,10 +329,12 @@ def llama(device, smoke: bool, kind: str):
                        random_module(kind, lin.in_features, lin.out_features, device,
                                      seed=i * 16 + j))
                 setattr(layer.get_submodule(parent), child, new)
-    if kind.startswith("native-"):  # q/k/v and gate/up as one matmul each
+    if kind.startswith("native-"):  # q/k/v and gate/up as one matmul each, the rest alone
         from llmc.api import fuse_siblings
+        from llmc.nn import use_native_layout
 
         fuse_siblings(model)
+        use_native_layout(model)
     return model.eval()
 
 

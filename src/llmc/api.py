@@ -664,10 +664,10 @@ def load(path: str | Path, *, packed: bool = False, trust_remote_code: bool = Fa
         if native_layout:
             from llmc.nn import use_native_layout
 
+            fuse_siblings(model)  # first: the fused members need no layout of their own
             if not use_native_layout(model):
                 raise ValueError(f"{p} has no 4-bit quantized layer to put in the native "
                                  "layout")
-            fuse_siblings(model)
         tok = None
         if (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file():
             tok = AutoTokenizer.from_pretrained(str(p))

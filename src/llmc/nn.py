@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from llmc.core.pack import pack_cols, pack_rows, packed_len, unpack_cols, unpack_rows
 from llmc.core.scheme import QuantizedWeight, QuantScheme
 from llmc.kernels import ops, use_triton
+from llmc.kernels.native import NativeInt4
 from llmc.kernels.sparse24 import (
     compress_24,
     compress_24_codes,
@@ -123,7 +124,7 @@ class QuantLinear(nn.Module):
         custom op). The GPTQ-layout buffers stay: they are the state dict."""
         from llmc.kernels.native import from_quant_linear
 
-        self.native = from_quant_linear(self).to(self.qweight.device)
+        self.native = from_quant_linear(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """The kernel computes in the scales' dtype (fp16 by default) with fp32 accumulation;
@@ -131,11 +132,7 @@ class QuantLinear(nn.Module):
         if self.fused is not None and use_triton(x.device.type):
             y = self.fused.output(self.fused_index, x, self.scales.dtype)
         elif self.native is not None and use_triton(x.device.type):
-            from llmc.kernels.native import native_matmul
-
-            xs = x.to(self.scales.dtype)
-            y = ops.native_op(xs, self.native) if torch.compiler.is_compiling() \
-                else native_matmul(xs, self.native)
+            y = _native_call(x.to(self.scales.dtype), self.native)
         elif self.bits in KERNEL_BITS and use_triton(x.device.type):
             compiling = torch.compiler.is_compiling()  # then one opaque op per call
             trivial = self._trivial if compiling else self._check_groups()
@@ -359,6 +356,15 @@ class W8A8Linear(nn.Module):
                 f"kind={self.kind}")
 
 
+def _native_call(x: Tensor, w: NativeInt4) -> Tensor:
+    """``x @ W^T`` on a native weight: one custom op while compiling, the function else."""
+    if torch.compiler.is_compiling():
+        return ops.native_op(x, w)
+    from llmc.kernels.native import native_matmul
+
+    return native_matmul(x, w)
+
+
 class _Fused:
     """Sibling 4-bit QuantLinears that read the same input (q/k/v, gate/up) as one native
     weight, their rows concatenated: the first member called with an input computes every
@@ -367,15 +373,9 @@ class _Fused:
     the answer never depends on the call order."""
 
     def __init__(self, members: list[QuantLinear]) -> None:
-        from llmc.kernels.native import repack_fused
+        from llmc.kernels.native import from_quant_linears
 
-        parts = []
-        for m in members:
-            qw = m.quantized()
-            parts.append((qw.q.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu()))
-        first = members[0]
-        group = first.group_size if first.group_size > 0 else first.in_features
-        self.native = repack_fused(parts, group).to(first.qweight.device)
+        self.native = from_quant_linears(members)
         ends = [*self.native.splits[1:], self.native.out_features]
         self.rows = list(zip(self.native.splits, ends))
         self.everyone = (1 << len(members)) - 1
@@ -386,11 +386,7 @@ class _Fused:
     def output(self, i: int, x: Tensor, dtype: torch.dtype) -> Tensor:
         """Member ``i``'s output for input ``x`` (before its bias)."""
         if self.x is not x or self.taken >> i & 1:
-            from llmc.kernels.native import native_matmul
-
-            xs = x.to(dtype)
-            self.y = ops.native_op(xs, self.native) if torch.compiler.is_compiling() \
-                else native_matmul(xs, self.native)
+            self.y = _native_call(x.to(dtype), self.native)
             self.x, self.taken = x, 0
         self.taken |= 1 << i
         lo, hi = self.rows[i]
@@ -427,11 +423,13 @@ def fuse_native(model: nn.Module, groups: list[list[str]]) -> int:
 
 
 def use_native_layout(model: nn.Module) -> int:
-    """:meth:`QuantLinear.use_native_layout` on every 4-bit QuantLinear of ``model``; returns
-    how many."""
+    """:meth:`QuantLinear.use_native_layout` on every 4-bit QuantLinear of ``model`` that no
+    fused group (:func:`fuse_native`) holds already; returns how many run on the native
+    layout, fused ones included."""
     n = 0
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.bits == 4:
-            m.use_native_layout()
+            if m.fused is None:
+                m.use_native_layout()
             n += 1
     return n

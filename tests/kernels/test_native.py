@@ -23,6 +23,22 @@ from llmc.kernels.native import (
 from llmc.kernels.wq_matmul import wq_matmul_ref
 
 
+def _count_native_calls(monkeypatch) -> list:
+    """A list that grows by one at each native_matmul call, eager or inside the custom op."""
+    import llmc.kernels.native as native
+    from llmc.kernels import ops
+
+    calls, real = [], native.native_matmul
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    for where in (native, ops):
+        monkeypatch.setattr(where, "native_matmul", counted)
+    return calls
+
+
 def _random(N, K, group_size, act_order=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     G = -(-K // group_size)
@@ -282,11 +298,7 @@ def test_packed_load_in_the_native_layout(tmp_path, monkeypatch):
     layers = [m for m in packed.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 14 and all(m.native is not None or m.fused is not None
                                      for m in layers)
-    calls = []
-    import llmc.kernels.native as native
-
-    real = native.native_matmul
-    monkeypatch.setattr(native, "native_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_native_calls(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the decode kernel on the CPU
     x = calib_ids(1, 4)
     with torch.no_grad():
@@ -301,18 +313,13 @@ def test_packed_load_in_the_native_layout(tmp_path, monkeypatch):
 def test_compiled_calls_run_on_the_native_layout_as_one_op(monkeypatch):
     """``torch.compile(fullgraph=True)`` traces a QuantLinear with the native layout as one
     custom op (``llmc::native_matmul``) and gives the eager result, decode and prefill."""
-    import llmc.kernels.native as native
-    from llmc.kernels import ops
     from llmc.nn import QuantLinear
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     W = torch.randn(48, 128, generator=torch.Generator().manual_seed(5))
     ql = QuantLinear.from_quantized(rtn_codes(W, QuantScheme(4, 64, True)), torch.randn(48))
     ql.use_native_layout()
-    calls = []
-    real = native.native_matmul
-    for where in (native, ops):  # eager calls, and the custom op's body
-        monkeypatch.setattr(where, "native_matmul", lambda *a: calls.append(1) or real(*a))
+    calls = _count_native_calls(monkeypatch)
     for M in (3, 40):
         x = torch.randn(M, 128, generator=torch.Generator().manual_seed(M)).half()
         eager = ql(x)
@@ -330,8 +337,6 @@ def test_siblings_are_fused_at_load(tmp_path, monkeypatch):
     from conftest import calib_ids, tiny_model
 
     import llmc
-    import llmc.kernels.native as native
-    from llmc.kernels import ops
 
     model, _ = llmc.compress(tiny_model("llama"), {"steps": [
         {"method": "gptq", "args": {"bits": 4, "group_size": 32}}]}, calibration=calib_ids(),
@@ -342,10 +347,7 @@ def test_siblings_are_fused_at_load(tmp_path, monkeypatch):
     assert attn.q_proj.fused is attn.v_proj.fused is not None and attn.o_proj.fused is None
     assert attn.q_proj.native is None and attn.o_proj.native is not None
     assert fused.model.layers[1].mlp.up_proj.fused.native.splits == [0, 128]
-    calls = []
-    real = native.native_matmul
-    for where in (native, ops):
-        monkeypatch.setattr(where, "native_matmul", lambda *a: calls.append(1) or real(*a))
+    calls = _count_native_calls(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x = calib_ids(1, 4)
     with torch.no_grad():

@@ -127,7 +127,7 @@ class ActScheme:
                     "zp_dtype": "torch.uint8", "block_structure": None, "actorder": None}
         return {"num_bits": self.bits, "type": self.type, "symmetric": True,
                 "strategy": self.strategy, "dynamic": self.dynamic,
-                "group_size": ACT_GROUP if self.strategy == "group" else None,
+                "group_size": self.group_width,
                 "observer": None if self.dynamic else "minmax", "observer_kwargs": {},
                 "block_structure": None, "actorder": None}
 

@@ -334,8 +334,19 @@ def _dequantize_24(w: NativeInt4) -> Tensor:
 def from_quant_linear(ql: Any) -> NativeInt4:
     """The native layout of a 4-bit :class:`~llmc.nn.QuantLinear` (GPTQ-layout buffers, as
     ``llmc.load(packed=True)`` builds them): what a load in this layout converts, once."""
-    if ql.bits != 4:
-        raise ValueError(f"the native layout holds 4-bit codes; this layer has {ql.bits}")
-    qw = ql.quantized()
-    group_size = ql.group_size if ql.group_size > 0 else ql.in_features
-    return repack_native(qw.q.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu(), group_size)
+    return from_quant_linears([ql])
+
+
+def from_quant_linears(qls: list[Any]) -> NativeInt4:
+    """Sibling 4-bit QuantLinears (same in_features, group size and ``g_idx``) as one native
+    weight, their rows concatenated (:func:`repack_fused`), on the first one's device."""
+    for ql in qls:
+        if ql.bits != 4:
+            raise ValueError(f"the native layout holds 4-bit codes; this layer has {ql.bits}")
+    parts = []
+    for ql in qls:
+        qw = ql.quantized()
+        parts.append((qw.q.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu()))
+    first = qls[0]
+    group_size = first.group_size if first.group_size > 0 else first.in_features
+    return repack_fused(parts, group_size).to(first.qweight.device)
